@@ -1,0 +1,187 @@
+//! A point-in-time snapshot of the proxy: counters, ledger and the kernel's census side by
+//! side, so anyone can see they agree. Served as JSON on /stats and rendered as /metrics.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+
+use crate::close::census::{self, Scope, StateCounts};
+use crate::close::ledger::{Entry, SideLedger, TimeWaitAt};
+use crate::config::Address;
+use crate::pool::tcp_addr;
+use crate::server::Proxy;
+
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    pub listeners: Vec<ListenerSnap>,
+    pub upstreams: Vec<UpstreamSnap>,
+    /// Set when the census could not be read (it is then all zeros).
+    pub census_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListenerSnap {
+    pub name: String,
+    pub listen: String,
+    pub time_wait: String,
+    pub connections: u64,
+    pub requests: u64,
+    pub errors: Errors,
+    pub ledger: LedgerSnap,
+    /// Sockets on the listener's port by state (accepted client connections).
+    pub census: Option<StateCounts>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Errors {
+    pub connect: u64,
+    pub timeout: u64,
+    pub busy: u64,
+    pub upstream: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UpstreamSnap {
+    pub name: String,
+    pub time_wait: String,
+    pub servers: Vec<ServerSnap>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServerSnap {
+    pub server: String,
+    pub idle: usize,
+    pub opened: u64,
+    pub reused: u64,
+    pub connect_errors: u64,
+    pub retries: u64,
+    pub ledger: LedgerSnap,
+    /// waitless's own sockets to this server, by state.
+    pub census_proxy: Option<StateCounts>,
+    /// The server's sockets on its port, when it runs on this host (loopback).
+    pub census_server: Option<StateCounts>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LedgerSnap {
+    pub closed: u64,
+    /// Closes by where TIME_WAIT landed.
+    pub time_wait_peer: u64,
+    pub time_wait_proxy: u64,
+    pub time_wait_nobody: u64,
+    pub entries: Vec<Entry>,
+}
+
+// === impl LedgerSnap ===
+
+impl LedgerSnap {
+    fn of(side: &SideLedger) -> LedgerSnap {
+        LedgerSnap {
+            closed: side.total(),
+            time_wait_peer: side.time_wait_at(TimeWaitAt::Peer),
+            time_wait_proxy: side.time_wait_at(TimeWaitAt::Proxy),
+            time_wait_nobody: side.time_wait_at(TimeWaitAt::Nobody),
+            entries: side.entries(),
+        }
+    }
+}
+
+/// Takes a snapshot; reads the census (a blocking netlink dump), so call it off the runtime
+/// threads (`spawn_blocking`).
+pub fn snapshot(proxy: &Proxy) -> Snapshot {
+    // Scopes in a fixed order: listener ports, then per server (proxy side, server side).
+    let mut scopes = Vec::new();
+    for (_, bound) in &proxy.listeners {
+        if let Some(addr) = bound {
+            scopes.push(Scope::LocalPort(addr.port()));
+        }
+    }
+    for up in &proxy.upstreams {
+        for server in &up.servers {
+            if let Some(addr) = tcp_addr(&server.addr) {
+                scopes.push(Scope::Remote(addr));
+                if is_local(addr) {
+                    scopes.push(Scope::LocalPort(addr.port()));
+                }
+            }
+        }
+    }
+    let (counts, census_error) = match census::count_many(&scopes) {
+        Ok(c) => (c, None),
+        Err(e) => (
+            vec![StateCounts::default(); scopes.len()],
+            Some(e.to_string()),
+        ),
+    };
+    let mut counts = counts.into_iter();
+
+    let listeners = proxy
+        .listeners
+        .iter()
+        .map(|(l, bound)| {
+            let s = &l.stats;
+            ListenerSnap {
+                name: l.cfg.name.clone(),
+                listen: match (&l.cfg.listen, bound) {
+                    (_, Some(a)) => a.to_string(),
+                    (Address::Unix(p), None) => format!("unix:{}", p.display()),
+                    (Address::Tcp(a), None) => a.to_string(),
+                },
+                time_wait: format!("{:?}", l.cfg.time_wait).to_lowercase(),
+                connections: s.connections.load(Ordering::Relaxed),
+                requests: s.requests.load(Ordering::Relaxed),
+                errors: Errors {
+                    connect: s.errors_connect.load(Ordering::Relaxed),
+                    timeout: s.errors_timeout.load(Ordering::Relaxed),
+                    busy: s.errors_busy.load(Ordering::Relaxed),
+                    upstream: s.errors_upstream.load(Ordering::Relaxed),
+                },
+                ledger: LedgerSnap::of(&l.ledger),
+                census: bound.and_then(|_| counts.next()),
+            }
+        })
+        .collect();
+
+    let upstreams = proxy
+        .upstreams
+        .iter()
+        .map(|up| UpstreamSnap {
+            name: up.cfg.name.clone(),
+            time_wait: format!("{:?}", up.cfg.time_wait).to_lowercase(),
+            servers: up
+                .servers
+                .iter()
+                .map(|server| {
+                    let tcp = tcp_addr(&server.addr);
+                    let census_proxy = tcp.and_then(|_| counts.next());
+                    let census_server = tcp.filter(|a| is_local(*a)).and_then(|_| counts.next());
+                    let st = &server.stats;
+                    ServerSnap {
+                        server: server.label.clone(),
+                        idle: server.idle_count(),
+                        opened: st.opened.load(Ordering::Relaxed),
+                        reused: st.reused.load(Ordering::Relaxed),
+                        connect_errors: st.connect_errors.load(Ordering::Relaxed),
+                        retries: st.retries.load(Ordering::Relaxed),
+                        ledger: LedgerSnap::of(&server.ledger),
+                        census_proxy,
+                        census_server,
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+
+    Snapshot {
+        listeners,
+        upstreams,
+        census_error,
+    }
+}
+
+/// Only this host's sockets are visible: a server's own sockets can be counted when it
+/// listens on a loopback address.
+fn is_local(addr: SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}

@@ -1,0 +1,24 @@
+//! waitless: a connection-pooling proxy that decides which side closes first.
+//!
+//! Short client connections end at waitless; the backends see a few persistent keep-alive
+//! connections. On every connection waitless chooses who sends the first FIN — and so where
+//! TIME_WAIT lands — and records each close in a ledger checked against the kernel's census.
+//!
+//! - `config`: the TOML model and its validation (errors name file, line and key).
+//! - `listener`: binding and accepting client sockets.
+//! - `close`: the heart — `Tracked`, the one close mechanism every protocol uses, the ledger
+//!   of closes and the kernel's socket census.
+//! - `pool`: per-server pools of persistent upstream connections, protocol-neutral.
+//! - `http`: the HTTP/1.1 relay on hyper's connection-level server and client.
+//! - `admin`: /metrics, /stats and /healthz, and the `waitless stats` table.
+//! - `demo`: `waitless demo`, where TIME_WAIT lands under each policy, measured.
+//! - `server`: wires one config into a running proxy.
+
+pub mod admin;
+pub mod close;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod listener;
+pub mod pool;
+pub mod server;

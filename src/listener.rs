@@ -1,0 +1,111 @@
+//! Accepting sockets: binding with the options a proxy wants, and the accept loop.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use socket2::{Domain, Socket as RawSocket, Type};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::config::Address;
+
+/// A bound, listening socket.
+#[derive(Debug)]
+pub enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// A connection just accepted.
+pub enum Accepted {
+    Tcp(tokio::net::TcpStream, SocketAddr),
+    Unix(tokio::net::UnixStream),
+}
+
+/// Listen backlog: short-connection load arrives in bursts; a small backlog turns them into
+/// SYN retries (a second of latency each).
+const BACKLOG: i32 = 4096;
+
+// === impl Bound ===
+
+impl Bound {
+    /// Binds `addr`. A unix socket file left by a dead process is replaced; one that a live
+    /// process still accepts on is not stolen.
+    pub fn bind(addr: &Address, mode: Option<u32>) -> io::Result<Bound> {
+        match addr {
+            Address::Tcp(sa) => {
+                let sock = RawSocket::new(Domain::for_address(*sa), Type::STREAM, None)?;
+                // Rebinding right after a restart must not fail on old TIME_WAIT sockets.
+                sock.set_reuse_address(true)?;
+                if sa.is_ipv6() {
+                    sock.set_only_v6(true)?;
+                }
+                sock.set_nonblocking(true)?;
+                sock.bind(&(*sa).into())?;
+                sock.listen(BACKLOG)?;
+                Ok(Bound::Tcp(TcpListener::from_std(sock.into())?))
+            }
+            Address::Unix(path) => {
+                remove_stale_socket(path)?;
+                let listener = UnixListener::bind(path)?;
+                if let Some(mode) = mode {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+                }
+                Ok(Bound::Unix(listener, path.clone()))
+            }
+        }
+    }
+
+    /// The TCP address actually bound (port 0 resolved), if TCP.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Bound::Tcp(l) => l.local_addr().ok(),
+            Bound::Unix(..) => None,
+        }
+    }
+
+    /// Accepts the next connection. Transient errors (EMFILE, ECONNABORTED) are logged and
+    /// retried after a pause, so a burst past the fd limit does not spin or stop the listener.
+    pub async fn accept(&self, name: &str) -> Accepted {
+        loop {
+            let result = match self {
+                Bound::Tcp(l) => l.accept().await.map(|(s, peer)| {
+                    let _ = s.set_nodelay(true);
+                    Accepted::Tcp(s, peer)
+                }),
+                Bound::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+            };
+            match result {
+                Ok(accepted) => return accepted,
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if let Bound::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is in use by a running process", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,191 @@
+//! The `waitless` binary: a thin command line over the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use waitless::config::Config;
+use waitless::server::{self, Proxy};
+
+/// waitless: a connection-pooling HTTP proxy that decides which side closes first, so
+/// short connections stop burying servers in TIME_WAIT.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The configuration file.
+    #[arg(long, short, global = true, default_value = "config/waitless.toml")]
+    config: PathBuf,
+    /// Log level or filter (error, warn, info, debug, trace, or a tracing filter such as
+    /// "waitless=debug"); overrides RUST_LOG. Logs go to stderr.
+    #[arg(long, global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy in the foreground (the default).
+    Run,
+    /// Validate the configuration and print the effective configuration, or the error.
+    Check,
+    /// Print the ledger of closes beside the kernel's socket census, per side, from a
+    /// running waitless's admin listener.
+    Stats {
+        /// The admin listener (default: `[admin] listen` of the config, else 127.0.0.1:9901).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
+    /// Show where TIME_WAIT lands: short connections sent directly to an embedded backend,
+    /// then through an embedded waitless under each client-side policy. Needs nothing else.
+    Demo {
+        /// Short connections per row.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// Connections in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match &cli.log {
+        Some(level) => EnvFilter::new(level),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let command = cli.command.unwrap_or(Command::Run);
+    match command {
+        Command::Demo {
+            requests,
+            concurrency,
+        } => return demo(requests, concurrency.max(1)),
+        Command::Stats { admin: Some(addr) } => return stats(addr),
+        _ => {}
+    }
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("waitless: config error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for w in config.warnings() {
+        eprintln!("waitless: warning: {w}");
+    }
+    match command {
+        Command::Check => {
+            print!("{config}");
+            ExitCode::SUCCESS
+        }
+        Command::Stats { .. } => stats(
+            config
+                .admin
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901))),
+        ),
+        Command::Run | Command::Demo { .. } => run(config),
+    }
+}
+
+fn demo(requests: usize, concurrency: usize) -> ExitCode {
+    let rt = match server::runtime(0) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("waitless: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(waitless::demo::run(requests, concurrency)) {
+        Ok(rows) => {
+            print!("{}", waitless::demo::render(&rows, requests));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("waitless: demo failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn stats(admin: SocketAddr) -> ExitCode {
+    match fetch_stats(admin) {
+        Ok(v) => {
+            print!("{}", waitless::admin::report::render(&v));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("waitless: cannot read stats from {admin}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// GET /stats with a plain HTTP/1.0 request: the admin listener closes after the response.
+fn fetch_stats(admin: SocketAddr) -> Result<serde_json::Value, String> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(10);
+    let mut s = std::net::TcpStream::connect_timeout(&admin, timeout).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /stats HTTP/1.0\r\nHost: waitless\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed response")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(head.lines().next().unwrap_or("no status").to_string());
+    }
+    serde_json::from_str(body).map_err(|e| e.to_string())
+}
+
+fn run(config: Config) -> ExitCode {
+    let rt = match server::runtime(config.workers) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("waitless: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let proxy = match Proxy::start(config).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("waitless: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        proxy.drain_pools();
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

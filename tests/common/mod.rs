@@ -1,0 +1,399 @@
+//! Test fixtures: real sockets on loopback, the real `waitless` binary, an in-test hyper
+//! backend that counts what it accepts, a real nginx, and the kernel's socket table via `ss`.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    let l = StdListener::bind("127.0.0.1:0").expect("bind :0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let n: u64 = rand::random();
+        let p = std::env::temp_dir().join(format!("waitless-test-{tag}-{n:x}"));
+        std::fs::create_dir_all(&p).expect("mkdir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The kernel's view
+
+/// Sockets in `state` (an `ss` state name) whose local port is `port`, as the kernel has
+/// them (`ss -tanH state STATE '( sport = :PORT )'`).
+pub fn sockets_on_port(state: &str, port: u16) -> usize {
+    let out = Command::new("ss")
+        .args(["-tanH", "state", state, &format!("( sport = :{port} )")])
+        .output()
+        .expect("run ss");
+    assert!(out.status.success(), "ss failed: {:?}", out);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+/// TIME_WAIT sockets whose local port is `port`.
+pub fn time_wait_on_port(port: u16) -> usize {
+    sockets_on_port("time-wait", port)
+}
+
+/// Waits a moment for closes in flight to settle (FIN/ACK exchanges on loopback).
+pub async fn settle() {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The in-test backend
+
+/// How the in-test backend behaves.
+#[derive(Clone, Copy, Debug)]
+pub enum BackendMode {
+    /// `GET /bytes/N` answers N pseudo-random bytes; any other request echoes its body.
+    Echo,
+    /// As Echo, but idle keep-alive connections are closed by the server after this long.
+    CloseIdleAfter(Duration),
+    /// Every response carries `Connection: close` (the server closes first).
+    AlwaysClose,
+}
+
+/// A hyper HTTP/1.1 server on 127.0.0.1 that counts the connections it accepts.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub accepts: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(mode: BackendMode) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = listener.local_addr().expect("addr");
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (a, r) = (accepts.clone(), requests.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                a.fetch_add(1, Ordering::SeqCst);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        backend_handle(req, mode)
+                    });
+                    let mut b = hyper::server::conn::http1::Builder::new();
+                    if let BackendMode::CloseIdleAfter(d) = mode {
+                        b.timer(TokioTimer::new()).header_read_timeout(d);
+                    }
+                    let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            accepts,
+            requests,
+            task,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn accepts(&self) -> usize {
+        self.accepts.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn backend_handle(
+    req: Request<Incoming>,
+    mode: BackendMode,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let body = if let Some(n) = path.strip_prefix("/bytes/") {
+        pattern(n.parse().unwrap_or(0))
+    } else {
+        req.into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default()
+    };
+    let mut resp = Response::new(Full::new(body));
+    if let BackendMode::AlwaysClose = mode {
+        resp.headers_mut()
+            .insert("connection", "close".parse().expect("value"));
+    }
+    Ok(resp)
+}
+
+/// N bytes of a fixed pseudo-random pattern (so downloads can be checked byte for byte).
+pub fn pattern(n: usize) -> Bytes {
+    let mut x: u32 = 0x9e37_79b9;
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        v.push(x as u8);
+    }
+    Bytes::from(v)
+}
+
+// ---------------------------------------------------------------------------------------
+// The waitless binary
+
+/// A running `waitless` process with a config written for the test; killed on drop.
+pub struct Waitless {
+    pub child: Child,
+    pub port: u16,
+    pub admin: u16,
+    pub dir: TempDir,
+}
+
+impl Waitless {
+    /// Starts waitless with one http listener "web" on a free port in front of `servers`;
+    /// `listener_extra` and `upstream_extra` are TOML lines added to each table.
+    pub async fn start(
+        servers: &[SocketAddr],
+        listener_extra: &str,
+        upstream_extra: &str,
+    ) -> Waitless {
+        let port = free_port();
+        let admin = free_port();
+        let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+        let config = format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+             [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"http\"\n\
+             upstream = \"web\"\n{listener_extra}\n\n\
+             [[upstream]]\nname = \"web\"\nservers = [{}]\n{upstream_extra}\n",
+            servers.join(", ")
+        );
+        let dir = TempDir::new("waitless");
+        let path = dir.0.join("waitless.toml");
+        std::fs::File::create(&path)
+            .and_then(|mut f| f.write_all(config.as_bytes()))
+            .expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_waitless"))
+            .arg("--config")
+            .arg(&path)
+            .arg("--log")
+            .arg("error")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn waitless");
+        let w = Waitless {
+            child,
+            port,
+            admin,
+            dir,
+        };
+        w.wait_ready().await;
+        w
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", self.admin)).await.is_ok()
+                && TcpStream::connect(("127.0.0.1", self.port)).await.is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("waitless did not start listening");
+    }
+
+    /// GET on the admin listener; the body as text.
+    pub async fn admin_get(&self, path: &str) -> String {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.admin));
+        let (status, body) = get(addr, path, false).await.expect("admin request");
+        assert_eq!(status, 200, "admin {path}");
+        String::from_utf8_lossy(&body).into_owned()
+    }
+}
+
+impl Drop for Waitless {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients
+
+/// One request on a new connection that the client closes after reading the whole
+/// response (as curl, wrk and load balancers do). Returns status and body.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Bytes,
+    connection_close: bool,
+) -> Result<(u16, Bytes), String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    let conn = tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "test");
+    if connection_close {
+        req = req.header("connection", "close");
+    }
+    let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
+    let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    drop(tx);
+    conn.abort();
+    Ok((status, body))
+}
+
+/// A bodyless GET on a new connection.
+pub async fn get(addr: SocketAddr, path: &str, close: bool) -> Result<(u16, Bytes), String> {
+    request(addr, "GET", path, Bytes::new(), close).await
+}
+
+/// `n` `Connection: close` GETs, `concurrency` at a time; returns how many failed.
+pub async fn short_load(addr: SocketAddr, n: usize, concurrency: usize) -> usize {
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (next, failed) = (next.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::SeqCst) < n {
+                match get(addr, "/", true).await {
+                    Ok((200, _)) => {}
+                    _ => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("load task");
+    }
+    failed.load(Ordering::SeqCst)
+}
+
+// ---------------------------------------------------------------------------------------
+// nginx
+
+/// A real nginx on a private port and prefix, answering `return 200` (and echoing nothing).
+pub struct Nginx {
+    pub child: Child,
+    pub port: u16,
+    pub dir: TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx, or None when it is not installed (CI installs it).
+    pub async fn start() -> Option<Nginx> {
+        let bin = ["/usr/sbin/nginx", "/usr/local/sbin/nginx"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        let port = free_port();
+        let dir = TempDir::new("nginx");
+        let d = dir.0.display();
+        let conf = format!(
+            "worker_processes 1;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
+               proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+               uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               server {{\n    listen 127.0.0.1:{port};\n\
+                 location / {{ return 200 \"hello from nginx\\n\"; }}\n  }}\n}}\n"
+        );
+        std::fs::write(dir.0.join("nginx.conf"), conf).ok()?;
+        let child = Command::new(bin)
+            .args([
+                "-p",
+                &d.to_string(),
+                "-c",
+                "nginx.conf",
+                "-g",
+                "daemon off; master_process off;",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let n = Nginx { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Some(n);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "nginx did not start: {:?}",
+            std::fs::read_to_string(n.dir.0.join("error.log"))
+        );
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,126 @@
+//! `waitless check` from the outside: a bad config stops with one message naming the file,
+//! the line and the key; a good one prints the effective configuration.
+
+mod common;
+
+use std::process::Command;
+
+use common::TempDir;
+
+fn check(config: &str) -> (bool, String, String) {
+    let dir = TempDir::new("check");
+    let path = dir.0.join("bad.toml");
+    std::fs::write(&path, config).expect("write config");
+    let out = Command::new(env!("CARGO_BIN_EXE_waitless"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run waitless check");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const GOOD: &str = r#"[admin]
+listen = "127.0.0.1:9901"
+
+[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+protocol = "http"
+upstream = "web"
+
+[[upstream]]
+name = "web"
+servers = ["127.0.0.1:8081"]
+pool_size = 64
+max_connections = 0
+idle_timeout = "50s"
+connect_timeout = "2s"
+"#;
+
+/// Applies `edit` to the good config and expects `waitless check` to fail naming
+/// `bad.toml:LINE` and `key`.
+fn expect_error(edit: impl Fn(&str) -> String, line: usize, key: &str) {
+    let text = edit(GOOD);
+    let (ok, _, err) = check(&text);
+    assert!(!ok, "accepted a bad config:\n{text}");
+    assert!(
+        err.contains(&format!("bad.toml:{line}")),
+        "no file:line {line} in: {err}"
+    );
+    assert!(err.contains(key), "no key {key} in: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one message: {err}");
+}
+
+#[test]
+fn good_config_prints_the_effective_configuration() {
+    let (ok, out, err) = check(GOOD);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("time_wait = \"client\""),
+        "defaults shown: {out}"
+    );
+    assert!(out.contains("pool_size = 64"), "{out}");
+}
+
+#[test]
+fn unknown_key_names_file_line_and_key() {
+    expect_error(
+        |g| {
+            g.replace(
+                "upstream = \"web\"\n",
+                "upstream = \"web\"\ntime_wiat = \"none\"\n",
+            )
+        },
+        9,
+        "time_wiat",
+    );
+}
+
+#[test]
+fn listener_naming_a_missing_upstream_is_refused() {
+    expect_error(
+        |g| g.replace("upstream = \"web\"", "upstream = \"nope\""),
+        8,
+        "upstream",
+    );
+}
+
+#[test]
+fn duplicate_upstream_names_are_refused() {
+    expect_error(
+        |g| format!("{g}\n[[upstream]]\nname = \"web\"\nservers = [\"127.0.0.1:1\"]\n"),
+        19,
+        "name",
+    );
+}
+
+#[test]
+fn bad_address_is_refused() {
+    expect_error(
+        |g| g.replace("127.0.0.1:8081", "127.0.0.1:notaport"),
+        12,
+        "servers",
+    );
+}
+
+#[test]
+fn zero_pool_size_is_refused() {
+    expect_error(
+        |g| g.replace("pool_size = 64", "pool_size = 0"),
+        13,
+        "pool_size",
+    );
+}
+
+#[test]
+fn unparsable_duration_is_refused() {
+    expect_error(
+        |g| g.replace("\"50s\"", "\"fifty seconds\""),
+        15,
+        "idle_timeout",
+    );
+}

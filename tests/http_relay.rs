@@ -1,0 +1,252 @@
+//! The HTTP relay, checked from outside: the backend's own accept counter, the kernel's
+//! socket table, and the bytes the client receives.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_clients_reuse_at_most_pool_size_backend_connections() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "", "pool_size = 8").await;
+
+    let failed = short_load(proxy.addr(), 2000, 8).await;
+    assert_eq!(failed, 0, "client errors through waitless");
+    let accepts = backend.accepts();
+    println!("2000 Connection: close requests -> {accepts} backend connections (pool_size 8)");
+    assert!(
+        accepts <= 8,
+        "backend accepted {accepts} connections, pool_size is 8"
+    );
+    assert_eq!(
+        backend.requests.load(std::sync::atomic::Ordering::SeqCst),
+        2000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_keeps_no_time_wait_after_short_clients() {
+    // Direct: the server closes first on every Connection: close request.
+    let direct = Backend::start(BackendMode::Echo).await;
+    assert_eq!(short_load(direct.addr, 2000, 8).await, 0);
+    settle().await;
+    let direct_tw = time_wait_on_port(direct.port());
+
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "", "pool_size = 8").await;
+    assert_eq!(short_load(proxy.addr(), 2000, 8).await, 0);
+    settle().await;
+    let proxied_tw = time_wait_on_port(backend.port());
+    println!("backend TIME_WAIT after 2000 short requests: direct {direct_tw}, through waitless {proxied_tw}");
+    assert!(
+        direct_tw > 0,
+        "the direct load should leave TIME_WAIT on the backend"
+    );
+    assert_eq!(proxied_tw, 0, "backend TIME_WAIT through waitless");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_backend_keeps_no_time_wait_behind_waitless() {
+    let Some(nginx) = Nginx::start().await else {
+        panic!("nginx is not installed: .ci/run installs it (apt-get install nginx)");
+    };
+    let proxy = Waitless::start(&[nginx.addr()], "", "pool_size = 4").await;
+    // More than nginx's keepalive_requests (1000) per connection: nginx itself closes some
+    // pooled connections first, which waitless must answer with RST.
+    let failed = short_load(proxy.addr(), 6000, 4).await;
+    assert_eq!(failed, 0);
+    settle().await;
+    let tw = time_wait_on_port(nginx.port);
+    let established = sockets_on_port("established", nginx.port);
+    println!("nginx: TIME_WAIT {tw}, ESTABLISHED {established} after 6000 short requests");
+    assert_eq!(tw, 0, "nginx's port keeps TIME_WAIT behind waitless");
+    assert!(
+        established <= 4,
+        "more than pool_size connections open at nginx"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_pass_byte_exact_both_ways() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "", "").await;
+    for size in [0usize, 1, 4095, 65_536, 1 << 20, 7_654_321, 64 << 20] {
+        let up = pattern(size);
+        let (status, echoed) = request(proxy.addr(), "POST", "/echo", up.clone(), false)
+            .await
+            .expect("upload");
+        assert_eq!(status, 200);
+        assert_eq!(echoed.len(), size, "echo length for {size}");
+        assert!(echoed == up, "echoed body differs for {size}");
+
+        let (status, down) = get(proxy.addr(), &format!("/bytes/{size}"), true)
+            .await
+            .expect("download");
+        assert_eq!(status, 200);
+        assert!(down == pattern(size), "downloaded body differs for {size}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_race_with_server_idle_close_gives_no_errors() {
+    // The server closes idle connections after 1 s; a request arrives about every second,
+    // right when the pooled connection is being closed.
+    let backend = Backend::start(BackendMode::CloseIdleAfter(Duration::from_secs(1))).await;
+    let proxy = Waitless::start(&[backend.addr], "", "").await;
+    let mut errors = 0;
+    let start = tokio::time::Instant::now();
+    let mut i = 0u32;
+    while start.elapsed() < Duration::from_secs(20) {
+        match get(proxy.addr(), "/bytes/100", false).await {
+            Ok((200, body)) if body.len() == 100 => {}
+            other => {
+                errors += 1;
+                eprintln!("request {i}: {other:?}");
+            }
+        }
+        i += 1;
+        // Alternate around the server's 1 s to hit both sides of the race.
+        let pause = if i.is_multiple_of(2) { 995 } else { 1005 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    assert_eq!(errors, 0, "client saw errors across the keep-alive race");
+    assert!(
+        backend.accepts() > 1,
+        "the server never closed an idle connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_gives_502_naming_the_server() {
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy = Waitless::start(&[dead], "", "connect_timeout = \"500ms\"").await;
+    let (status, body) = get(proxy.addr(), "/", true).await.expect("response");
+    assert_eq!(status, 502);
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains(&dead.to_string()),
+        "502 body names the server: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusing_server_is_skipped() {
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[dead, backend.addr], "", "").await;
+    for _ in 0..20 {
+        let (status, _) = get(proxy.addr(), "/", true).await.expect("response");
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        backend.requests.load(std::sync::atomic::Ordering::SeqCst),
+        20
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_do_not_cross_and_forwarded_headers_are_added() {
+    // A raw backend that records the request head it receives.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<String>(1);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            head.extend_from_slice(&buf[..n]);
+        }
+        let _ = seen_tx
+            .send(String::from_utf8_lossy(&head).into_owned())
+            .await;
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    });
+    let proxy = Waitless::start(&[addr], "", "").await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close, X-Drop\r\nX-Drop: 1\r\nKeep-Alive: 1\r\nX-Keep: 1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !resp.windows(6).any(|w| w == b"\r\n\r\nok") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "response cut short: {:?}",
+            String::from_utf8_lossy(&resp)
+        );
+        resp.extend_from_slice(&buf[..n]);
+    }
+    let head = seen_rx.recv().await.unwrap().to_ascii_lowercase();
+    assert!(!head.contains("x-drop"), "{head}");
+    assert!(!head.contains("keep-alive"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    assert!(head.contains("x-keep: 1"), "{head}");
+    assert!(head.contains("x-forwarded-for: 127.0.0.1"), "{head}");
+    assert!(head.contains("x-forwarded-proto: http"), "{head}");
+    let resp = String::from_utf8_lossy(&resp).to_ascii_lowercase();
+    assert!(!resp.contains("keep-alive"), "{resp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_and_http10_clients_are_served() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "", "").await;
+    let (status, body) = request(proxy.addr(), "HEAD", "/bytes/1000", Bytes::new(), false)
+        .await
+        .expect("HEAD");
+    assert_eq!(status, 200);
+    assert!(body.is_empty());
+
+    // HTTP/1.0 without keep-alive reads to EOF; it must get the whole body at once.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = std::time::Instant::now();
+    let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(b"GET /bytes/5000 HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).await.unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    let body_at = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(all[body_at..] == pattern(5000)[..]);
+    println!("HTTP/1.0 response read to EOF in {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_stats_report_pool_use() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "", "pool_size = 2").await;
+    assert_eq!(short_load(proxy.addr(), 50, 1).await, 0);
+    let metrics = proxy.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("waitless_requests_total{listener=\"web\"} 50"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("waitless_upstream_connections_opened_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("waitless_pool_idle_connections"),
+        "{metrics}"
+    );
+    let stats: serde_json::Value = serde_json::from_str(&proxy.admin_get("/stats").await).unwrap();
+    let server = &stats["upstreams"][0]["servers"][0];
+    assert_eq!(server["opened"].as_u64(), Some(backend.accepts() as u64));
+    assert_eq!(proxy.admin_get("/healthz").await, "ok\n");
+}
