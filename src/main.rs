@@ -54,9 +54,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo prints a table; its embedded proxies' info lines would only clutter it.
+    let default_level = match cli.command {
+        Some(Command::Demo { .. }) => "warn",
+        _ => "info",
+    };
     let filter = match &cli.log {
         Some(level) => EnvFilter::new(level),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)

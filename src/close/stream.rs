@@ -176,6 +176,11 @@ impl<S: Socket> Tracked<S> {
                 }
                 self.close_now(How::Fin, reason)
             }
+            // An EOF reader treats an RST as an error even after it has every byte: it gets
+            // the fallback, as under "client".
+            ClientTimeWait::None if eof_reader => {
+                self.fallback(policy, deadline, Reason::EofReader).await
+            }
             ClientTimeWait::None => {
                 if self.await_acked(deadline).await {
                     self.close_now(How::Rst, reason)

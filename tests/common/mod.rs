@@ -59,6 +59,19 @@ pub fn sockets_on_port(state: &str, port: u16) -> usize {
         .count()
 }
 
+/// Sockets in `state` whose remote port is `port` (the clients' side of connections to it).
+pub fn sockets_to_port(state: &str, port: u16) -> usize {
+    let out = Command::new("ss")
+        .args(["-tanH", "state", state, &format!("( dport = :{port} )")])
+        .output()
+        .expect("run ss");
+    assert!(out.status.success(), "ss failed: {:?}", out);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
 /// TIME_WAIT sockets whose local port is `port`.
 pub fn time_wait_on_port(port: u16) -> usize {
     sockets_on_port("time-wait", port)
@@ -237,14 +250,19 @@ impl Waitless {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.admin)).await.is_ok()
-                && TcpStream::connect(("127.0.0.1", self.port)).await.is_ok()
-            {
+            // Only the admin port: a probe of the listener would be a client connection
+            // the tests' counts would have to allow for. Listeners are bound before it.
+            if TcpStream::connect(("127.0.0.1", self.admin)).await.is_ok() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("waitless did not start listening");
+    }
+
+    /// /stats as JSON.
+    pub async fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&self.admin_get("/stats").await).expect("stats JSON")
     }
 
     /// GET on the admin listener; the body as text.
@@ -304,6 +322,68 @@ pub async fn request(
 /// A bodyless GET on a new connection.
 pub async fn get(addr: SocketAddr, path: &str, close: bool) -> Result<(u16, Bytes), String> {
     request(addr, "GET", path, Bytes::new(), close).await
+}
+
+/// A GET with `Connection: close` that reads the response to EOF before closing, as a
+/// client that lets the server close first does. Returns the raw response.
+pub async fn get_to_eof(addr: SocketAddr, path: &str, version: &str) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} {version}\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => return Ok(all),
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            // An RST after the whole response (time_wait = "none") ends the read; whether
+            // the response was whole is for the caller to judge.
+            Err(e) if !all.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Ok(all)
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// True when `raw` holds a whole response with a Content-Length body.
+pub fn is_complete_response(raw: &[u8]) -> bool {
+    let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..at]).to_ascii_lowercase();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    len == Some(raw.len() - at - 4)
+}
+
+/// `n` EOF-reading requests, `concurrency` at a time; returns how many failed.
+pub async fn eof_load(addr: SocketAddr, n: usize, concurrency: usize) -> usize {
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (next, failed) = (next.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::SeqCst) < n {
+                match get_to_eof(addr, "/", "HTTP/1.1").await {
+                    Ok(r) if r.starts_with(b"HTTP/1.1 200") && is_complete_response(&r) => {}
+                    _ => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("load task");
+    }
+    failed.load(Ordering::SeqCst)
 }
 
 /// `n` `Connection: close` GETs, `concurrency` at a time; returns how many failed.

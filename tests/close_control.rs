@@ -1,0 +1,318 @@
+//! Close control, checked against the kernel: for each policy on each side, after short
+//! connections, TIME_WAIT is where the policy says and nowhere else, the ledger agrees with
+//! the census, and no response is lost.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const N: usize = 1000;
+
+fn listener_ledger(stats: &Value) -> &Value {
+    &stats["listeners"][0]["ledger"]
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_policy_puts_time_wait_on_the_client_only() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "time_wait = \"client\"", "").await;
+    assert_eq!(short_load(proxy.addr(), N, 8).await, 0);
+    settle().await;
+
+    let proxy_tw = time_wait_on_port(proxy.port);
+    let client_tw = sockets_to_port("time-wait", proxy.port);
+    let backend_tw = time_wait_on_port(backend.port());
+    println!("client policy: TIME_WAIT proxy {proxy_tw}, client {client_tw}, backend {backend_tw}");
+    assert_eq!(proxy_tw, 0, "TIME_WAIT on the proxy's listener port");
+    assert_eq!(backend_tw, 0, "TIME_WAIT on the backend");
+    assert!(
+        client_tw > 0,
+        "the clients closed first and should hold TIME_WAIT"
+    );
+
+    let stats = proxy.stats().await;
+    let ledger = listener_ledger(&stats);
+    assert_eq!(n(&ledger["closed"]), N as u64);
+    assert_eq!(n(&ledger["time_wait_peer"]), N as u64, "ledger: {ledger}");
+    assert_eq!(n(&ledger["time_wait_proxy"]), proxy_tw as u64);
+    // waitless's own census of its listener port agrees with ss.
+    assert_eq!(
+        n(&stats["listeners"][0]["census"]["time_wait"]),
+        proxy_tw as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_policy_puts_time_wait_on_the_proxy_only() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "time_wait = \"proxy\"", "").await;
+    // These clients wait for the server's close (read to EOF), so nothing races the FIN.
+    assert_eq!(eof_load(proxy.addr(), N, 8).await, 0);
+    settle().await;
+
+    let proxy_tw = time_wait_on_port(proxy.port);
+    let client_tw = sockets_to_port("time-wait", proxy.port);
+    let backend_tw = time_wait_on_port(backend.port());
+    println!("proxy policy: TIME_WAIT proxy {proxy_tw}, client {client_tw}, backend {backend_tw}");
+    assert_eq!(backend_tw, 0);
+    assert_eq!(client_tw, 0);
+
+    let stats = proxy.stats().await;
+    let ledger = listener_ledger(&stats);
+    assert_eq!(n(&ledger["time_wait_proxy"]), N as u64, "ledger: {ledger}");
+    // A client may pick a port whose TIME_WAIT the kernel then recycles for the new SYN, so
+    // the census can only be lower than the ledger, and not by much.
+    assert!(
+        proxy_tw <= N && proxy_tw >= N * 95 / 100,
+        "census {proxy_tw} vs ledger {N}"
+    );
+    assert_eq!(
+        n(&stats["listeners"][0]["census"]["time_wait"]),
+        proxy_tw as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn none_policy_leaves_no_time_wait_anywhere() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "time_wait = \"none\"", "").await;
+    assert_eq!(short_load(proxy.addr(), N, 8).await, 0);
+    // And clients that wait for the server's close get every response too.
+    assert_eq!(eof_load(proxy.addr(), N, 8).await, 0);
+    settle().await;
+
+    let proxy_tw = time_wait_on_port(proxy.port);
+    let client_tw = sockets_to_port("time-wait", proxy.port);
+    let backend_tw = time_wait_on_port(backend.port());
+    println!("none policy: TIME_WAIT proxy {proxy_tw}, client {client_tw}, backend {backend_tw}");
+    assert_eq!((proxy_tw, client_tw, backend_tw), (0, 0, 0));
+
+    let stats = proxy.stats().await;
+    let ledger = listener_ledger(&stats);
+    assert_eq!(
+        n(&ledger["time_wait_nobody"]),
+        2 * N as u64,
+        "ledger: {ledger}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn none_policy_loses_nothing_for_slow_readers() {
+    const SIZE: usize = 8 << 20;
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(
+        &[backend.addr],
+        "time_wait = \"none\"\nlinger = \"10s\"",
+        "",
+    )
+    .await;
+
+    // Reads 8 MB at about 4 MB/s, to EOF.
+    let slow = tokio::spawn(read_paced(proxy.addr(), SIZE, 4 << 20, Duration::ZERO));
+    // Sleeps 200 ms before reading anything.
+    let sleepy = tokio::spawn(read_paced(
+        proxy.addr(),
+        SIZE,
+        usize::MAX,
+        Duration::from_millis(200),
+    ));
+    let (slow, sleepy) = (slow.await.unwrap(), sleepy.await.unwrap());
+    assert!(
+        slow == pattern(SIZE)[..],
+        "slow reader got {} of {SIZE} bytes",
+        slow.len()
+    );
+    assert!(
+        sleepy == pattern(SIZE)[..],
+        "sleepy reader got {} of {SIZE} bytes",
+        sleepy.len()
+    );
+    settle().await;
+    assert_eq!(time_wait_on_port(proxy.port), 0);
+    assert_eq!(sockets_to_port("time-wait", proxy.port), 0);
+}
+
+/// GET /bytes/SIZE as HTTP/1.1 with Connection: close; reads the body to EOF at `rate`
+/// bytes/s after `pause`; returns the body.
+async fn read_paced(
+    addr: std::net::SocketAddr,
+    size: usize,
+    rate: usize,
+    pause: Duration,
+) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET /bytes/{size} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(pause).await;
+    let started = tokio::time::Instant::now();
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match s.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("read error after {} bytes: {e}", all.len());
+                break;
+            }
+        };
+        all.extend_from_slice(&buf[..n]);
+        if rate != usize::MAX {
+            let due = Duration::from_secs_f64(all.len() as f64 / rate as f64);
+            tokio::time::sleep_until(started + due).await;
+        }
+    }
+    let at = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head");
+    all.split_off(at + 4)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eof_reading_http10_clients_are_not_kept_waiting_for_linger() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    // A linger far longer than the test allows: waiting for it would fail the timeout.
+    let proxy = Waitless::start(&[backend.addr], "linger = \"60s\"", "").await;
+    let run = async {
+        for _ in 0..20 {
+            let r = get_to_eof(proxy.addr(), "/bytes/1000", "HTTP/1.0")
+                .await
+                .unwrap();
+            assert!(r.ends_with(&pattern(1000)), "incomplete response");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("EOF-reading clients were kept waiting for linger");
+    let stats = proxy.stats().await;
+    let entries = listener_ledger(&stats)["entries"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let eof: u64 = entries
+        .iter()
+        .filter(|e| e["reason"] == "eof_reader")
+        .map(|e| n(&e["count"]))
+        .sum();
+    assert_eq!(eof, 20, "ledger: {entries:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_that_always_closes_keeps_no_time_wait() {
+    let direct = Backend::start(BackendMode::AlwaysClose).await;
+    assert_eq!(short_load(direct.addr, N, 8).await, 0);
+
+    let backend = Backend::start(BackendMode::AlwaysClose).await;
+    let proxy = Waitless::start(&[backend.addr], "", "time_wait = \"proxy\"").await;
+    assert_eq!(short_load(proxy.addr(), N, 8).await, 0);
+    settle().await;
+    let direct_tw = time_wait_on_port(direct.port());
+    let backend_tw = time_wait_on_port(backend.port());
+    println!(
+        "server closes first: backend TIME_WAIT direct {direct_tw}, behind waitless {backend_tw}"
+    );
+    assert!(direct_tw > 0);
+    assert_eq!(backend_tw, 0, "the server's FIN must be answered with RST");
+    assert_eq!(backend.accepts(), N, "every response closed its connection");
+
+    let stats = proxy.stats().await;
+    let server = &stats["upstreams"][0]["servers"][0];
+    assert_eq!(n(&server["ledger"]["closed"]), N as u64);
+    assert_eq!(n(&server["ledger"]["time_wait_nobody"]), N as u64);
+    assert_eq!(n(&server["census_server"]["time_wait"]), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_retirement_closes_with_fin_under_proxy_and_rst_under_none() {
+    for (policy, expect_proxy_tw) in [("proxy", true), ("none", false)] {
+        let backend = Backend::start(BackendMode::Echo).await;
+        let proxy = Waitless::start(
+            &[backend.addr],
+            "",
+            &format!("time_wait = \"{policy}\"\nidle_timeout = \"200ms\""),
+        )
+        .await;
+        assert_eq!(short_load(proxy.addr(), 200, 4).await, 0);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let opened = backend.accepts();
+        // waitless's sockets to the backend (remote port = backend port).
+        let proxy_tw = sockets_to_port("time-wait", backend.port());
+        let backend_tw = time_wait_on_port(backend.port());
+        let established = sockets_to_port("established", backend.port());
+        println!(
+            "upstream {policy}: opened {opened}, TIME_WAIT proxy {proxy_tw}, backend {backend_tw}"
+        );
+        assert_eq!(established, 0, "idle connections were not retired");
+        assert_eq!(backend_tw, 0);
+        if expect_proxy_tw {
+            assert_eq!(proxy_tw, opened);
+        } else {
+            assert_eq!(proxy_tw, 0);
+        }
+        let stats = proxy.stats().await;
+        let ledger = &stats["upstreams"][0]["servers"][0]["ledger"];
+        let idle: u64 = ledger["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reason"] == "idle")
+            .map(|e| n(&e["count"]))
+            .sum();
+        assert_eq!(idle, opened as u64, "ledger: {ledger}");
+    }
+}
+
+#[test]
+fn demo_prints_where_time_wait_lands() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_waitless"))
+        .args(["demo", "--requests", "300"])
+        .output()
+        .expect("run demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| l.starts_with("direct") || l.starts_with("waitless"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 4, "{text}");
+    // direct: the backend holds TIME_WAIT; through waitless it holds none.
+    assert!(rows[0][1].parse::<u64>().unwrap() > 0, "{text}");
+    for row in &rows[1..] {
+        assert_eq!(row[2], "0", "backend TIME_WAIT through waitless: {text}");
+    }
+    // time_wait=none: nobody.
+    assert_eq!(&rows[3][2..5], &["0", "0", "0"], "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_command_shows_ledger_and_census() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "", "").await;
+    assert_eq!(short_load(proxy.addr(), 20, 2).await, 0);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_waitless"))
+        .args(["stats", "--admin", &format!("127.0.0.1:{}", proxy.admin)])
+        .output()
+        .await
+        .expect("run stats");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("closed       20"), "{text}");
+    assert!(text.contains("census"), "{text}");
+}
