@@ -70,7 +70,7 @@ async fn proxy_policy_puts_time_wait_on_the_proxy_only() {
     // A client may pick a port whose TIME_WAIT the kernel then recycles for the new SYN, so
     // the census can only be lower than the ledger, and not by much.
     assert!(
-        proxy_tw <= N && proxy_tw >= N * 95 / 100,
+        (N * 95 / 100..=N).contains(&proxy_tw),
         "census {proxy_tw} vs ledger {N}"
     );
     assert_eq!(
