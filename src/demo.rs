@@ -125,7 +125,7 @@ async fn through_waitless(
     let listen = proxy
         .listeners
         .first()
-        .and_then(|(_, a)| *a)
+        .and_then(|l| l.addr)
         .ok_or("the demo listener has no address")?;
     let started = Instant::now();
     let errors = load(listen, requests, concurrency).await;

@@ -4,12 +4,45 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
+
+use serde::Serialize;
 
 use socket2::{Domain, Socket as RawSocket, Type};
 use tokio::net::{TcpListener, UnixListener};
 
+use crate::close::Socket;
 use crate::config::Address;
+
+/// A protocol's handler for accepted client connections.
+pub trait Serve: Send + Sync + 'static {
+    /// Serves one client connection to its end and closes it by the listener's policy.
+    /// `peer` is None for unix-socket clients.
+    fn serve<S: Socket>(
+        self: Arc<Self>,
+        stream: S,
+        peer: Option<SocketAddr>,
+    ) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// Counters of one listener, whatever its protocol (fields a protocol has no use for stay 0).
+#[derive(Debug, Default, Serialize)]
+pub struct ListenerStats {
+    /// Client connections accepted.
+    pub connections: AtomicU64,
+    /// Requests received.
+    pub requests: AtomicU64,
+    /// 502: no upstream connection could be had, or it failed before a response.
+    pub errors_connect: AtomicU64,
+    /// 504: the upstream did not answer within response_timeout.
+    pub errors_timeout: AtomicU64,
+    /// 503: every allowed upstream connection was busy.
+    pub errors_busy: AtomicU64,
+    /// 502: the upstream failed after the request was sent.
+    pub errors_upstream: AtomicU64,
+}
 
 /// A bound, listening socket.
 #[derive(Debug)]
@@ -83,6 +116,20 @@ impl Bound {
                     tracing::warn!(listener = name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+            }
+        }
+    }
+}
+
+/// Accepts on `sock` until the process ends, handing each connection to `svc`.
+pub async fn accept_loop<T: Serve>(name: String, svc: Arc<T>, sock: Bound) {
+    loop {
+        match sock.accept(&name).await {
+            Accepted::Tcp(stream, peer) => {
+                tokio::spawn(svc.clone().serve(stream, Some(peer)));
+            }
+            Accepted::Unix(stream) => {
+                tokio::spawn(svc.clone().serve(stream, None));
             }
         }
     }

@@ -81,6 +81,26 @@ pub struct Upstream<C> {
     next: AtomicUsize,
 }
 
+/// What the admin side sees of an upstream, whatever its protocol.
+pub trait UpstreamInfo: Send + Sync + std::fmt::Debug {
+    /// Its configuration.
+    fn cfg(&self) -> &config::Upstream;
+    /// Its servers.
+    fn server_infos(&self) -> Vec<ServerInfo<'_>>;
+    /// Retires every idle connection (shutdown).
+    fn drain(&self);
+}
+
+/// One server as the admin side sees it.
+#[derive(Debug)]
+pub struct ServerInfo<'a> {
+    pub addr: &'a Address,
+    pub label: &'a str,
+    pub idle: usize,
+    pub stats: &'a ServerStats,
+    pub ledger: &'a SideLedger,
+}
+
 /// All connections of a server are in use and `max_connections` did not free up in time.
 #[derive(Debug)]
 pub struct Busy;
@@ -257,6 +277,31 @@ impl<C: PoolConn> Upstream<C> {
         let n = self.servers.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n).map(move |i| &self.servers[(start + i) % n])
+    }
+}
+
+impl<C: PoolConn + std::fmt::Debug> UpstreamInfo for Upstream<C> {
+    fn cfg(&self) -> &config::Upstream {
+        &self.cfg
+    }
+
+    fn server_infos(&self) -> Vec<ServerInfo<'_>> {
+        self.servers
+            .iter()
+            .map(|s| ServerInfo {
+                addr: &s.addr,
+                label: &s.label,
+                idle: s.idle_count(),
+                stats: &s.stats,
+                ledger: &s.ledger,
+            })
+            .collect()
+    }
+
+    fn drain(&self) {
+        for server in &self.servers {
+            server.drain();
+        }
     }
 }
 

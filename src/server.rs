@@ -1,14 +1,16 @@
 //! A running waitless: the listeners, upstream pools and ledger built from one config.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::admin;
-use crate::close::{Ledger, SideId};
-use crate::config::{Config, Protocol};
-use crate::http::{HttpListener, HttpUpstream, ListenerStats};
-use crate::listener::{Accepted, Bound};
+use crate::close::{Ledger, SideId, SideLedger};
+use crate::config::{self, Config, Protocol};
+use crate::http::{HttpListener, HttpUpstream};
+use crate::listener::{accept_loop, Bound, ListenerStats};
+use crate::pool::UpstreamInfo;
 
 /// The shared state of a running proxy.
 #[derive(Debug)]
@@ -17,12 +19,25 @@ pub struct Proxy {
     pub config: Config,
     /// Every close, per side.
     pub ledger: Arc<Ledger>,
-    /// Listeners with their bound TCP address (None for unix sockets).
-    pub listeners: Vec<(Arc<HttpListener>, Option<SocketAddr>)>,
-    /// Upstream pools.
-    pub upstreams: Vec<Arc<HttpUpstream>>,
+    /// Listeners, whatever their protocol.
+    pub listeners: Vec<ListenerInfo>,
+    /// Upstream pools, whatever their protocol.
+    pub upstreams: Vec<Arc<dyn UpstreamInfo>>,
     /// The admin listener's bound address.
     pub admin_addr: Option<SocketAddr>,
+}
+
+/// What the admin side sees of a listener.
+#[derive(Debug)]
+pub struct ListenerInfo {
+    /// Its configuration.
+    pub cfg: config::Listener,
+    /// The TCP address bound (port 0 resolved); None for unix sockets.
+    pub addr: Option<SocketAddr>,
+    /// Its counters.
+    pub stats: Arc<ListenerStats>,
+    /// Its client-side ledger.
+    pub ledger: Arc<SideLedger>,
 }
 
 /// A start-up failure, naming what could not be set up.
@@ -37,6 +52,19 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
+/// Upstream pools by protocol, created on first use by a listener.
+#[derive(Default)]
+struct Pools {
+    http: HashMap<String, Arc<HttpUpstream>>,
+    /// Every pool created, in creation order, for the admin side.
+    all: Vec<Arc<dyn UpstreamInfo>>,
+    /// The protocol each upstream was created for: one upstream serves one protocol.
+    protocol: HashMap<String, Protocol>,
+}
+
+/// A listener ready to serve: its socket and the task that will accept on it.
+type Starter = Box<dyn FnOnce() + Send>;
+
 // === impl Proxy ===
 
 impl Proxy {
@@ -45,41 +73,66 @@ impl Proxy {
     /// as a whole.
     pub async fn start(config: Config) -> Result<Arc<Proxy>, StartError> {
         let ledger = Arc::new(Ledger::default());
-        let upstreams: Vec<Arc<HttpUpstream>> = config
-            .upstreams
-            .iter()
-            .map(|u| HttpUpstream::new(u, &ledger))
-            .collect();
+        let mut pools = Pools::default();
+        let mut listeners = Vec::new();
+        let mut starters: Vec<Starter> = Vec::new();
 
-        let mut bound = Vec::new();
         for l in &config.listeners {
-            if l.protocol != Protocol::Http {
-                return Err(StartError(format!(
-                    "listener {}: protocol {:?} is not supported yet (only http)",
-                    l.name, l.protocol
-                )));
-            }
-            let Some(upstream) = upstreams.iter().find(|u| u.cfg.name == l.upstream) else {
-                return Err(StartError(format!(
+            let upstream = config.upstream(&l.upstream).ok_or_else(|| {
+                StartError(format!(
                     "listener {}: no upstream named {}",
                     l.name, l.upstream
-                )));
-            };
+                ))
+            })?;
+            match pools.protocol.get(&upstream.name) {
+                Some(p) if *p != l.protocol => {
+                    return Err(StartError(format!(
+                        "listener {}: upstream {} already serves {} listeners; one upstream \
+                         pools connections of one protocol",
+                        l.name, upstream.name, p
+                    )))
+                }
+                _ => {
+                    pools.protocol.insert(upstream.name.clone(), l.protocol);
+                }
+            }
             let sock = Bound::bind(&l.listen, l.mode).map_err(|e| {
                 StartError(format!(
-                    "listener {}: cannot listen on {:?}: {e}",
+                    "listener {}: cannot listen on {}: {e}",
                     l.name, l.listen
                 ))
             })?;
-            let http = Arc::new(HttpListener {
+            let info = ListenerInfo {
                 cfg: l.clone(),
-                upstream: upstream.clone(),
+                addr: sock.local_addr(),
+                stats: Arc::new(ListenerStats::default()),
                 ledger: ledger.side(SideId::Listener {
                     name: l.name.clone(),
                 }),
-                stats: ListenerStats::default(),
-            });
-            bound.push((http, sock));
+            };
+            let name = l.name.clone();
+            let starter: Starter = match l.protocol {
+                Protocol::Http => {
+                    let up = pools.http(upstream, &ledger);
+                    let svc = Arc::new(HttpListener {
+                        cfg: l.clone(),
+                        upstream: up,
+                        ledger: info.ledger.clone(),
+                        stats: info.stats.clone(),
+                    });
+                    Box::new(move || {
+                        tokio::spawn(accept_loop(name, svc, sock));
+                    })
+                }
+                other => {
+                    return Err(StartError(format!(
+                        "listener {}: protocol {other} is not supported yet (only http)",
+                        l.name
+                    )))
+                }
+            };
+            listeners.push(info);
+            starters.push(starter);
         }
 
         let admin_sock = match config.admin.listen {
@@ -92,19 +145,20 @@ impl Proxy {
         };
 
         let proxy = Arc::new(Proxy {
-            listeners: bound
-                .iter()
-                .map(|(l, s)| (l.clone(), s.local_addr()))
-                .collect(),
+            listeners,
+            upstreams: pools.all,
             admin_addr: admin_sock.as_ref().and_then(|s| s.local_addr().ok()),
             config,
             ledger,
-            upstreams,
         });
-
-        for (http, sock) in bound {
-            tracing::info!(listener = %http.cfg.name, addr = ?sock.local_addr().map_or_else(|| format!("{:?}", http.cfg.listen), |a| a.to_string()), "listening");
-            tokio::spawn(accept_loop(http, sock));
+        for l in &proxy.listeners {
+            let at = l
+                .addr
+                .map_or_else(|| l.cfg.listen.to_string(), |a| a.to_string());
+            tracing::info!(listener = %l.cfg.name, protocol = %l.cfg.protocol, addr = %at, "listening");
+        }
+        for start in starters {
+            start();
         }
         if let Some(sock) = admin_sock {
             tokio::spawn(admin::serve(sock, proxy.clone()));
@@ -115,23 +169,22 @@ impl Proxy {
     /// Closes every idle pooled connection (ledger reason `drain`).
     pub fn drain_pools(&self) {
         for up in &self.upstreams {
-            for server in &up.servers {
-                server.drain();
-            }
+            up.drain();
         }
     }
 }
 
-async fn accept_loop(http: Arc<HttpListener>, sock: Bound) {
-    loop {
-        match sock.accept(&http.cfg.name).await {
-            Accepted::Tcp(stream, peer) => {
-                tokio::spawn(http.clone().serve(stream, Some(peer)));
-            }
-            Accepted::Unix(stream) => {
-                tokio::spawn(http.clone().serve(stream, None));
-            }
+// === impl Pools ===
+
+impl Pools {
+    fn http(&mut self, cfg: &config::Upstream, ledger: &Ledger) -> Arc<HttpUpstream> {
+        if let Some(up) = self.http.get(&cfg.name) {
+            return up.clone();
         }
+        let up = HttpUpstream::new(cfg, ledger);
+        self.http.insert(cfg.name.clone(), up.clone());
+        self.all.push(up.clone());
+        up
     }
 }
 

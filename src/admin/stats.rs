@@ -8,7 +8,6 @@ use serde::Serialize;
 
 use crate::close::census::{self, Scope, StateCounts};
 use crate::close::ledger::{Entry, SideLedger, TimeWaitAt};
-use crate::config::Address;
 use crate::pool::tcp_addr;
 use crate::server::Proxy;
 
@@ -23,6 +22,7 @@ pub struct Snapshot {
 #[derive(Debug, Serialize)]
 pub struct ListenerSnap {
     pub name: String,
+    pub protocol: String,
     pub listen: String,
     pub time_wait: String,
     pub connections: u64,
@@ -92,14 +92,14 @@ impl LedgerSnap {
 pub fn snapshot(proxy: &Proxy) -> Snapshot {
     // Scopes in a fixed order: listener ports, then per server (proxy side, server side).
     let mut scopes = Vec::new();
-    for (_, bound) in &proxy.listeners {
-        if let Some(addr) = bound {
+    for l in &proxy.listeners {
+        if let Some(addr) = l.addr {
             scopes.push(Scope::LocalPort(addr.port()));
         }
     }
     for up in &proxy.upstreams {
-        for server in &up.servers {
-            if let Some(addr) = tcp_addr(&server.addr) {
+        for server in up.server_infos() {
+            if let Some(addr) = tcp_addr(server.addr) {
                 scopes.push(Scope::Remote(addr));
                 if is_local(addr) {
                     scopes.push(Scope::LocalPort(addr.port()));
@@ -119,16 +119,15 @@ pub fn snapshot(proxy: &Proxy) -> Snapshot {
     let listeners = proxy
         .listeners
         .iter()
-        .map(|(l, bound)| {
+        .map(|l| {
             let s = &l.stats;
             ListenerSnap {
                 name: l.cfg.name.clone(),
-                listen: match (&l.cfg.listen, bound) {
-                    (_, Some(a)) => a.to_string(),
-                    (Address::Unix(p), None) => format!("unix:{}", p.display()),
-                    (Address::Tcp(a), None) => a.to_string(),
-                },
-                time_wait: format!("{:?}", l.cfg.time_wait).to_lowercase(),
+                protocol: l.cfg.protocol.to_string(),
+                listen: l
+                    .addr
+                    .map_or_else(|| l.cfg.listen.to_string(), |a| a.to_string()),
+                time_wait: l.cfg.time_wait.to_string(),
                 connections: s.connections.load(Ordering::Relaxed),
                 requests: s.requests.load(Ordering::Relaxed),
                 errors: Errors {
@@ -138,7 +137,7 @@ pub fn snapshot(proxy: &Proxy) -> Snapshot {
                     upstream: s.errors_upstream.load(Ordering::Relaxed),
                 },
                 ledger: LedgerSnap::of(&l.ledger),
-                census: bound.and_then(|_| counts.next()),
+                census: l.addr.and_then(|_| counts.next()),
             }
         })
         .collect();
@@ -147,24 +146,24 @@ pub fn snapshot(proxy: &Proxy) -> Snapshot {
         .upstreams
         .iter()
         .map(|up| UpstreamSnap {
-            name: up.cfg.name.clone(),
-            time_wait: format!("{:?}", up.cfg.time_wait).to_lowercase(),
+            name: up.cfg().name.clone(),
+            time_wait: up.cfg().time_wait.to_string(),
             servers: up
-                .servers
-                .iter()
+                .server_infos()
+                .into_iter()
                 .map(|server| {
-                    let tcp = tcp_addr(&server.addr);
+                    let tcp = tcp_addr(server.addr);
                     let census_proxy = tcp.and_then(|_| counts.next());
                     let census_server = tcp.filter(|a| is_local(*a)).and_then(|_| counts.next());
                     let st = &server.stats;
                     ServerSnap {
-                        server: server.label.clone(),
-                        idle: server.idle_count(),
+                        server: server.label.to_string(),
+                        idle: server.idle,
                         opened: st.opened.load(Ordering::Relaxed),
                         reused: st.reused.load(Ordering::Relaxed),
                         connect_errors: st.connect_errors.load(Ordering::Relaxed),
                         retries: st.retries.load(Ordering::Relaxed),
-                        ledger: LedgerSnap::of(&server.ledger),
+                        ledger: LedgerSnap::of(server.ledger),
                         census_proxy,
                         census_server,
                     }

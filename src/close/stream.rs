@@ -22,7 +22,7 @@ use super::ledger::{Closer, How, Reason, SideLedger};
 use crate::config::{ClientTimeWait, LingerFallback, UpstreamTimeWait};
 
 /// A stream socket a `Tracked` can wrap.
-pub trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static {
+pub trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send + Sync + 'static {
     /// TCP sockets have TIME_WAIT, TCP_INFO and SO_LINGER; unix sockets have none of them.
     const IS_TCP: bool;
 }

@@ -11,7 +11,7 @@ mod upstream;
 use std::convert::Infallible;
 use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,10 +20,10 @@ use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Serialize;
 
 use crate::close::{ClientPolicy, Reason, SideLedger, Socket, Tracked};
 use crate::config;
+use crate::listener::{ListenerStats, Serve};
 use upstream::{ConnectError, Lease, UpstreamBody};
 pub use upstream::{HttpConn, HttpUpstream};
 
@@ -40,24 +40,7 @@ pub struct HttpListener {
     /// Its client-side close ledger.
     pub ledger: Arc<SideLedger>,
     /// Its counters.
-    pub stats: ListenerStats,
-}
-
-/// Counters of one listener.
-#[derive(Debug, Default, Serialize)]
-pub struct ListenerStats {
-    /// Client connections accepted.
-    pub connections: AtomicU64,
-    /// Requests received.
-    pub requests: AtomicU64,
-    /// 502: no upstream connection could be had, or it failed before a response.
-    pub errors_connect: AtomicU64,
-    /// 504: the upstream did not answer within response_timeout.
-    pub errors_timeout: AtomicU64,
-    /// 503: every allowed upstream connection was busy.
-    pub errors_busy: AtomicU64,
-    /// 502: the upstream failed after the request was sent.
-    pub errors_upstream: AtomicU64,
+    pub stats: Arc<ListenerStats>,
 }
 
 /// Per client connection state shared with the request handler.
@@ -73,9 +56,19 @@ const HEADER_TIMEOUT_CAP: std::time::Duration = std::time::Duration::from_secs(6
 
 // === impl HttpListener ===
 
+impl Serve for HttpListener {
+    fn serve<S: Socket>(
+        self: Arc<Self>,
+        stream: S,
+        peer: Option<SocketAddr>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        self.serve_client(stream, peer)
+    }
+}
+
 impl HttpListener {
     /// Serves one client connection to its end, then closes it by policy.
-    pub async fn serve<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
+    async fn serve_client<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         let policy = ClientPolicy {
             time_wait: self.cfg.time_wait,
