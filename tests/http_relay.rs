@@ -250,3 +250,122 @@ async fn metrics_and_stats_report_pool_use() {
     assert_eq!(server["opened"].as_u64(), Some(backend.accepts() as u64));
     assert_eq!(proxy.admin_get("/healthz").await, "ok\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_each_way_streams_in_bounded_memory() {
+    use http_body_util::BodyExt;
+    const GIB: u64 = 1 << 30;
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "", "").await;
+    // Warm up so the baseline includes the runtime's and the pool's steady state.
+    assert_eq!(short_load(proxy.addr(), 20, 2).await, 0);
+    let pid = proxy.child.id();
+    let before = proc_kib(pid, "VmRSS");
+
+    // Upload 1 GiB; the backend counts what arrives.
+    let stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/count")
+        .header("host", "t")
+        .body(ZeroBody::new(GIB))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    let counted = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(String::from_utf8_lossy(&counted), GIB.to_string());
+
+    // Download 1 GiB, counting without keeping it.
+    tx.ready().await.unwrap();
+    let req = hyper::Request::get(format!("/stream/{GIB}"))
+        .header("host", "t")
+        .body(ZeroBody::new(0))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(frame) = body.frame().await {
+        got += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
+    }
+    assert_eq!(got, GIB);
+
+    let peak = proc_kib(pid, "VmHWM");
+    let growth_mib = peak.saturating_sub(before) / 1024;
+    println!("waitless RSS before {before} KiB, peak {peak} KiB: grew {growth_mib} MiB for 1 GiB each way");
+    assert!(
+        growth_mib <= 16,
+        "RSS grew {growth_mib} MiB while streaming 1 GiB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_upstream_gives_504() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s); // reads nothing, answers nothing
+        }
+    });
+    let proxy = Waitless::start(&[addr], "", "response_timeout = \"500ms\"").await;
+    let (status, body) = get(proxy.addr(), "/", true).await.expect("response");
+    assert_eq!(status, 504);
+    assert!(String::from_utf8_lossy(&body).contains(&addr.to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_and_bodyless_statuses_keep_the_connection_in_step() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "", "").await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+
+    // 100-continue: the client sends its body only after the interim response.
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let interim = read_head(&mut s).await;
+    assert!(interim.starts_with("http/1.1 100"), "{interim}");
+    s.write_all(b"hello").await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let mut body = [0u8; 5];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(&body, b"hello");
+
+    // 204, 304 and HEAD carry no body: the next response on the connection must be intact.
+    for req in [
+        "GET /status/204 HTTP/1.1\r\nHost: t\r\n\r\n",
+        "GET /status/304 HTTP/1.1\r\nHost: t\r\n\r\n",
+        "HEAD /bytes/777 HTTP/1.1\r\nHost: t\r\n\r\n",
+    ] {
+        s.write_all(req.as_bytes()).await.unwrap();
+        let head = read_head(&mut s).await;
+        assert!(!head.contains("transfer-encoding"), "{head}");
+        s.write_all(b"GET /bytes/10 HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let next = read_head(&mut s).await;
+        assert!(next.starts_with("http/1.1 200"), "after {req:?}: {next}");
+        let mut ten = [0u8; 10];
+        s.read_exact(&mut ten).await.unwrap();
+        assert_eq!(&ten[..], &pattern(10)[..]);
+    }
+}
+
+/// Reads one response head (through the blank line), byte by byte so nothing after it is
+/// consumed.
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let b = s.read_u8().await.expect("response head");
+        head.push(b);
+    }
+    String::from_utf8_lossy(&head).to_ascii_lowercase()
+}

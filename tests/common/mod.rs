@@ -156,11 +156,39 @@ impl Drop for Backend {
     }
 }
 
+/// Backend responses: whole bodies, or a generated stream for sizes that must not be held.
+pub type BackendBody = http_body_util::Either<Full<Bytes>, ZeroBody>;
+
 async fn backend_handle(
     req: Request<Incoming>,
     mode: BackendMode,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<BackendBody>, Infallible> {
+    use http_body_util::Either;
     let path = req.uri().path().to_string();
+    if let Some(code) = path.strip_prefix("/status/") {
+        let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
+        *resp.status_mut() = code.parse().unwrap_or(hyper::StatusCode::OK);
+        return Ok(resp);
+    }
+    if let Some(n) = path.strip_prefix("/stream/") {
+        return Ok(Response::new(Either::Right(ZeroBody::new(
+            n.parse().unwrap_or(0),
+        ))));
+    }
+    if path == "/count" {
+        // Counts the body without keeping it; answers the count.
+        let mut body = req.into_body();
+        let mut n: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                Err(_) => break,
+            }
+        }
+        return Ok(Response::new(Either::Left(Full::new(Bytes::from(
+            n.to_string(),
+        )))));
+    }
     let body = if let Some(n) = path.strip_prefix("/bytes/") {
         pattern(n.parse().unwrap_or(0))
     } else {
@@ -170,12 +198,63 @@ async fn backend_handle(
             .map(|b| b.to_bytes())
             .unwrap_or_default()
     };
-    let mut resp = Response::new(Full::new(body));
+    let mut resp = Response::new(Either::Left(Full::new(body)));
     if let BackendMode::AlwaysClose = mode {
         resp.headers_mut()
             .insert("connection", "close".parse().expect("value"));
     }
     Ok(resp)
+}
+
+/// A body of N zero bytes produced 64 KiB at a time, never held whole.
+pub struct ZeroBody {
+    remaining: u64,
+}
+
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+impl ZeroBody {
+    pub fn new(n: u64) -> ZeroBody {
+        ZeroBody { remaining: n }
+    }
+}
+
+impl hyper::body::Body for ZeroBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if self.remaining == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.remaining.min(ZEROS.len() as u64) as usize;
+        self.remaining -= n as u64;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+            &ZEROS[..n],
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// A process's memory figure from /proc (e.g. "VmRSS", "VmHWM"), in KiB.
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("field in /proc status")
 }
 
 /// N bytes of a fixed pseudo-random pattern (so downloads can be checked byte for byte).
