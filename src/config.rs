@@ -85,6 +85,18 @@ pub enum UpstreamTimeWait {
     None,
 }
 
+/// The PROXY protocol header sent to upstream servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProxyProtocol {
+    /// No header: servers see waitless's address.
+    #[default]
+    Off,
+    /// The text header (`PROXY TCP4 ...`).
+    V1,
+    /// The binary header.
+    V2,
+}
+
 /// `[[listener]]`.
 #[derive(Debug, Clone)]
 pub struct Listener {
@@ -106,6 +118,8 @@ pub struct Listener {
     pub keepalive_timeout: Duration,
     /// File mode of a unix socket listener (e.g. 0o660).
     pub mode: Option<u32>,
+    /// Clients (a load balancer) send a PROXY protocol header first; its addresses are used.
+    pub accept_proxy_protocol: bool,
 }
 
 /// `[[upstream]]`.
@@ -133,6 +147,10 @@ pub struct Upstream {
     pub server_keepalive: Option<Duration>,
     /// Who closes first on pooled connections.
     pub time_wait: UpstreamTimeWait,
+    /// Fresh, never-used connections kept open per server (tcp listeners).
+    pub preconnect: usize,
+    /// PROXY protocol header sent first on each server connection (tcp listeners).
+    pub proxy_protocol: ProxyProtocol,
 }
 
 /// A config that could not be loaded, with where it went wrong.
@@ -204,6 +222,7 @@ struct RawListener {
     linger_fallback: Option<RawWord<LingerFallback>>,
     keepalive_timeout: Option<RawDuration>,
     mode: Option<RawMode>,
+    accept_proxy_protocol: Option<bool>,
 }
 
 /// `[[upstream]]` as written; the fields mirror [`Upstream`], None where the key is absent.
@@ -223,6 +242,8 @@ struct RawUpstream {
     max_requests: Option<u64>,
     server_keepalive: Option<RawDuration>,
     time_wait: Option<RawWord<UpstreamTimeWait>>,
+    preconnect: Option<usize>,
+    proxy_protocol: Option<RawWord<ProxyProtocol>>,
 }
 
 /// A duration: `"500ms"`, `"1.5s"`, ... or an integer number of seconds.
@@ -372,6 +393,38 @@ impl Config {
                     ),
                 ));
             }
+            if listener.accept_proxy_protocol && matches!(listener.listen, Address::Unix(_)) {
+                return Err(at.error(
+                    key("accept_proxy_protocol"),
+                    "accept_proxy_protocol applies to TCP listeners; a unix socket's clients are \
+                     on this host",
+                ));
+            }
+            if let Some(up) = self.upstream(&listener.upstream) {
+                let tcp_only = if up.preconnect > 0 {
+                    Some("preconnect")
+                } else if up.proxy_protocol != ProxyProtocol::Off {
+                    Some("proxy_protocol")
+                } else {
+                    None
+                };
+                if let (Some(what), false) = (tcp_only, listener.protocol == Protocol::Tcp) {
+                    let j = self
+                        .upstreams
+                        .iter()
+                        .position(|u| u.name == up.name)
+                        .unwrap_or(0);
+                    return Err(at.error(
+                        format!("upstream[{j}].{what}"),
+                        format!(
+                            "{what} applies to upstreams of tcp listeners, and {} is {}: \
+                             a pooled connection serves many clients in turn",
+                            at.describe(&key("protocol")),
+                            listener.protocol
+                        ),
+                    ));
+                }
+            }
             if listener.mode.is_some() && !matches!(listener.listen, Address::Unix(_)) {
                 return Err(at.error(
                     key("mode"),
@@ -496,6 +549,11 @@ impl fmt::Display for Config {
                 (None, Address::Unix(_)) => writeln!(f, "# mode: unset, the umask decides")?,
                 (None, Address::Tcp(_)) => {}
             }
+            writeln!(
+                f,
+                "accept_proxy_protocol = {}",
+                listener.accept_proxy_protocol
+            )?;
         }
         for upstream in &self.upstreams {
             writeln!(f)?;
@@ -539,6 +597,8 @@ impl fmt::Display for Config {
                 None => writeln!(f, "# server_keepalive: unset, unknown")?,
             }
             writeln!(f, "time_wait = \"{}\"", upstream.time_wait)?;
+            writeln!(f, "preconnect = {}", upstream.preconnect)?;
+            writeln!(f, "proxy_protocol = \"{}\"", upstream.proxy_protocol)?;
         }
         Ok(())
     }
@@ -596,6 +656,21 @@ impl Keyword for UpstreamTimeWait {
         ("proxy", UpstreamTimeWait::Proxy),
         ("none", UpstreamTimeWait::None),
     ];
+}
+
+impl Keyword for ProxyProtocol {
+    const WORDS: &'static [(&'static str, Self)] = &[
+        ("off", ProxyProtocol::Off),
+        ("v1", ProxyProtocol::V1),
+        ("v2", ProxyProtocol::V2),
+    ];
+}
+
+/// The config word, e.g. `v2`.
+impl fmt::Display for ProxyProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(word_of(*self))
+    }
 }
 
 /// The config word, e.g. `mysql`; also suits metric labels.
@@ -686,6 +761,7 @@ impl RawListener {
                 .keepalive_timeout
                 .map_or(DEFAULT_KEEPALIVE_TIMEOUT, |d| d.0),
             mode: self.mode.map(|m| m.0),
+            accept_proxy_protocol: self.accept_proxy_protocol.unwrap_or(false),
         }
     }
 }
@@ -716,6 +792,8 @@ impl RawUpstream {
             max_requests: self.max_requests.unwrap_or(0),
             server_keepalive: self.server_keepalive.map(|d| d.0),
             time_wait: self.time_wait.map(|w| w.0).unwrap_or_default(),
+            preconnect: self.preconnect.unwrap_or(0),
+            proxy_protocol: self.proxy_protocol.map(|w| w.0).unwrap_or_default(),
         })
     }
 }

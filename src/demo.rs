@@ -171,6 +171,7 @@ fn demo_config(backend: SocketAddr, time_wait: ClientTimeWait) -> Config {
             linger_fallback: LingerFallback::Fin,
             keepalive_timeout: Duration::from_secs(60),
             mode: None,
+            accept_proxy_protocol: false,
         }],
         upstreams: vec![Upstream {
             name: "backend".into(),
@@ -184,6 +185,8 @@ fn demo_config(backend: SocketAddr, time_wait: ClientTimeWait) -> Config {
             max_requests: 0,
             server_keepalive: None,
             time_wait: UpstreamTimeWait::Proxy,
+            preconnect: 0,
+            proxy_protocol: Default::default(),
         }],
     }
 }

@@ -10,6 +10,8 @@
 //!   of closes and the kernel's socket census.
 //! - `pool`: per-server pools of persistent upstream connections, protocol-neutral.
 //! - `http`: the HTTP/1.1 relay on hyper's connection-level server and client.
+//! - `tcp`: the byte relay for any protocol, with half-close and preconnected servers.
+//! - `proxy_protocol`: PROXY v1/v2 headers read from load balancers and sent to servers.
 //! - `admin`: /metrics, /stats and /healthz, and the `waitless stats` table.
 //! - `demo`: `waitless demo`, where TIME_WAIT lands under each policy, measured.
 //! - `server`: wires one config into a running proxy.
@@ -21,4 +23,6 @@ pub mod demo;
 pub mod http;
 pub mod listener;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod server;
+pub mod tcp;

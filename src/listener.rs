@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use socket2::{Domain, Socket as RawSocket, Type};
+use socket2::{Domain, SockRef, Socket as RawSocket, Type};
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::close::Socket;
+use crate::close::{Closer, How, Reason, SideLedger, Socket};
 use crate::config::Address;
+use crate::proxy_protocol;
 
 /// A protocol's handler for accepted client connections.
 pub trait Serve: Send + Sync + 'static {
@@ -121,13 +122,43 @@ impl Bound {
     }
 }
 
+/// How accepted connections are taken in before the protocol sees them.
+#[derive(Debug, Clone)]
+pub struct AcceptOpts {
+    /// Clients send a PROXY header first; read it within this long.
+    pub proxy_header: Option<Duration>,
+    /// The listener's ledger, for connections refused before the protocol saw them.
+    pub ledger: Arc<SideLedger>,
+}
+
 /// Accepts on `sock` until the process ends, handing each connection to `svc`.
-pub async fn accept_loop<T: Serve>(name: String, svc: Arc<T>, sock: Bound) {
+pub async fn accept_loop<T: Serve>(name: String, svc: Arc<T>, sock: Bound, opts: AcceptOpts) {
+    let name: Arc<str> = name.into();
     loop {
         match sock.accept(&name).await {
-            Accepted::Tcp(stream, peer) => {
-                tokio::spawn(svc.clone().serve(stream, Some(peer)));
-            }
+            Accepted::Tcp(stream, peer) => match opts.proxy_header {
+                None => {
+                    tokio::spawn(svc.clone().serve(stream, Some(peer)));
+                }
+                Some(within) => {
+                    let (svc, name, ledger) = (svc.clone(), name.clone(), opts.ledger.clone());
+                    tokio::spawn(async move {
+                        match proxy_protocol::read_header(&stream, within).await {
+                            Ok(addrs) => {
+                                let client = addrs.map_or(peer, |a| a.source);
+                                svc.serve(stream, Some(client)).await
+                            }
+                            Err(e) => {
+                                tracing::warn!(listener = %name, peer = %peer, error = %e,
+                                    "refusing connection: bad PROXY protocol header");
+                                // RST: nothing was sent, and a refused client keeps no TIME_WAIT.
+                                let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                                ledger.record(Closer::Proxy, How::Rst, Reason::Error);
+                            }
+                        }
+                    });
+                }
+            },
             Accepted::Unix(stream) => {
                 tokio::spawn(svc.clone().serve(stream, None));
             }

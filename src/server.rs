@@ -9,8 +9,9 @@ use crate::admin;
 use crate::close::{Ledger, SideId, SideLedger};
 use crate::config::{self, Config, Protocol};
 use crate::http::{HttpListener, HttpUpstream};
-use crate::listener::{accept_loop, Bound, ListenerStats};
+use crate::listener::{accept_loop, AcceptOpts, Bound, ListenerStats};
 use crate::pool::UpstreamInfo;
+use crate::tcp::{TcpRelay, TcpUpstream};
 
 /// The shared state of a running proxy.
 #[derive(Debug)]
@@ -56,11 +57,15 @@ impl std::error::Error for StartError {}
 #[derive(Default)]
 struct Pools {
     http: HashMap<String, Arc<HttpUpstream>>,
+    tcp: HashMap<String, Arc<TcpUpstream>>,
     /// Every pool created, in creation order, for the admin side.
     all: Vec<Arc<dyn UpstreamInfo>>,
     /// The protocol each upstream was created for: one upstream serves one protocol.
     protocol: HashMap<String, Protocol>,
 }
+
+/// How long a load balancer may take to send its PROXY header.
+const PROXY_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A listener ready to serve: its socket and the task that will accept on it.
 type Starter = Box<dyn FnOnce() + Send>;
@@ -111,6 +116,10 @@ impl Proxy {
                 }),
             };
             let name = l.name.clone();
+            let opts = AcceptOpts {
+                proxy_header: l.accept_proxy_protocol.then_some(PROXY_HEADER_TIMEOUT),
+                ledger: info.ledger.clone(),
+            };
             let starter: Starter = match l.protocol {
                 Protocol::Http => {
                     let up = pools.http(upstream, &ledger);
@@ -121,12 +130,19 @@ impl Proxy {
                         stats: info.stats.clone(),
                     });
                     Box::new(move || {
-                        tokio::spawn(accept_loop(name, svc, sock));
+                        tokio::spawn(accept_loop(name, svc, sock, opts));
+                    })
+                }
+                Protocol::Tcp => {
+                    let up = pools.tcp(upstream, &ledger);
+                    let svc = TcpRelay::new(l.clone(), up, info.ledger.clone(), info.stats.clone());
+                    Box::new(move || {
+                        tokio::spawn(accept_loop(name, svc, sock, opts));
                     })
                 }
                 other => {
                     return Err(StartError(format!(
-                        "listener {}: protocol {other} is not supported yet (only http)",
+                        "listener {}: protocol {other} is not supported yet",
                         l.name
                     )))
                 }
@@ -183,6 +199,18 @@ impl Pools {
         }
         let up = HttpUpstream::new(cfg, ledger);
         self.http.insert(cfg.name.clone(), up.clone());
+        self.all.push(up.clone());
+        up
+    }
+}
+
+impl Pools {
+    fn tcp(&mut self, cfg: &config::Upstream, ledger: &Ledger) -> Arc<TcpUpstream> {
+        if let Some(up) = self.tcp.get(&cfg.name) {
+            return up.clone();
+        }
+        let up = TcpUpstream::new(cfg, ledger);
+        self.tcp.insert(cfg.name.clone(), up.clone());
         self.all.push(up.clone());
         up
     }

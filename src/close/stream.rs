@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::ledger::{Closer, How, Reason, SideLedger};
@@ -70,6 +70,8 @@ pub struct Tracked<S: Socket> {
     peer_eof: bool,
     /// waitless sent FIN (a real shutdown, only under policies that want it).
     sent_fin: bool,
+    /// Who sent the first FIN, once known.
+    first: Option<Closer>,
     /// The close was carried out and recorded; drop does nothing more.
     done: bool,
 }
@@ -78,6 +80,8 @@ const REASON_UNSET: u8 = u8::MAX;
 
 // TCP states as in include/net/tcp_states.h.
 const TCP_ESTABLISHED: u8 = 1;
+const TCP_FIN_WAIT1: u8 = 4;
+const TCP_FIN_WAIT2: u8 = 5;
 const TCP_CLOSE: u8 = 7;
 const TCP_CLOSE_WAIT: u8 = 8;
 const TCP_LAST_ACK: u8 = 9;
@@ -131,6 +135,7 @@ impl<S: Socket> Tracked<S> {
             role,
             peer_eof: false,
             sent_fin: false,
+            first: None,
             done: false,
         }
     }
@@ -221,7 +226,7 @@ impl<S: Socket> Tracked<S> {
             match tokio::time::timeout_at(deadline, self.inner.read(&mut scratch)).await {
                 Err(_) => return false,
                 Ok(Ok(0)) => {
-                    self.peer_eof = true;
+                    self.saw_eof();
                     return true;
                 }
                 Ok(Ok(_)) => continue,
@@ -246,8 +251,52 @@ impl<S: Socket> Tracked<S> {
     }
 
     async fn send_fin(&mut self) {
-        let _ = self.inner.shutdown().await;
-        self.sent_fin = true;
+        let _ = std::future::poll_fn(|cx| self.poll_send_fin(cx)).await;
+    }
+
+    /// Sends FIN now (a half-close: reading goes on). For relays that forward a peer's
+    /// half-close; everything else leaves the FIN to the close policy.
+    pub fn poll_send_fin(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.sent_fin {
+            return Poll::Ready(Ok(()));
+        }
+        if self.first.is_none() {
+            // The peer's FIN may have arrived unread: then it was first.
+            self.first = Some(if self.peer_closed() {
+                Closer::Peer
+            } else {
+                Closer::Proxy
+            });
+        }
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        if poll.is_ready() {
+            self.sent_fin = true;
+        }
+        poll
+    }
+
+    /// True once a read returned EOF (the peer's FIN).
+    pub fn peer_eof(&self) -> bool {
+        self.peer_eof
+    }
+
+    /// Ends an upstream connection whose exchange is over (a relay, not a pool): a server
+    /// that closed first is answered with RST once everything sent was acknowledged, so it
+    /// keeps no TIME_WAIT; otherwise waitless's FIN already went out and the close completes.
+    pub async fn finish_upstream(mut self, linger: Duration) {
+        if self.peer_closed() && !self.sent_fin {
+            self.await_acked(Instant::now() + linger).await;
+            self.close_now(How::Rst, Reason::PeerClosed)
+        } else {
+            self.close_now(How::Fin, Reason::Done)
+        }
+    }
+
+    fn saw_eof(&mut self) {
+        self.peer_eof = true;
+        if self.first.is_none() {
+            self.first = Some(Closer::Peer);
+        }
     }
 
     /// True when the peer's FIN already arrived, even if nobody read the EOF.
@@ -268,12 +317,22 @@ impl<S: Socket> Tracked<S> {
             return;
         }
         self.done = true;
-        let closer = if self.sent_fin {
-            Closer::Proxy
-        } else if self.peer_closed() {
-            Closer::Peer
+        let closer = self.first.unwrap_or_else(|| {
+            if self.peer_closed() {
+                Closer::Peer
+            } else {
+                Closer::Proxy
+            }
+        });
+        let how = if self.sent_fin && how == How::Rst {
+            // After our FIN an RST still spares TIME_WAIT only while the peer has not
+            // answered with its own FIN.
+            match tcp_state(&self.inner) {
+                Some(TCP_FIN_WAIT1) | Some(TCP_FIN_WAIT2) => How::Rst,
+                _ => How::Fin,
+            }
         } else {
-            Closer::Proxy
+            how
         };
         let how = if S::IS_TCP && how == How::Rst {
             // SO_LINGER {on, 0}: close() sends RST and skips TIME_WAIT.
@@ -342,7 +401,7 @@ impl<S: Socket> AsyncRead for Tracked<S> {
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = poll {
             if buf.filled().len() == before && buf.remaining() > 0 {
-                self.peer_eof = true;
+                self.saw_eof();
             }
         }
         poll

@@ -299,6 +299,12 @@ impl Waitless {
              [[upstream]]\nname = \"web\"\nservers = [{}]\n{upstream_extra}\n",
             servers.join(", ")
         );
+        Waitless::launch(&config, port, admin).await
+    }
+
+    /// Starts waitless on a whole config text; `port` is its main listener's TCP port (0 when
+    /// it has none) and `admin` the admin port the text sets.
+    pub async fn launch(config: &str, port: u16, admin: u16) -> Waitless {
         let dir = TempDir::new("waitless");
         let path = dir.0.join("waitless.toml");
         std::fs::File::create(&path)
