@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,10 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::close::census::{count_many, Scope};
-use crate::config::{
-    Address, Admin, ClientTimeWait, Config, LingerFallback, Listener, Protocol, Upstream,
-    UpstreamTimeWait,
-};
+use crate::config::{ClientTimeWait, Config};
 use crate::server::Proxy;
 
 /// One row of the demo's table.
@@ -119,10 +116,11 @@ async fn through_waitless(
     concurrency: usize,
 ) -> Result<Row, String> {
     let backend = Backend::start().await.map_err(|e| e.to_string())?;
-    let proxy = Proxy::start(demo_config(backend.addr, policy))
+    let proxy = Proxy::start(demo_config(backend.addr, policy)?)
         .await
         .map_err(|e| e.to_string())?;
     let listen = proxy
+        .current()
         .listeners
         .first()
         .and_then(|l| l.addr)
@@ -156,39 +154,15 @@ fn policy_name(p: ClientTimeWait) -> &'static str {
     }
 }
 
-fn demo_config(backend: SocketAddr, time_wait: ClientTimeWait) -> Config {
-    Config {
-        source: PathBuf::from("<demo>"),
-        workers: 0,
-        admin: Admin { listen: None },
-        listeners: vec![Listener {
-            name: "demo".into(),
-            listen: Address::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
-            protocol: Protocol::Http,
-            upstream: "backend".into(),
-            time_wait,
-            linger: Duration::from_secs(2),
-            linger_fallback: LingerFallback::Fin,
-            keepalive_timeout: Duration::from_secs(60),
-            mode: None,
-            accept_proxy_protocol: false,
-        }],
-        upstreams: vec![Upstream {
-            name: "backend".into(),
-            servers: vec![Address::Tcp(backend)],
-            pool_size: 64,
-            max_connections: 0,
-            idle_timeout: Duration::from_secs(50),
-            connect_timeout: Duration::from_secs(2),
-            response_timeout: Duration::from_secs(60),
-            max_lifetime: None,
-            max_requests: 0,
-            server_keepalive: None,
-            time_wait: UpstreamTimeWait::Proxy,
-            preconnect: 0,
-            proxy_protocol: Default::default(),
-        }],
-    }
+fn demo_config(backend: SocketAddr, time_wait: ClientTimeWait) -> Result<Config, String> {
+    // Parsed from text, so the demo runs on exactly the defaults an operator gets.
+    let text = format!(
+        "[admin]\nlisten = \"off\"\n\n\
+         [[listener]]\nname = \"demo\"\nlisten = \"127.0.0.1:0\"\nupstream = \"backend\"\n\
+         time_wait = \"{time_wait}\"\n\n\
+         [[upstream]]\nname = \"backend\"\nservers = [\"{backend}\"]\n"
+    );
+    Config::parse(&text, Path::new("<demo>")).map_err(|e| e.to_string())
 }
 
 /// TIME_WAIT counts of each scope.

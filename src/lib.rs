@@ -8,8 +8,11 @@
 //! - `listener`: binding and accepting client sockets.
 //! - `close`: the heart — `Tracked`, the one close mechanism every protocol uses, the ledger
 //!   of closes and the kernel's socket census.
-//! - `pool`: per-server pools of persistent upstream connections, protocol-neutral.
+//! - `pool`: per-server pools of persistent upstream connections, protocol-neutral, with
+//!   balancing (weighted round-robin, least connections).
+//! - `health`: servers marked down by failures or active checks, skipped for a back-off.
 //! - `http`: the HTTP/1.1 relay on hyper's connection-level server and client.
+//! - `mysql`: the MySQL front: logins checked here, server connections lent per session.
 //! - `tcp`: the byte relay for any protocol, with half-close and preconnected servers.
 //! - `proxy_protocol`: PROXY v1/v2 headers read from load balancers and sent to servers.
 //! - `admin`: /metrics, /stats and /healthz, and the `waitless stats` table.
@@ -20,8 +23,10 @@ pub mod admin;
 pub mod close;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod http;
 pub mod listener;
+pub mod mysql;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod server;

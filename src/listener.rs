@@ -4,7 +4,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +12,9 @@ use serde::Serialize;
 
 use socket2::{Domain, SockRef, Socket as RawSocket, Type};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::close::{Closer, How, Reason, SideLedger, Socket};
 use crate::config::Address;
@@ -26,6 +29,17 @@ pub trait Serve: Send + Sync + 'static {
         stream: S,
         peer: Option<SocketAddr>,
     ) -> impl std::future::Future<Output = ()> + Send;
+
+    /// Turns a client away because the listener is at `max_clients`. By default the
+    /// connection is closed; protocols with an error message say it first.
+    fn reject<S: Socket>(
+        self: Arc<Self>,
+        stream: S,
+        peer: Option<SocketAddr>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        let _ = peer;
+        async move { drop(stream) }
+    }
 }
 
 /// Counters of one listener, whatever its protocol (fields a protocol has no use for stay 0).
@@ -33,6 +47,10 @@ pub trait Serve: Send + Sync + 'static {
 pub struct ListenerStats {
     /// Client connections accepted.
     pub connections: AtomicU64,
+    /// Client connections open now.
+    pub active: AtomicUsize,
+    /// Client connections turned away at `max_clients`.
+    pub rejected: AtomicU64,
     /// Requests received.
     pub requests: AtomicU64,
     /// 502: no upstream connection could be had, or it failed before a response.
@@ -125,44 +143,96 @@ impl Bound {
 /// How accepted connections are taken in before the protocol sees them.
 #[derive(Debug, Clone)]
 pub struct AcceptOpts {
+    /// The listener's name, for logs.
+    pub name: Arc<str>,
     /// Clients send a PROXY header first; read it within this long.
     pub proxy_header: Option<Duration>,
     /// The listener's ledger, for connections refused before the protocol saw them.
     pub ledger: Arc<SideLedger>,
+    /// The listener's counters (`active` bounds connections by `max_clients`).
+    pub stats: Arc<ListenerStats>,
+    /// Most client connections at once; 0 = unlimited.
+    pub max_clients: usize,
+    /// Cancelled when the listener is removed by a reload, or on shutdown.
+    pub stop: CancellationToken,
+    /// Tracks connection tasks, so shutdown can wait for them.
+    pub tasks: TaskTracker,
 }
 
-/// Accepts on `sock` until the process ends, handing each connection to `svc`.
-pub async fn accept_loop<T: Serve>(name: String, svc: Arc<T>, sock: Bound, opts: AcceptOpts) {
-    let name: Arc<str> = name.into();
+/// Accepts on `sock` until `opts.stop` is cancelled, handing each connection to the
+/// service `svc` holds at that moment (a reload swaps it; connections keep the one they
+/// started with).
+pub async fn accept_loop<T: Serve>(svc: watch::Receiver<Arc<T>>, sock: Bound, opts: AcceptOpts) {
     loop {
-        match sock.accept(&name).await {
-            Accepted::Tcp(stream, peer) => match opts.proxy_header {
-                None => {
-                    tokio::spawn(svc.clone().serve(stream, Some(peer)));
-                }
-                Some(within) => {
-                    let (svc, name, ledger) = (svc.clone(), name.clone(), opts.ledger.clone());
-                    tokio::spawn(async move {
-                        match proxy_protocol::read_header(&stream, within).await {
-                            Ok(addrs) => {
-                                let client = addrs.map_or(peer, |a| a.source);
-                                svc.serve(stream, Some(client)).await
-                            }
+        let accepted = tokio::select! {
+            _ = opts.stop.cancelled() => break,
+            a = sock.accept(&opts.name) => a,
+        };
+        let svc = svc.borrow().clone();
+        let active = ActiveGuard::enter(&opts.stats);
+        let over = opts.max_clients > 0 && active.count > opts.max_clients;
+        match accepted {
+            Accepted::Tcp(stream, peer) => {
+                let opts2 = opts.clone();
+                opts.tasks.spawn(async move {
+                    let _active = active;
+                    let client = match opts2.proxy_header {
+                        None => peer,
+                        Some(within) => match proxy_protocol::read_header(&stream, within).await {
+                            Ok(addrs) => addrs.map_or(peer, |a| a.source),
                             Err(e) => {
-                                tracing::warn!(listener = %name, peer = %peer, error = %e,
+                                tracing::warn!(listener = %opts2.name, peer = %peer, error = %e,
                                     "refusing connection: bad PROXY protocol header");
                                 // RST: nothing was sent, and a refused client keeps no TIME_WAIT.
                                 let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-                                ledger.record(Closer::Proxy, How::Rst, Reason::Error);
+                                opts2.ledger.record(Closer::Proxy, How::Rst, Reason::Error);
+                                return;
                             }
-                        }
-                    });
-                }
-            },
+                        },
+                    };
+                    if over {
+                        opts2.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                        svc.reject(stream, Some(client)).await
+                    } else {
+                        svc.serve(stream, Some(client)).await
+                    }
+                });
+            }
             Accepted::Unix(stream) => {
-                tokio::spawn(svc.clone().serve(stream, None));
+                opts.tasks.spawn(async move {
+                    let _active = active;
+                    if over {
+                        svc.reject(stream, None).await
+                    } else {
+                        svc.serve(stream, None).await
+                    }
+                });
             }
         }
+    }
+    tracing::info!(listener = %opts.name, "stopped accepting");
+}
+
+/// Counts a connection as active for its lifetime.
+struct ActiveGuard {
+    stats: Arc<ListenerStats>,
+    /// Active connections including this one, when it entered.
+    count: usize,
+}
+
+impl ActiveGuard {
+    fn enter(stats: &Arc<ListenerStats>) -> ActiveGuard {
+        let count = stats.active.fetch_add(1, Ordering::Relaxed) + 1;
+        ActiveGuard {
+            stats: stats.clone(),
+            count,
+        }
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

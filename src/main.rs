@@ -40,6 +40,13 @@ enum Command {
         #[arg(long)]
         admin: Option<SocketAddr>,
     },
+    /// Tell a running waitless to re-read its config file (as SIGHUP does); prints whether
+    /// the new config was taken or refused, and why.
+    Reload {
+        /// The admin listener (default: `[admin] listen` of the config, else 127.0.0.1:9901).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
     /// Show where TIME_WAIT lands: short connections sent directly to an embedded backend,
     /// then through an embedded waitless under each client-side policy. Needs nothing else.
     Demo {
@@ -75,6 +82,7 @@ fn main() -> ExitCode {
             concurrency,
         } => return demo(requests, concurrency.max(1)),
         Command::Stats { admin: Some(addr) } => return stats(addr),
+        Command::Reload { admin: Some(addr) } => return reload(addr),
         _ => {}
     }
     let config = match Config::load(&cli.config) {
@@ -92,13 +100,33 @@ fn main() -> ExitCode {
             print!("{config}");
             ExitCode::SUCCESS
         }
-        Command::Stats { .. } => stats(
-            config
-                .admin
-                .listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901))),
-        ),
+        Command::Stats { .. } => stats(admin_of(&config)),
+        Command::Reload { .. } => reload(admin_of(&config)),
         Command::Run | Command::Demo { .. } => run(config),
+    }
+}
+
+fn admin_of(config: &Config) -> SocketAddr {
+    config
+        .admin
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)))
+}
+
+fn reload(admin: SocketAddr) -> ExitCode {
+    match admin_request(admin, "POST", "/reload") {
+        Ok((200, body)) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((_, body)) => {
+            eprint!("waitless: {body}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("waitless: cannot reach the admin listener at {admin}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -135,23 +163,33 @@ fn stats(admin: SocketAddr) -> ExitCode {
     }
 }
 
-/// GET /stats with a plain HTTP/1.0 request: the admin listener closes after the response.
+/// GET /stats from the admin listener.
 fn fetch_stats(admin: SocketAddr) -> Result<serde_json::Value, String> {
+    match admin_request(admin, "GET", "/stats")? {
+        (200, body) => serde_json::from_str(&body).map_err(|e| e.to_string()),
+        (status, body) => Err(format!("{status}: {body}")),
+    }
+}
+
+/// One plain HTTP/1.0 request to the admin listener, which closes after the response.
+fn admin_request(admin: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
-    let timeout = Duration::from_secs(10);
+    let timeout = Duration::from_secs(30);
     let mut s = std::net::TcpStream::connect_timeout(&admin, timeout).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    s.write_all(b"GET /stats HTTP/1.0\r\nHost: waitless\r\n\r\n")
+    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: waitless\r\n\r\n").as_bytes())
         .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed response")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(head.lines().next().unwrap_or("no status").to_string());
-    }
-    serde_json::from_str(body).map_err(|e| e.to_string())
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("no status")?;
+    Ok((status, body.to_string()))
 }
 
 fn run(config: Config) -> ExitCode {
@@ -170,27 +208,78 @@ fn run(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        proxy.drain_pools();
-        ExitCode::SUCCESS
+        let mut signals = match Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("waitless: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        loop {
+            match signals.next().await {
+                Signal::Reload => match proxy.reload() {
+                    Ok(()) => tracing::info!("configuration reloaded"),
+                    Err(e) => tracing::error!(error = %e, "reload refused; the running configuration stays"),
+                },
+                Signal::Stop => break,
+            }
+        }
+        let drain_timeout = proxy
+            .current()
+            .config
+            .as_ref()
+            .map_or(Duration::from_secs(30), |c| c.drain_timeout);
+        tracing::info!(?drain_timeout, "draining: no new connections; waiting for those in flight");
+        tokio::select! {
+            _ = proxy.shutdown(drain_timeout) => {
+                tracing::info!("drained; exiting");
+                ExitCode::SUCCESS
+            }
+            _ = signals.stop() => {
+                tracing::warn!("second signal: exiting at once");
+                ExitCode::from(1)
+            }
+        }
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+/// What a signal asks for.
+enum Signal {
+    /// SIGHUP: re-read the config.
+    Reload,
+    /// SIGTERM or SIGINT: drain and exit.
+    Stop,
+}
+
+/// The signals waitless acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+    }
+
+    async fn stop(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
 }

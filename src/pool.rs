@@ -7,7 +7,7 @@
 //! business; the pool only bounds how many connections may be open (`max_connections`).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -16,7 +16,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::close::{CloseCtl, Ledger, Reason, SideId, SideLedger};
-use crate::config::{self, Address};
+use crate::config::{self, Address, Balance, HealthCheck};
+use crate::health::{self, Health};
 
 /// A connection handle the pool can keep.
 pub trait PoolConn: Send + 'static {
@@ -55,6 +56,12 @@ pub struct Server<C> {
     limit: Option<Arc<Semaphore>>,
     /// Counters for metrics.
     pub stats: ServerStats,
+    /// Up or down, from failures seen and active checks.
+    pub health: Health,
+    /// Its share of new connections (`weights`).
+    pub weight: u32,
+    /// Drained (shutdown or replaced by a reload): connections given back are closed.
+    drained: AtomicBool,
 }
 
 /// Counters of one server.
@@ -77,8 +84,10 @@ pub struct Upstream<C> {
     pub cfg: config::Upstream,
     /// Its servers, in config order.
     pub servers: Vec<Arc<Server<C>>>,
-    /// Round-robin cursor.
+    /// Round-robin cursor into `schedule`.
     next: AtomicUsize,
+    /// Server indexes in weighted round-robin order (smooth, as nginx spreads them).
+    schedule: Vec<usize>,
 }
 
 /// What the admin side sees of an upstream, whatever its protocol.
@@ -97,6 +106,8 @@ pub struct ServerInfo<'a> {
     pub addr: &'a Address,
     pub label: &'a str,
     pub idle: usize,
+    pub state: &'static str,
+    pub weight: u32,
     pub stats: &'a ServerStats,
     pub ledger: &'a SideLedger,
 }
@@ -156,8 +167,45 @@ impl<C: PoolConn> Server<C> {
         }
     }
 
+    /// Takes the most recently used idle connection that `wanted` accepts and that is still
+    /// usable, retiring expired and dropping dead ones on the way (for pools whose
+    /// connections are not interchangeable, e.g. MySQL connections logged in as one user).
+    pub fn take_idle_matching(
+        &self,
+        cfg: &config::Upstream,
+        mut wanted: impl FnMut(&C) -> bool,
+    ) -> Option<Pooled<C>> {
+        let now = Instant::now();
+        loop {
+            let mut pooled = {
+                let mut idle = self.lock_idle();
+                let at = idle.iter().rposition(|p| wanted(&p.conn))?;
+                idle.remove(at)
+            };
+            if now.duration_since(pooled.since) >= cfg.idle_timeout {
+                pooled.ctl.retire(Reason::Idle);
+                continue;
+            }
+            if pooled.conn.is_usable() {
+                return Some(pooled);
+            }
+        }
+    }
+
+    /// A permit to open one more connection if one is free now (see `open_permit`).
+    pub fn try_open_permit(&self) -> Result<Option<OwnedSemaphorePermit>, Busy> {
+        match &self.limit {
+            None => Ok(None),
+            Some(limit) => limit.clone().try_acquire_owned().map(Some).map_err(|_| Busy),
+        }
+    }
+
     /// Gives a connection back after a complete exchange, or retires it.
     pub fn put(&self, cfg: &config::Upstream, mut pooled: Pooled<C>) {
+        if self.drained.load(Ordering::Relaxed) {
+            pooled.ctl.retire(Reason::Drain);
+            return;
+        }
         let now = Instant::now();
         if pooled.worn_out(cfg, now) {
             pooled.ctl.retire(Reason::Lifetime);
@@ -183,6 +231,16 @@ impl<C: PoolConn> Server<C> {
             Ok(Ok(permit)) => Ok(Some(permit)),
             _ => Err(Busy),
         }
+    }
+
+    /// Connections open and lent out now: opened, minus closed, minus idle.
+    pub fn busy(&self) -> u64 {
+        let open = self
+            .stats
+            .opened
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.ledger.total());
+        open.saturating_sub(self.idle_count() as u64)
     }
 
     /// Idle connections now.
@@ -224,6 +282,7 @@ impl<C: PoolConn> Server<C> {
 
     /// Retires every idle connection (shutdown).
     pub fn drain(&self) {
+        self.drained.store(true, Ordering::Relaxed);
         let gone: Vec<_> = std::mem::take(&mut *self.lock_idle());
         for p in &gone {
             p.ctl.retire(Reason::Drain);
@@ -243,7 +302,8 @@ impl<C: PoolConn> Upstream<C> {
         let servers = cfg
             .servers
             .iter()
-            .map(|addr| {
+            .enumerate()
+            .map(|(i, addr)| {
                 let label = address_label(addr);
                 Arc::new(Server {
                     addr: addr.clone(),
@@ -260,23 +320,56 @@ impl<C: PoolConn> Upstream<C> {
                     limit: (cfg.max_connections > 0)
                         .then(|| Arc::new(Semaphore::new(cfg.max_connections))),
                     stats: ServerStats::default(),
+                    health: Health::default(),
+                    weight: cfg.weights.get(i).copied().unwrap_or(1).max(1),
+                    drained: AtomicBool::new(false),
                 })
             })
-            .collect();
+            .collect::<Vec<_>>();
         let up = Arc::new(Upstream {
             cfg: cfg.clone(),
+            schedule: smooth_schedule(&cfg.weights, servers.len()),
             servers,
             next: AtomicUsize::new(0),
         });
         spawn_reaper(Arc::downgrade(&up), reap_interval(cfg.idle_timeout));
+        if let Some(hc) = &cfg.health_check {
+            spawn_checks(Arc::downgrade(&up), hc.clone());
+        }
         up
     }
 
-    /// The servers in the order to try them for the next request (round-robin start).
+    /// The servers that are up, in the order to try them for the next connection: the
+    /// balance policy's pick first, the others after it for failover. Empty when every
+    /// server is down.
     pub fn rotation(&self) -> impl Iterator<Item = &Arc<Server<C>>> {
         let n = self.servers.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(move |i| &self.servers[(start + i) % n])
+        let first = match self.cfg.balance {
+            Balance::RoundRobin => {
+                let turn = self.next.fetch_add(1, Ordering::Relaxed);
+                self.schedule.get(turn % self.schedule.len().max(1)).copied().unwrap_or(0)
+            }
+            Balance::LeastConn => self.least_busy(),
+        };
+        (0..n)
+            .map(move |i| &self.servers[(first + i) % n])
+            .filter(|s| s.health.is_up())
+    }
+
+    /// The up server with the fewest connections in use per unit of weight.
+    fn least_busy(&self) -> usize {
+        let mut best = (u64::MAX, 0);
+        for (i, s) in self.servers.iter().enumerate() {
+            if !s.health.is_up() {
+                continue;
+            }
+            // Scaled so weights compare without floats.
+            let load = s.busy() * 1000 / u64::from(s.weight.max(1));
+            if load < best.0 {
+                best = (load, i);
+            }
+        }
+        best.1
     }
 }
 
@@ -292,6 +385,8 @@ impl<C: PoolConn + std::fmt::Debug> UpstreamInfo for Upstream<C> {
                 addr: &s.addr,
                 label: &s.label,
                 idle: s.idle_count(),
+                state: s.health.state(),
+                weight: s.weight,
                 stats: &s.stats,
                 ledger: &s.ledger,
             })
@@ -319,6 +414,58 @@ pub fn tcp_addr(addr: &Address) -> Option<SocketAddr> {
         Address::Tcp(a) => Some(*a),
         Address::Unix(_) => None,
     }
+}
+
+/// Server indexes spread by weight: weights [5, 1, 1] give 0 0 1 0 2 0 0, not 0 0 0 0 0 1 2
+/// (nginx's smooth weighted round-robin, run once at start).
+fn smooth_schedule(weights: &[u32], n: usize) -> Vec<usize> {
+    let weights: Vec<i64> = (0..n)
+        .map(|i| i64::from(weights.get(i).copied().unwrap_or(1).max(1)))
+        .collect();
+    let total: i64 = weights.iter().sum();
+    let mut current = vec![0i64; n];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        for (c, w) in current.iter_mut().zip(&weights) {
+            *c += w;
+        }
+        let Some((best, _)) = current.iter().enumerate().max_by_key(|(i, c)| (**c, -(*i as i64)))
+        else {
+            break;
+        };
+        current[best] -= total;
+        out.push(best);
+    }
+    out
+}
+
+/// Checks every server of the upstream every `interval`, until the upstream is gone.
+fn spawn_checks<C: PoolConn>(up: Weak<Upstream<C>>, hc: HealthCheck) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(hc.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(up) = up.upgrade() else { return };
+            for server in &up.servers {
+                match health::check(&server.addr, &hc, up.cfg.connect_timeout).await {
+                    Ok(()) => {
+                        if !server.health.is_up() {
+                            tracing::info!(upstream = %up.cfg.name, server = %server.label,
+                                "health check passed: server is up");
+                        }
+                        server.health.succeeded()
+                    }
+                    Err(e) => {
+                        if server.health.failed(&up.cfg) {
+                            tracing::warn!(upstream = %up.cfg.name, server = %server.label,
+                                error = %e, "health checks failed: server marked down");
+                        }
+                    }
+                }
+            }
+        }
+    });
 }
 
 fn reap_interval(idle_timeout: Duration) -> Duration {

@@ -17,6 +17,9 @@ use crate::config::ProxyProtocol;
 /// beyond this are refused rather than buffered.
 const MAX_HEADER: usize = 1024;
 
+/// The longest v1 header, CRLF included (the spec's bound for a TCP6 line).
+const V1_MAX: usize = 107;
+
 /// The addresses a PROXY header carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Addresses {
@@ -24,6 +27,19 @@ pub struct Addresses {
     pub source: SocketAddr,
     /// The address the client connected to.
     pub destination: SocketAddr,
+}
+
+/// What the first bytes of a connection hold, as far as a PROXY header goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parsed {
+    /// A header may still complete: more bytes are needed.
+    Incomplete,
+    /// A whole header of `len` bytes (never more than were given). `addrs` is None for a
+    /// valid header without addresses (v1 UNKNOWN, v2 LOCAL or a non-IP family).
+    Header {
+        len: usize,
+        addrs: Option<Addresses>,
+    },
 }
 
 /// Reads the PROXY header at the start of `stream`, consuming exactly its bytes (what
@@ -39,32 +55,77 @@ pub async fn read_header(stream: &TcpStream, within: Duration) -> io::Result<Opt
         if n == 0 {
             return Err(invalid("connection closed before the PROXY header"));
         }
-        let seen = &buf[..n];
-        let parsed = HeaderResult::parse(seen);
-        if parsed.is_incomplete() {
-            if n == buf.len() {
-                return Err(invalid("PROXY header too long"));
-            }
-            // More bytes are on their way; peek returns at once while some are queued.
-            tokio::time::sleep_until((Instant::now() + Duration::from_millis(2)).min(deadline))
+        let seen = buf.get(..n).unwrap_or_default();
+        match parse_header(seen).map_err(|e| invalid(&e))? {
+            Parsed::Incomplete => {
+                // More bytes are on their way; peek returns at once while some are queued.
+                tokio::time::sleep_until(
+                    (Instant::now() + Duration::from_millis(2)).min(deadline),
+                )
                 .await;
-            continue;
+            }
+            Parsed::Header { len, addrs } => {
+                consume(stream, len).await?;
+                return Ok(addrs);
+            }
         }
-        let (len, addrs) = match parsed {
-            HeaderResult::V1(Ok(h)) => (h.header.len(), v1_addresses(&h.addresses)),
-            HeaderResult::V2(Ok(h)) => (
-                h.len(),
-                match h.command {
-                    Command::Local => None,
-                    Command::Proxy => v2_addresses(&h.addresses),
-                },
-            ),
-            HeaderResult::V1(Err(e)) => return Err(invalid(&format!("bad PROXY v1 header: {e}"))),
-            HeaderResult::V2(Err(e)) => return Err(invalid(&format!("bad PROXY v2 header: {e}"))),
-        };
-        consume(stream, len).await?;
-        return Ok(addrs);
     }
+}
+
+/// Parses the PROXY header at the start of `bytes`, without I/O (read_header's parser, and
+/// the fuzz target's). `MAX_HEADER` bytes or more without a whole header is an error.
+pub fn parse_header(bytes: &[u8]) -> Result<Parsed, String> {
+    // v1 is one line. ppp judges a line cut inside its last field as malformed ("…4242 8" is
+    // a bad port), and ends a line at a bare CR: so the line is found here, up to its CRLF,
+    // and ppp sees exactly that.
+    if bytes.first() == Some(&b'P') {
+        let window = bytes.get(..bytes.len().min(V1_MAX)).unwrap_or_default();
+        let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
+            let prefix = b"PROXY ";
+            let could_be = bytes.starts_with(prefix) || prefix.starts_with(bytes);
+            return match (could_be, bytes.len() >= V1_MAX) {
+                (true, false) => Ok(Parsed::Incomplete),
+                (true, true) => Err("PROXY v1 header without CRLF in 107 bytes".to_string()),
+                (false, _) => Err("bad PROXY v1 header: no PROXY prefix".to_string()),
+            };
+        };
+        let line = window.get(..end + 2).unwrap_or_default();
+        return match ppp::v1::Header::try_from(line) {
+            Ok(h) if h.header.len() == line.len() => Ok(Parsed::Header {
+                len: line.len(),
+                addrs: v1_addresses(&h.addresses),
+            }),
+            Ok(_) => Err("bad PROXY v1 header: bare CR".to_string()),
+            Err(e) => Err(format!("bad PROXY v1 header: {e}")),
+        };
+    }
+    let parsed = HeaderResult::parse(bytes);
+    if parsed.is_incomplete() {
+        if bytes.len() >= MAX_HEADER {
+            return Err("PROXY header too long".to_string());
+        }
+        return Ok(Parsed::Incomplete);
+    }
+    let (len, addrs) = match parsed {
+        HeaderResult::V1(Ok(h)) => (h.header.len(), v1_addresses(&h.addresses)),
+        HeaderResult::V2(Ok(h)) => (
+            h.len(),
+            match h.command {
+                Command::Local => None,
+                Command::Proxy => v2_addresses(&h.addresses),
+            },
+        ),
+        HeaderResult::V1(Err(e)) => return Err(format!("bad PROXY v1 header: {e}")),
+        HeaderResult::V2(Err(e)) => return Err(format!("bad PROXY v2 header: {e}")),
+    };
+    // Consuming more than was seen would eat the protocol's own bytes.
+    if len == 0 || len > bytes.len() {
+        return Err(format!(
+            "PROXY header length {len} does not fit the {} bytes received",
+            bytes.len()
+        ));
+    }
+    Ok(Parsed::Header { len, addrs })
 }
 
 /// The header announcing `source` → `destination`, in `version`; empty when off.
@@ -161,20 +222,76 @@ mod tests {
         let src: SocketAddr = "192.0.2.7:4242".parse().unwrap();
         let dst: SocketAddr = "127.0.0.1:80".parse().unwrap();
         for v in [ProxyProtocol::V1, ProxyProtocol::V2] {
-            let bytes = encode(v, src, dst);
-            let addrs = match HeaderResult::parse(&bytes) {
-                HeaderResult::V1(Ok(h)) => v1_addresses(&h.addresses),
-                HeaderResult::V2(Ok(h)) => v2_addresses(&h.addresses),
-                other => panic!("{v:?}: {other:?}"),
-            };
+            let mut bytes = encode(v, src, dst);
+            let len = bytes.len();
+            bytes.extend_from_slice(b"GET / HTTP/1.1\r\n");
             assert_eq!(
-                addrs,
-                Some(Addresses {
-                    source: src,
-                    destination: dst
-                })
+                parse_header(&bytes),
+                Ok(Parsed::Header {
+                    len,
+                    addrs: Some(Addresses {
+                        source: src,
+                        destination: dst
+                    })
+                }),
+                "{v:?}"
             );
+            // Every cut short of the whole header waits for more.
+            for cut in 1..len {
+                assert_eq!(parse_header(&bytes[..cut]), Ok(Parsed::Incomplete), "{v:?} {cut}");
+            }
         }
         assert!(encode(ProxyProtocol::Off, src, dst).is_empty());
+        assert_eq!(
+            parse_header(&encode_local()),
+            Ok(Parsed::Header {
+                len: 16,
+                addrs: None
+            })
+        );
+    }
+
+    /// Inputs the proxy_header fuzz target (fuzz/fuzz_targets/proxy_header.rs) failed on.
+    #[test]
+    fn fuzz_crashers_parse_the_same_with_or_without_what_follows() {
+        // "PROXY UNKNOWN" with a bare CR before the CRLF: ppp ended the header at the CR, so
+        // the header alone (34 bytes) and the header with what followed disagreed.
+        let crasher = b"PROXY UNKNOWN \0\0\0  \0\0\0OO\0\nXY \n  \rY\0(\r\n\n\n\n\n";
+        assert!(parse_header(crasher).is_err());
+        assert_eq!(parse_header(&crasher[..34]), Ok(Parsed::Incomplete));
+        // A v1 header with junk after UNKNOWN is valid: the rest of the line is ignored.
+        assert_eq!(
+            parse_header(b"PROXY UNKNOWN whatever\r\nGET"),
+            Ok(Parsed::Header {
+                len: 24,
+                addrs: None
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_headers_are_errors() {
+        for bad in [
+            &b"GARBAGE that is no PROXY header\r\n"[..],
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",
+            b"PROXY TCP4 999.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP9 1.2.3.4 5.6.7.8 1 2\r\n",
+        ] {
+            assert!(parse_header(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        // A v1 line that never ends is refused once it is longer than any valid one.
+        let endless = [b'P', b'R', b'O', b'X', b'Y', b' '].repeat(200);
+        assert!(parse_header(&endless).is_err());
+        // A v2 header claiming more address bytes than any buffer holds.
+        let mut v2 = encode(
+            ProxyProtocol::V2,
+            "192.0.2.7:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        v2[14] = 0xff;
+        v2[15] = 0xff;
+        assert_eq!(parse_header(&v2), Ok(Parsed::Incomplete));
+        v2.resize(MAX_HEADER, 0);
+        assert!(parse_header(&v2).is_err());
     }
 }

@@ -1,35 +1,64 @@
-//! A running waitless: the listeners, upstream pools and ledger built from one config.
+//! A running waitless: listeners, upstream pools and the ledger built from a config, and the
+//! two ways that config changes while running — a reload (SIGHUP) and a drain (SIGTERM).
+//!
+//! A reload builds a new generation beside the running one: a listener whose address and
+//! protocol did not change keeps its socket and gets the new service (established clients
+//! keep the one they started with); an upstream whose settings did not change keeps its pool
+//! and its warm connections. Removed listeners stop accepting and drain; replaced pools close
+//! their idle connections. Any error refuses the whole reload and leaves the running
+//! generation untouched.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::close::{Ledger, SideId, SideLedger};
 use crate::config::{self, Config, Protocol};
 use crate::http::{HttpListener, HttpUpstream};
 use crate::listener::{accept_loop, AcceptOpts, Bound, ListenerStats};
+use crate::mysql::{MysqlListener, MysqlUpstream};
 use crate::pool::UpstreamInfo;
 use crate::tcp::{TcpRelay, TcpUpstream};
 
 /// The shared state of a running proxy.
 #[derive(Debug)]
 pub struct Proxy {
-    /// The config it runs.
-    pub config: Config,
-    /// Every close, per side.
+    /// Every close, per side; kept across reloads so counters never go back.
     pub ledger: Arc<Ledger>,
+    /// The admin listener's bound address.
+    pub admin_addr: Option<SocketAddr>,
+    /// What runs now.
+    current: RwLock<Arc<Generation>>,
+    /// Listening sockets by address, kept across reloads.
+    slots: Mutex<Vec<Slot>>,
+    /// Cancelled on shutdown; every listener's stop token is its child.
+    stop: CancellationToken,
+    /// Every client connection task.
+    tasks: TaskTracker,
+}
+
+/// One config's listeners and pools.
+#[derive(Debug, Default)]
+pub struct Generation {
+    /// The config it was built from.
+    pub config: Option<Config>,
     /// Listeners, whatever their protocol.
     pub listeners: Vec<ListenerInfo>,
     /// Upstream pools, whatever their protocol.
     pub upstreams: Vec<Arc<dyn UpstreamInfo>>,
-    /// The admin listener's bound address.
-    pub admin_addr: Option<SocketAddr>,
+    /// The same pools, typed, so a reload can keep the unchanged ones.
+    pools: Pools,
 }
 
 /// What the admin side sees of a listener.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ListenerInfo {
     /// Its configuration.
     pub cfg: config::Listener,
@@ -41,9 +70,51 @@ pub struct ListenerInfo {
     pub ledger: Arc<SideLedger>,
 }
 
-/// A start-up failure, naming what could not be set up.
+/// A start-up or reload failure, naming what could not be set up.
 #[derive(Debug)]
 pub struct StartError(pub String);
+
+/// A listening socket and the service its accept loop hands connections to.
+#[derive(Debug)]
+struct Slot {
+    /// The address as configured (port 0 listeners never match one another).
+    key: String,
+    /// The listener name it was last configured under.
+    name: String,
+    protocol: Protocol,
+    /// Swaps the service on reload.
+    service: SlotService,
+    /// Stops its accept loop (reload removed it, or shutdown).
+    stop: CancellationToken,
+    /// Kept across reloads while the name stays.
+    stats: Arc<ListenerStats>,
+    /// The address bound.
+    addr: Option<SocketAddr>,
+}
+
+#[derive(Debug)]
+enum SlotService {
+    Http(watch::Sender<Arc<HttpListener>>),
+    Tcp(watch::Sender<Arc<TcpRelay>>),
+    Mysql(watch::Sender<Arc<MysqlListener>>),
+}
+
+/// Upstream pools by protocol.
+#[derive(Debug, Default)]
+struct Pools {
+    http: HashMap<String, Arc<HttpUpstream>>,
+    tcp: HashMap<String, Arc<TcpUpstream>>,
+    mysql: HashMap<String, Arc<MysqlUpstream>>,
+    /// Every pool, in creation order, for the admin side.
+    all: Vec<Arc<dyn UpstreamInfo>>,
+    /// The protocol each upstream serves: one upstream pools connections of one protocol.
+    protocol: HashMap<String, Protocol>,
+}
+
+/// How long a load balancer may take to send its PROXY header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+// === impl StartError ===
 
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -53,104 +124,13 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
-/// Upstream pools by protocol, created on first use by a listener.
-#[derive(Default)]
-struct Pools {
-    http: HashMap<String, Arc<HttpUpstream>>,
-    tcp: HashMap<String, Arc<TcpUpstream>>,
-    /// Every pool created, in creation order, for the admin side.
-    all: Vec<Arc<dyn UpstreamInfo>>,
-    /// The protocol each upstream was created for: one upstream serves one protocol.
-    protocol: HashMap<String, Protocol>,
-}
-
-/// How long a load balancer may take to send its PROXY header.
-const PROXY_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// A listener ready to serve: its socket and the task that will accept on it.
-type Starter = Box<dyn FnOnce() + Send>;
-
 // === impl Proxy ===
 
 impl Proxy {
     /// Binds every socket of `config` and starts serving. Must run inside a tokio runtime.
-    /// Every socket is bound before anything is served, so a bad address fails start-up
-    /// as a whole.
+    /// Every socket is bound before anything is served, so a bad address fails start-up as a
+    /// whole.
     pub async fn start(config: Config) -> Result<Arc<Proxy>, StartError> {
-        let ledger = Arc::new(Ledger::default());
-        let mut pools = Pools::default();
-        let mut listeners = Vec::new();
-        let mut starters: Vec<Starter> = Vec::new();
-
-        for l in &config.listeners {
-            let upstream = config.upstream(&l.upstream).ok_or_else(|| {
-                StartError(format!(
-                    "listener {}: no upstream named {}",
-                    l.name, l.upstream
-                ))
-            })?;
-            match pools.protocol.get(&upstream.name) {
-                Some(p) if *p != l.protocol => {
-                    return Err(StartError(format!(
-                        "listener {}: upstream {} already serves {} listeners; one upstream \
-                         pools connections of one protocol",
-                        l.name, upstream.name, p
-                    )))
-                }
-                _ => {
-                    pools.protocol.insert(upstream.name.clone(), l.protocol);
-                }
-            }
-            let sock = Bound::bind(&l.listen, l.mode).map_err(|e| {
-                StartError(format!(
-                    "listener {}: cannot listen on {}: {e}",
-                    l.name, l.listen
-                ))
-            })?;
-            let info = ListenerInfo {
-                cfg: l.clone(),
-                addr: sock.local_addr(),
-                stats: Arc::new(ListenerStats::default()),
-                ledger: ledger.side(SideId::Listener {
-                    name: l.name.clone(),
-                }),
-            };
-            let name = l.name.clone();
-            let opts = AcceptOpts {
-                proxy_header: l.accept_proxy_protocol.then_some(PROXY_HEADER_TIMEOUT),
-                ledger: info.ledger.clone(),
-            };
-            let starter: Starter = match l.protocol {
-                Protocol::Http => {
-                    let up = pools.http(upstream, &ledger);
-                    let svc = Arc::new(HttpListener {
-                        cfg: l.clone(),
-                        upstream: up,
-                        ledger: info.ledger.clone(),
-                        stats: info.stats.clone(),
-                    });
-                    Box::new(move || {
-                        tokio::spawn(accept_loop(name, svc, sock, opts));
-                    })
-                }
-                Protocol::Tcp => {
-                    let up = pools.tcp(upstream, &ledger);
-                    let svc = TcpRelay::new(l.clone(), up, info.ledger.clone(), info.stats.clone());
-                    Box::new(move || {
-                        tokio::spawn(accept_loop(name, svc, sock, opts));
-                    })
-                }
-                other => {
-                    return Err(StartError(format!(
-                        "listener {}: protocol {other} is not supported yet",
-                        l.name
-                    )))
-                }
-            };
-            listeners.push(info);
-            starters.push(starter);
-        }
-
         let admin_sock = match config.admin.listen {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -159,22 +139,18 @@ impl Proxy {
             ),
             None => None,
         };
-
         let proxy = Arc::new(Proxy {
-            listeners,
-            upstreams: pools.all,
+            ledger: Arc::new(Ledger::default()),
             admin_addr: admin_sock.as_ref().and_then(|s| s.local_addr().ok()),
-            config,
-            ledger,
+            current: RwLock::new(Arc::new(Generation::default())),
+            slots: Mutex::new(Vec::new()),
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         });
-        for l in &proxy.listeners {
-            let at = l
-                .addr
-                .map_or_else(|| l.cfg.listen.to_string(), |a| a.to_string());
+        proxy.apply(config)?;
+        for l in &proxy.current().listeners {
+            let at = l.addr.map_or_else(|| l.cfg.listen.to_string(), |a| a.to_string());
             tracing::info!(listener = %l.cfg.name, protocol = %l.cfg.protocol, addr = %at, "listening");
-        }
-        for start in starters {
-            start();
         }
         if let Some(sock) = admin_sock {
             tokio::spawn(admin::serve(sock, proxy.clone()));
@@ -182,10 +158,236 @@ impl Proxy {
         Ok(proxy)
     }
 
+    /// What runs now.
+    pub fn current(&self) -> Arc<Generation> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the config file the running config came from and applies it; on any error
+    /// the running config stays as it is.
+    pub fn reload(&self) -> Result<(), String> {
+        let gen = self.current();
+        let Some(path) = gen.config.as_ref().map(|c| c.source.clone()) else {
+            return Err("no config file to reload".into());
+        };
+        let config = Config::load(&path).map_err(|e| e.to_string())?;
+        for w in config.warnings() {
+            tracing::warn!("{w}");
+        }
+        self.apply(config).map_err(|e| e.0)
+    }
+
+    /// Stops accepting, lets connections in flight finish up to `timeout`, then closes every
+    /// pooled connection (ledger reason `drain`).
+    pub async fn shutdown(&self, timeout: Duration) {
+        self.stop.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(timeout, self.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                open = self.tasks.len(),
+                "drain_timeout passed with client connections still open; closing them"
+            );
+        }
+        self.drain_pools();
+    }
+
     /// Closes every idle pooled connection (ledger reason `drain`).
     pub fn drain_pools(&self) {
-        for up in &self.upstreams {
+        for up in &self.current().upstreams {
             up.drain();
+        }
+    }
+
+    /// Builds the generation of `config` beside the running one and switches to it.
+    fn apply(&self, config: Config) -> Result<(), StartError> {
+        let old = self.current();
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pools = Pools::default();
+
+        // Sockets first: a listener that cannot bind refuses the whole config.
+        let mut fresh: Vec<Option<Bound>> = Vec::new();
+        for l in &config.listeners {
+            let key = slot_key(l);
+            if slots.iter().any(|s| s.key == key && s.protocol == l.protocol) {
+                fresh.push(None);
+                continue;
+            }
+            let sock = Bound::bind(&l.listen, l.mode).map_err(|e| {
+                StartError(format!("listener {}: cannot listen on {}: {e}", l.name, l.listen))
+            })?;
+            fresh.push(Some(sock));
+        }
+        // Services next, so that nothing is started until every one could be built.
+        let mut services = Vec::new();
+        for l in &config.listeners {
+            let upstream = config.upstream(&l.upstream).ok_or_else(|| {
+                StartError(format!("listener {}: no upstream named {}", l.name, l.upstream))
+            })?;
+            match pools.protocol.get(&upstream.name) {
+                Some(p) if *p != l.protocol => {
+                    return Err(StartError(format!(
+                        "listener {}: upstream {} already serves {p} listeners; one upstream \
+                         pools connections of one protocol",
+                        l.name, upstream.name
+                    )))
+                }
+                _ => {
+                    pools.protocol.insert(upstream.name.clone(), l.protocol);
+                }
+            }
+            let key = slot_key(l);
+            let existing = slots.iter().find(|s| s.key == key && s.protocol == l.protocol);
+            let stop = existing.map_or_else(|| self.stop.child_token(), |s| s.stop.clone());
+            let stats = match existing {
+                Some(s) if s.name == l.name => s.stats.clone(),
+                _ => Arc::new(ListenerStats::default()),
+            };
+            let ledger = self.ledger.side(SideId::Listener {
+                name: l.name.clone(),
+            });
+            let service = match l.protocol {
+                Protocol::Http => Service::Http(Arc::new(HttpListener {
+                    cfg: l.clone(),
+                    upstream: pools.http(upstream, &old.pools, &self.ledger),
+                    ledger: ledger.clone(),
+                    stats: stats.clone(),
+                    stop: stop.clone(),
+                })),
+                Protocol::Tcp => Service::Tcp(TcpRelay::new(
+                    l.clone(),
+                    pools.tcp(upstream, &old.pools, &self.ledger),
+                    ledger.clone(),
+                    stats.clone(),
+                )),
+                Protocol::Mysql => Service::Mysql(MysqlListener::new(
+                    l.clone(),
+                    pools.mysql(upstream, &old.pools, &self.ledger),
+                    config.mysql_users.clone(),
+                    ledger.clone(),
+                    stats.clone(),
+                )),
+            };
+            services.push((service, stop, stats, ledger));
+        }
+
+        // Switch: swap services on kept sockets, start accept loops on new ones.
+        let mut listeners = Vec::new();
+        let mut kept = Vec::new();
+        for ((l, sock), (service, stop, stats, ledger)) in
+            config.listeners.iter().zip(fresh).zip(services)
+        {
+            let key = slot_key(l);
+            let addr = match sock {
+                None => {
+                    let Some(slot) = slots
+                        .iter_mut()
+                        .find(|s| s.key == key && s.protocol == l.protocol)
+                    else {
+                        continue;
+                    };
+                    slot.service.swap(service);
+                    slot.name = l.name.clone();
+                    slot.stats = stats.clone();
+                    slot.addr
+                }
+                Some(sock) => {
+                    let addr = sock.local_addr();
+                    let opts = AcceptOpts {
+                        name: l.name.clone().into(),
+                        proxy_header: l.accept_proxy_protocol.then_some(PROXY_HEADER_TIMEOUT),
+                        ledger: ledger.clone(),
+                        stats: stats.clone(),
+                        max_clients: l.max_clients,
+                        stop: stop.clone(),
+                        tasks: self.tasks.clone(),
+                    };
+                    let service = service.start(sock, opts);
+                    slots.push(Slot {
+                        key: key.clone(),
+                        name: l.name.clone(),
+                        protocol: l.protocol,
+                        service,
+                        stop,
+                        stats: stats.clone(),
+                        addr,
+                    });
+                    addr
+                }
+            };
+            kept.push(key);
+            listeners.push(ListenerInfo {
+                cfg: l.clone(),
+                addr,
+                stats,
+                ledger,
+            });
+        }
+        // Listeners no longer configured stop accepting; their clients finish.
+        slots.retain(|s| {
+            let keep = kept.contains(&s.key);
+            if !keep {
+                tracing::info!(listener = %s.name, "listener removed: draining");
+                s.stop.cancel();
+            }
+            keep
+        });
+        // Pools not carried over close their idle connections.
+        for up in &old.upstreams {
+            if !pools.all.iter().any(|p| Arc::ptr_eq(p, up)) {
+                up.drain();
+            }
+        }
+        let gen = Generation {
+            config: Some(config),
+            listeners,
+            upstreams: pools.all.clone(),
+            pools,
+        };
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(gen);
+        Ok(())
+    }
+}
+
+/// A listener's service, ready to be started on a socket or swapped into a running slot.
+enum Service {
+    Http(Arc<HttpListener>),
+    Tcp(Arc<TcpRelay>),
+    Mysql(Arc<MysqlListener>),
+}
+
+impl Service {
+    fn start(self, sock: Bound, opts: AcceptOpts) -> SlotService {
+        match self {
+            Service::Http(s) => {
+                let (tx, rx) = watch::channel(s);
+                tokio::spawn(accept_loop(rx, sock, opts));
+                SlotService::Http(tx)
+            }
+            Service::Tcp(s) => {
+                let (tx, rx) = watch::channel(s);
+                tokio::spawn(accept_loop(rx, sock, opts));
+                SlotService::Tcp(tx)
+            }
+            Service::Mysql(s) => {
+                let (tx, rx) = watch::channel(s);
+                tokio::spawn(accept_loop(rx, sock, opts));
+                SlotService::Mysql(tx)
+            }
+        }
+    }
+}
+
+impl SlotService {
+    /// Replaces the service; the protocol matched when the slot was chosen.
+    fn swap(&self, service: Service) {
+        match (self, service) {
+            (SlotService::Http(tx), Service::Http(s)) => drop(tx.send_replace(s)),
+            (SlotService::Tcp(tx), Service::Tcp(s)) => drop(tx.send_replace(s)),
+            (SlotService::Mysql(tx), Service::Mysql(s)) => drop(tx.send_replace(s)),
+            _ => tracing::error!("reload: protocol mismatch on a kept listener"),
         }
     }
 }
@@ -193,26 +395,77 @@ impl Proxy {
 // === impl Pools ===
 
 impl Pools {
-    fn http(&mut self, cfg: &config::Upstream, ledger: &Ledger) -> Arc<HttpUpstream> {
-        if let Some(up) = self.http.get(&cfg.name) {
-            return up.clone();
-        }
-        let up = HttpUpstream::new(cfg, ledger);
-        self.http.insert(cfg.name.clone(), up.clone());
-        self.all.push(up.clone());
+    fn http(&mut self, cfg: &config::Upstream, old: &Pools, ledger: &Ledger) -> Arc<HttpUpstream> {
+        let up = pick(&mut self.http, &old.http, cfg, |c| HttpUpstream::new(c, ledger));
+        self.register(up.clone());
         up
+    }
+
+    fn tcp(&mut self, cfg: &config::Upstream, old: &Pools, ledger: &Ledger) -> Arc<TcpUpstream> {
+        let up = pick(&mut self.tcp, &old.tcp, cfg, |c| TcpUpstream::new(c, ledger));
+        self.register(up.clone());
+        up
+    }
+
+    fn mysql(
+        &mut self,
+        cfg: &config::Upstream,
+        old: &Pools,
+        ledger: &Ledger,
+    ) -> Arc<MysqlUpstream> {
+        let up = pick(&mut self.mysql, &old.mysql, cfg, |c| MysqlUpstream::new(c, ledger));
+        self.register(up.pool.clone());
+        up
+    }
+
+    fn register(&mut self, up: Arc<dyn UpstreamInfo>) {
+        if !self.all.iter().any(|p| Arc::ptr_eq(p, &up)) {
+            self.all.push(up);
+        }
     }
 }
 
-impl Pools {
-    fn tcp(&mut self, cfg: &config::Upstream, ledger: &Ledger) -> Arc<TcpUpstream> {
-        if let Some(up) = self.tcp.get(&cfg.name) {
-            return up.clone();
-        }
-        let up = TcpUpstream::new(cfg, ledger);
-        self.tcp.insert(cfg.name.clone(), up.clone());
-        self.all.push(up.clone());
-        up
+/// The pool of `cfg` in this generation: already made, carried over from the old one when
+/// its settings are unchanged (keeping its warm connections), or new.
+fn pick<T: Configured>(
+    now: &mut HashMap<String, Arc<T>>,
+    old: &HashMap<String, Arc<T>>,
+    cfg: &config::Upstream,
+    make: impl FnOnce(&config::Upstream) -> Arc<T>,
+) -> Arc<T> {
+    if let Some(up) = now.get(&cfg.name) {
+        return up.clone();
+    }
+    let up = match old.get(&cfg.name) {
+        Some(up) if up.upstream_cfg() == cfg => up.clone(),
+        _ => make(cfg),
+    };
+    now.insert(cfg.name.clone(), up.clone());
+    up
+}
+
+/// A pool that knows its settings, whatever its protocol.
+trait Configured {
+    fn upstream_cfg(&self) -> &config::Upstream;
+}
+
+impl<C: crate::pool::PoolConn + std::fmt::Debug> Configured for crate::pool::Upstream<C> {
+    fn upstream_cfg(&self) -> &config::Upstream {
+        &self.cfg
+    }
+}
+
+impl Configured for MysqlUpstream {
+    fn upstream_cfg(&self) -> &config::Upstream {
+        &self.pool.cfg
+    }
+}
+
+/// Listeners on port 0 get a fresh socket each time; others are matched by address.
+fn slot_key(l: &config::Listener) -> String {
+    match &l.listen {
+        config::Address::Tcp(a) if a.port() == 0 => format!("{}#{}", a, l.name),
+        other => other.to_string(),
     }
 }
 

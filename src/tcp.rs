@@ -152,7 +152,17 @@ impl TcpRelay {
                     .finish(client, linger)
                     .await;
             }
-            match connect(up, server).await {
+            let connected = connect(up, server).await;
+            match &connected {
+                Ok(_) => server.health.succeeded(),
+                Err(_) => {
+                    if server.health.failed(&up.cfg) {
+                        tracing::warn!(upstream = %up.cfg.name, server = %server.label,
+                            backoff = ?up.cfg.fail_backoff, "server marked down");
+                    }
+                }
+            }
+            match connected {
                 Ok(Connected::Tcp(io)) => {
                     return self
                         .run(&mut client, io, &header, policy)

@@ -44,6 +44,23 @@ pub async fn serve(sock: TcpListener, proxy: Arc<Proxy>) {
 async fn route(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/reload" if req.method() == http::Method::POST => {
+            match tokio::task::spawn_blocking(move || proxy.reload()).await {
+                Ok(Ok(())) => {
+                    tracing::info!("configuration reloaded (admin request)");
+                    text(StatusCode::OK, "text/plain", "reloaded\n".into())
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "reload refused; the running configuration stays");
+                    text(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "text/plain",
+                        format!("reload refused, the running configuration stays: {e}\n"),
+                    )
+                }
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+            }
+        }
         "/metrics" => {
             match tokio::task::spawn_blocking(move || metrics::render(&stats::snapshot(&proxy)))
                 .await

@@ -33,8 +33,10 @@ pub fn render(stats: &Value) -> String {
         ));
         for srv in u["servers"].as_array().into_iter().flatten() {
             out.push_str(&format!(
-                "    server {}  idle {}  opened {}  reused {}  retries {}  connect errors {}\n",
+                "    server {}  {}  weight {}  idle {}  opened {}  reused {}  retries {}  connect errors {}\n",
                 s(&srv["server"]),
+                s(&srv["state"]),
+                n(&srv["weight"]),
                 n(&srv["idle"]),
                 n(&srv["opened"]),
                 n(&srv["reused"]),

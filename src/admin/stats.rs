@@ -51,6 +51,9 @@ pub struct UpstreamSnap {
 #[derive(Debug, Serialize)]
 pub struct ServerSnap {
     pub server: String,
+    /// "up" or "down" (health).
+    pub state: &'static str,
+    pub weight: u32,
     pub idle: usize,
     pub opened: u64,
     pub reused: u64,
@@ -90,14 +93,15 @@ impl LedgerSnap {
 /// Takes a snapshot; reads the census (a blocking netlink dump), so call it off the runtime
 /// threads (`spawn_blocking`).
 pub fn snapshot(proxy: &Proxy) -> Snapshot {
+    let gen = proxy.current();
     // Scopes in a fixed order: listener ports, then per server (proxy side, server side).
     let mut scopes = Vec::new();
-    for l in &proxy.listeners {
+    for l in &gen.listeners {
         if let Some(addr) = l.addr {
             scopes.push(Scope::LocalPort(addr.port()));
         }
     }
-    for up in &proxy.upstreams {
+    for up in &gen.upstreams {
         for server in up.server_infos() {
             if let Some(addr) = tcp_addr(server.addr) {
                 scopes.push(Scope::Remote(addr));
@@ -116,7 +120,7 @@ pub fn snapshot(proxy: &Proxy) -> Snapshot {
     };
     let mut counts = counts.into_iter();
 
-    let listeners = proxy
+    let listeners = gen
         .listeners
         .iter()
         .map(|l| {
@@ -142,7 +146,7 @@ pub fn snapshot(proxy: &Proxy) -> Snapshot {
         })
         .collect();
 
-    let upstreams = proxy
+    let upstreams = gen
         .upstreams
         .iter()
         .map(|up| UpstreamSnap {
@@ -158,6 +162,8 @@ pub fn snapshot(proxy: &Proxy) -> Snapshot {
                     let st = &server.stats;
                     ServerSnap {
                         server: server.label.to_string(),
+                        state: server.state,
+                        weight: server.weight,
                         idle: server.idle,
                         opened: st.opened.load(Ordering::Relaxed),
                         reused: st.reused.load(Ordering::Relaxed),

@@ -7,9 +7,10 @@
 
 mod headers;
 mod upstream;
+mod validate;
 
 use std::convert::Infallible;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,11 +21,12 @@ use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio_util::sync::CancellationToken;
 
 use crate::close::{ClientPolicy, Reason, SideLedger, Socket, Tracked};
 use crate::config;
 use crate::listener::{ListenerStats, Serve};
-use upstream::{ConnectError, Lease, UpstreamBody};
+use upstream::{ClientBody, ConnectError, Lease, Progress, UpstreamBody};
 pub use upstream::{HttpConn, HttpUpstream};
 
 /// What a client receives: the upstream's body, or a short one of ours.
@@ -41,6 +43,9 @@ pub struct HttpListener {
     pub ledger: Arc<SideLedger>,
     /// Its counters.
     pub stats: Arc<ListenerStats>,
+    /// Cancelled when the listener drains (shutdown, or removed by a reload): keep-alive
+    /// connections then close after the request in flight.
+    pub stop: CancellationToken,
 }
 
 /// Per client connection state shared with the request handler.
@@ -50,9 +55,8 @@ struct ConnState {
     eof_reader: AtomicBool,
 }
 
-/// Upper bound on the time a client may take to send a request head, whatever the
-/// keep-alive timeout (slow-header clients hold a socket each).
-const HEADER_TIMEOUT_CAP: std::time::Duration = std::time::Duration::from_secs(60);
+/// Floor of the wait for a request head, so a tiny header_timeout cannot starve real clients.
+const MIN_HEADER_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 // === impl HttpListener ===
 
@@ -63,6 +67,44 @@ impl Serve for HttpListener {
         peer: Option<SocketAddr>,
     ) -> impl std::future::Future<Output = ()> + Send {
         self.serve_client(stream, peer)
+    }
+
+    /// At `max_clients`: every request on the connection gets a 503, then it closes.
+    fn reject<S: Socket>(
+        self: Arc<Self>,
+        stream: S,
+        peer: Option<SocketAddr>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            tracing::warn!(listener = %self.cfg.name, peer = ?peer, max_clients = self.cfg.max_clients,
+                "too many client connections: answering 503");
+            let policy = ClientPolicy {
+                time_wait: self.cfg.time_wait,
+                linger: self.cfg.linger,
+                fallback: self.cfg.linger_fallback,
+            };
+            let io = Tracked::client(stream, self.ledger.clone(), policy);
+            let name = self.cfg.name.clone();
+            let svc = service_fn(move |_req| {
+                let mut resp = error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("listener {name}: too many client connections (max_clients)"),
+                );
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                std::future::ready(Ok::<_, Infallible>(resp))
+            });
+            let mut conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .timer(TokioTimer::new())
+                .header_read_timeout(self.cfg.header_timeout)
+                .serve_connection(TokioIo::new(io), svc);
+            let result = poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
+            let io = conn.into_parts().io.into_inner();
+            if result.is_ok() {
+                io.finish_client(Reason::Error, false).await;
+            }
+        }
     }
 }
 
@@ -92,12 +134,31 @@ impl HttpListener {
         };
         let mut conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            // Idle keep-alive time counts as waiting for the next request head.
-            .header_read_timeout(self.cfg.keepalive_timeout.min(HEADER_TIMEOUT_CAP))
+            // A head over the limit gets 431, whether it completes or fills the buffer first.
+            .max_header_size(validate::MAX_HEAD)
+            .max_buf_size(validate::MAX_HEAD)
+            // hyper's one timer covers both the idle wait before a request and the slow
+            // arrival of its head; the shorter bound wins.
+            .header_read_timeout(
+                self.cfg
+                    .keepalive_timeout
+                    .min(self.cfg.header_timeout.max(MIN_HEADER_WAIT)),
+            )
             .serve_connection(TokioIo::new(io), svc);
-        let result = poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
+        let mut draining = false;
+        let mut stopped = std::pin::pin!(self.stop.cancelled());
+        let result = poll_fn(|cx| {
+            if !draining && stopped.as_mut().poll(cx).is_ready() {
+                // Finishes the response in flight, then ends the connection.
+                std::pin::Pin::new(&mut conn).graceful_shutdown();
+                draining = true;
+            }
+            conn.poll_without_shutdown(cx)
+        })
+        .await;
         let io = conn.into_parts().io.into_inner();
         let reason = match result {
+            Ok(()) if draining => Reason::Drain,
             Ok(()) => Reason::Done,
             Err(e) if e.is_timeout() => Reason::Idle,
             Err(e) => {
@@ -119,6 +180,9 @@ impl HttpListener {
     ) -> Response<RespBody> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let (mut parts, body) = req.into_parts();
+        if let Err(refusal) = validate::request(&parts, validate::MAX_URI) {
+            return self.refuse(refusal, client_ip);
+        }
         let version = parts.version;
         let keep_alive = headers::wants_keep_alive(version, &parts.headers);
         if version == Version::HTTP_10 && !keep_alive {
@@ -155,9 +219,10 @@ impl HttpListener {
             *r.headers_mut() = parts.headers.clone();
             r
         });
+        let (body, sent) = ClientBody::new(body);
         let req = Request::from_parts(parts, Either::Left(body));
 
-        let resp = match self.send(req, replay).await {
+        let resp = match self.send(req, replay, &sent, client_ip).await {
             Ok(resp) => resp,
             Err(resp) => return resp,
         };
@@ -179,6 +244,8 @@ impl HttpListener {
         self: &Arc<Self>,
         req: Request<upstream::ReqBody>,
         replay: Option<Request<upstream::ReqBody>>,
+        sent: &Arc<Progress>,
+        client_ip: Option<IpAddr>,
     ) -> Result<Response<UpstreamBody>, Response<RespBody>> {
         let up = &self.upstream;
         let mut lease = self.checkout().await?;
@@ -190,7 +257,7 @@ impl HttpListener {
         )
         .await;
         let err = match first {
-            Ok(Ok(resp)) => return Ok(self.wrap(resp, lease)),
+            Ok(Ok(resp)) => return self.wrap(resp, lease, sent),
             Ok(Err(e)) => e,
             Err(_) => return Err(self.timed_out(&lease)),
         };
@@ -198,20 +265,15 @@ impl HttpListener {
         drop(lease);
         let replay = match replay {
             Some(r) if reused => r,
+            // The client's body broke (bad chunk, or it went away mid-body), not the server.
+            _ if sent.is_failed() => return Err(self.refuse(validate::BROKEN_BODY, client_ip)),
             _ => return Err(self.upstream_failed(&server.label, &err.to_string())),
         };
         tracing::debug!(listener = %self.cfg.name, server = %server.label, error = %err,
             "reused upstream connection failed before a response; retrying on a fresh one");
         server.stats.retries.fetch_add(1, Ordering::Relaxed);
-        let pooled = match upstream::connect(up, &server).await {
-            Ok(p) => p,
-            Err(e) => return Err(self.connect_failed(&server.label, e)),
-        };
-        let mut lease = Lease {
-            pooled,
-            server,
-            upstream: up.clone(),
-        };
+        // A fresh connection, to whichever server answers: the one that failed may be gone.
+        let mut lease = self.checkout_with(false).await?;
         lease.pooled.mark_used();
         match tokio::time::timeout(
             up.cfg.response_timeout,
@@ -219,7 +281,7 @@ impl HttpListener {
         )
         .await
         {
-            Ok(Ok(resp)) => Ok(self.wrap(resp, lease)),
+            Ok(Ok(resp)) => self.wrap(resp, lease, sent),
             Ok(Err(e)) => Err(self.upstream_failed(&lease.server.label, &e.to_string())),
             Err(_) => Err(self.timed_out(&lease)),
         }
@@ -227,10 +289,15 @@ impl HttpListener {
 
     /// An idle pooled connection, or a new one; servers that refuse are skipped.
     async fn checkout(&self) -> Result<Lease, Response<RespBody>> {
+        self.checkout_with(true).await
+    }
+
+    /// As `checkout`; `reuse` false skips idle connections (a retry wants a fresh one).
+    async fn checkout_with(&self, reuse: bool) -> Result<Lease, Response<RespBody>> {
         let up = &self.upstream;
         let mut last = None;
         for server in up.rotation() {
-            while let Some(mut pooled) = server.take_idle(&up.cfg) {
+            while let Some(mut pooled) = reuse.then(|| server.take_idle(&up.cfg)).flatten() {
                 // Ready means the previous exchange fully finished on this connection.
                 if pooled.conn.tx.ready().await.is_ok() {
                     server.stats.reused.fetch_add(1, Ordering::Relaxed);
@@ -243,29 +310,70 @@ impl HttpListener {
             }
             match upstream::connect(up, server).await {
                 Ok(pooled) => {
+                    server.health.succeeded();
                     return Ok(Lease {
                         pooled,
                         server: server.clone(),
                         upstream: up.clone(),
-                    })
+                    });
                 }
                 Err(e) => {
                     server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(listener = %self.cfg.name, upstream = %up.cfg.name,
                         server = %server.label, error = %e, "cannot connect to upstream server");
+                    if matches!(e, ConnectError::Io(_)) && server.health.failed(&up.cfg) {
+                        tracing::warn!(upstream = %up.cfg.name, server = %server.label,
+                            backoff = ?up.cfg.fail_backoff, "server marked down");
+                    }
                     last = Some((server.label.clone(), e));
                 }
             }
         }
         Err(match last {
             Some((label, e)) => self.connect_failed(&label, e),
-            None => self.connect_failed("-", ConnectError::Busy),
+            None => self.none_up(),
         })
     }
 
-    fn wrap(&self, resp: Response<Incoming>, lease: Lease) -> Response<UpstreamBody> {
+    /// Every server of the upstream is marked down: 503 at once, no connect attempted.
+    fn none_up(&self) -> Response<RespBody> {
+        self.stats.errors_busy.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(listener = %self.cfg.name, upstream = %self.upstream.cfg.name,
+            "no upstream server is up");
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("upstream {}: no server is up", self.upstream.cfg.name),
+        )
+    }
+
+    /// The client's response; a response whose framing cannot be relayed safely becomes a
+    /// 502 and its connection is closed.
+    fn wrap(
+        &self,
+        resp: Response<Incoming>,
+        lease: Lease,
+        sent: &Arc<Progress>,
+    ) -> Result<Response<UpstreamBody>, Response<RespBody>> {
+        if let Err(why) = validate::response(resp.status(), resp.headers()) {
+            lease.pooled.ctl.retire(Reason::Error);
+            return Err(self.upstream_failed(&lease.server.label, why));
+        }
         let (parts, body) = resp.into_parts();
-        Response::from_parts(parts, UpstreamBody::new(body, lease))
+        Ok(Response::from_parts(
+            parts,
+            UpstreamBody::new(body, lease, sent.clone()),
+        ))
+    }
+
+    /// A request refused by waitless itself: nothing was forwarded (or, for a broken body,
+    /// nothing whole), and the client connection closes after the answer.
+    fn refuse(&self, refusal: validate::Refusal, client_ip: Option<IpAddr>) -> Response<RespBody> {
+        tracing::info!(listener = %self.cfg.name, peer = ?client_ip,
+            status = refusal.status.as_u16(), reason = refusal.reason, "request refused");
+        let mut resp = error_response(refusal.status, refusal.reason);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp
     }
 
     fn connect_failed(&self, server: &str, e: ConnectError) -> Response<RespBody> {
@@ -309,6 +417,7 @@ impl HttpListener {
 
     fn timed_out(&self, lease: &Lease) -> Response<RespBody> {
         self.stats.errors_timeout.fetch_add(1, Ordering::Relaxed);
+        lease.server.health.failed(&self.upstream.cfg);
         let label = &lease.server.label;
         tracing::warn!(listener = %self.cfg.name, upstream = %self.upstream.cfg.name,
             server = %label, "upstream response timed out");

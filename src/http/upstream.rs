@@ -4,6 +4,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -19,7 +20,7 @@ use crate::config::Address;
 use crate::pool::{self, PoolConn, Pooled, Server};
 
 /// The body of a request sent upstream: the client's, or empty for a replay.
-pub type ReqBody = Either<Incoming, Empty<Bytes>>;
+pub type ReqBody = Either<ClientBody, Empty<Bytes>>;
 
 /// A pooled HTTP/1.1 connection: the sending half; hyper's connection task owns the socket.
 #[derive(Debug)]
@@ -40,13 +41,31 @@ pub enum ConnectError {
 }
 
 /// A response body that gives its connection back to the pool once it was read to the end
-/// by its framing; dropped early, it takes the connection down with it.
+/// by its framing and the request went out whole; dropped early, or after a request body
+/// that was cut short, it takes the connection down with it.
 pub struct UpstreamBody {
     /// The upstream response body.
     inner: Incoming,
     /// The connection and where it returns; None once returned.
     lease: Option<Lease>,
+    /// How far the request body got.
+    sent: Arc<Progress>,
 }
+
+/// The client's request body on its way upstream. It records how far it got: a server may
+/// answer before the body is in (an early 413, say), and a connection whose request was not
+/// sent whole is out of step with the server and must not be reused.
+pub struct ClientBody {
+    /// The client's body, as hyper's server decodes it.
+    inner: Incoming,
+    /// Shared with the response body that decides whether the connection is pooled.
+    progress: Arc<Progress>,
+}
+
+/// How far a request body got: still sending, sent whole, or failed (a framing error in the
+/// client's body, or the client went away mid-body).
+#[derive(Debug, Default)]
+pub struct Progress(AtomicU8);
 
 /// A borrowed connection and the pool it belongs to.
 pub struct Lease {
@@ -74,6 +93,83 @@ impl PoolConn for HttpConn {
     }
 }
 
+// === impl ClientBody ===
+
+impl ClientBody {
+    /// Wraps the client's body; the returned progress is whole at once for an empty body.
+    pub fn new(inner: Incoming) -> (ClientBody, Arc<Progress>) {
+        let progress = Arc::new(Progress::default());
+        if inner.is_end_stream() {
+            progress.set(Progress::SENT);
+        }
+        let body = ClientBody {
+            inner,
+            progress: progress.clone(),
+        };
+        (body, progress)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        match &poll {
+            Poll::Ready(None) => self.progress.set(Progress::SENT),
+            // hyper's client stops polling once a sized body says it is at its end.
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => {
+                self.progress.set(Progress::SENT)
+            }
+            Poll::Ready(Some(Err(_))) => self.progress.set(Progress::FAILED),
+            _ => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// === impl Progress ===
+
+impl Progress {
+    const SENDING: u8 = 0;
+    const SENT: u8 = 1;
+    const FAILED: u8 = 2;
+
+    /// Progress of a request sent without a body of the client's (a replay).
+    pub fn whole() -> Arc<Progress> {
+        Arc::new(Progress(AtomicU8::new(Progress::SENT)))
+    }
+
+    /// The whole body went out.
+    pub fn is_sent(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Progress::SENT
+    }
+
+    /// The client's body broke: its framing was invalid or the client went away.
+    pub fn is_failed(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Progress::FAILED
+    }
+
+    fn set(&self, state: u8) {
+        // Only the first outcome counts; SENDING is never set back.
+        let _ = self
+            .0
+            .compare_exchange(Progress::SENDING, state, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
 // === impl Lease ===
 
 impl Lease {
@@ -85,10 +181,21 @@ impl Lease {
 // === impl UpstreamBody ===
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, lease: Lease) -> UpstreamBody {
+    /// `sent` is the progress of the request this body answers.
+    pub fn new(inner: Incoming, lease: Lease, sent: Arc<Progress>) -> UpstreamBody {
         UpstreamBody {
             inner,
             lease: Some(lease),
+            sent,
+        }
+    }
+
+    /// Pools the connection if the request also went out whole; otherwise drops it.
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            if self.sent.is_sent() {
+                lease.give_back();
+            }
         }
     }
 }
@@ -103,9 +210,7 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let poll = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(None) = poll {
-            if let Some(lease) = self.lease.take() {
-                lease.give_back();
-            }
+            self.release();
         }
         poll
     }
@@ -122,10 +227,8 @@ impl Body for UpstreamBody {
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // A body with nothing left (HEAD, 204, 304, Content-Length: 0) may never be polled.
-        if let Some(lease) = self.lease.take() {
-            if self.inner.is_end_stream() {
-                lease.give_back();
-            }
+        if self.inner.is_end_stream() {
+            self.release();
         }
     }
 }

@@ -2,6 +2,8 @@
 //! backend that counts what it accepts, a real nginx, and the kernel's socket table via `ss`.
 #![allow(dead_code)]
 
+pub mod mysql;
+
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -102,6 +104,8 @@ pub struct Backend {
     pub accepts: Arc<AtomicUsize>,
     pub requests: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
+    /// Connection tasks, so `kill` can take the server down as a crash would.
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Backend {
@@ -113,6 +117,8 @@ impl Backend {
         let accepts = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let (a, r) = (accepts.clone(), requests.clone());
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let held = conns.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -120,7 +126,7 @@ impl Backend {
                 };
                 a.fetch_add(1, Ordering::SeqCst);
                 let r = r.clone();
-                tokio::spawn(async move {
+                let conn = tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         r.fetch_add(1, Ordering::SeqCst);
                         backend_handle(req, mode)
@@ -131,6 +137,7 @@ impl Backend {
                     }
                     let _ = b.serve_connection(TokioIo::new(stream), svc).await;
                 });
+                held.lock().expect("conns").push(conn);
             }
         });
         Backend {
@@ -138,6 +145,15 @@ impl Backend {
             accepts,
             requests,
             task,
+            conns,
+        }
+    }
+
+    /// Takes the server down at once: no more accepts, every connection dropped.
+    pub fn kill(&self) {
+        self.task.abort();
+        for c in self.conns.lock().expect("conns").drain(..) {
+            c.abort();
         }
     }
 
@@ -165,6 +181,10 @@ async fn backend_handle(
 ) -> Result<Response<BackendBody>, Infallible> {
     use http_body_util::Either;
     let path = req.uri().path().to_string();
+    if let Some(ms) = path.strip_prefix("/sleep/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        return Ok(Response::new(Either::Left(Full::new(Bytes::from_static(b"slept")))));
+    }
     if let Some(code) = path.strip_prefix("/status/") {
         let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
         *resp.status_mut() = code.parse().unwrap_or(hyper::StatusCode::OK);

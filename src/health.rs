@@ -1,0 +1,131 @@
+//! Server health: passive (connect failures and timeouts seen by real traffic) and active
+//! (optional periodic checks). A server that fails `fail_threshold` times in a row is marked
+//! down and skipped for `fail_backoff`; then one request may try it again, and a success
+//! marks it up.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
+
+use crate::config::{self, Address, CheckKind, HealthCheck};
+
+/// One server's health, lock-free: read on every request.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Failures in a row.
+    failures: AtomicU32,
+    /// Milliseconds since `epoch()` until which the server is down; 0 = up.
+    down_until_ms: AtomicU64,
+}
+
+// === impl Health ===
+
+impl Health {
+    /// False while the server is marked down and its back-off has not run out.
+    pub fn is_up(&self) -> bool {
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        until == 0 || now_ms() >= until
+    }
+
+    /// "up" or "down", for /stats.
+    pub fn state(&self) -> &'static str {
+        if self.is_up() {
+            "up"
+        } else {
+            "down"
+        }
+    }
+
+    /// Counts a failed connect or a timeout; returns true when this one marked it down.
+    pub fn failed(&self, cfg: &config::Upstream) -> bool {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= cfg.fail_threshold {
+            let was_up = self.is_up();
+            let until = now_ms() + cfg.fail_backoff.as_millis() as u64;
+            self.down_until_ms.store(until.max(1), Ordering::Relaxed);
+            return was_up;
+        }
+        false
+    }
+
+    /// Counts a success: the server is up.
+    pub fn succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if self.down_until_ms.load(Ordering::Relaxed) != 0 {
+            self.down_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs one active check of `addr`. The check's connection is closed with RST, so checking a
+/// server every few seconds leaves no TIME_WAIT on either side.
+pub async fn check(addr: &Address, hc: &HealthCheck, timeout: Duration) -> io::Result<()> {
+    let run = async {
+        match addr {
+            Address::Tcp(sa) => {
+                let mut s = TcpStream::connect(sa).await?;
+                let result = probe(&mut s, hc, &sa.to_string()).await;
+                let _ = SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                result
+            }
+            Address::Unix(path) => {
+                let mut s = UnixStream::connect(path).await?;
+                probe(&mut s, hc, "localhost").await
+            }
+        }
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "health check timed out"))?
+}
+
+async fn probe<S>(s: &mut S, hc: &HealthCheck, host: &str) -> io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if hc.kind == CheckKind::Tcp {
+        return Ok(());
+    }
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: waitless-health-check\r\n\r\n",
+        hc.path
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await?;
+    // "HTTP/1.1 200"
+    match head.get(9) {
+        Some(b'2') | Some(b'3') => Ok(()),
+        _ => Err(io::Error::other(format!(
+            "health check got {}",
+            String::from_utf8_lossy(&head)
+        ))),
+    }
+}
+
+/// The label of a server for logs.
+pub fn describe(addr: &Address) -> String {
+    match addr {
+        Address::Tcp(a) => SocketAddr::to_string(a),
+        Address::Unix(p) => format!("unix:{}", p.display()),
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    // +1 so that 0 keeps meaning "up".
+    Instant::now().duration_since(epoch()).as_millis() as u64 + 1
+}

@@ -1,0 +1,574 @@
+//! Server connections: opened and logged in as a configured user, lent to one client session
+//! at a time, and reset before the next one (session pooling).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use mysql_common::constants::{CapabilityFlags, StatusFlags};
+use mysql_common::io::ParseBuf;
+use mysql_common::packets::{
+    AuthPlugin, AuthSwitchRequest, ComChangeUser, ComChangeUserMoreData, HandshakePacket,
+    HandshakeResponse,
+};
+use mysql_common::proto::MySerialize;
+use mysql_common::scramble::scramble_native;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::packet::{describe_err, Packet, PacketIo, MAX_HANDSHAKE_PACKET, MAX_PACKET};
+use crate::close::{CloseCtl, Socket, Tracked};
+use crate::config::{self, Address, MysqlUser};
+use crate::pool::{PoolConn, Pooled, Server};
+
+/// A socket to a server, TCP or unix, under the upstream's close policy.
+#[derive(Debug)]
+pub enum ServerStream {
+    Tcp(Tracked<TcpStream>),
+    Unix(Tracked<UnixStream>),
+}
+
+/// What a server says about itself in its greeting; clients are greeted alike.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    /// Version string, e.g. `5.5.5-10.11.6-MariaDB-0+deb12u1`.
+    pub version: Vec<u8>,
+    /// Capabilities it offers.
+    pub caps: CapabilityFlags,
+    /// Its default collation.
+    pub collation: u8,
+}
+
+/// What a pooled connection must have been opened with to serve a client session: the
+/// account, the command-phase capabilities (EOF vs OK terminators, multi-statements, session
+/// tracking, ...) and the character set. Connections are only lent to an exact match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionKey {
+    /// The account.
+    pub user: String,
+    /// Capabilities that shape the command phase, as the client negotiated them.
+    pub caps: CapabilityFlags,
+    /// The collation (and so character set) the client asked for.
+    pub collation: u8,
+}
+
+/// An authenticated server connection.
+#[derive(Debug)]
+pub struct MysqlConn {
+    /// The connection, framed.
+    pub io: PacketIo<ServerStream>,
+    /// What it was opened for.
+    pub key: SessionKey,
+    /// The current database as far as waitless knows: None once a statement may have
+    /// changed it (`USE`), Some(None) for no database.
+    pub schema: Option<Option<Vec<u8>>>,
+    /// The nonce its last authentication answered (COM_CHANGE_USER answers it again).
+    nonce: Vec<u8>,
+    /// Counts this connection against `max_connections` while it is open.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Why no server connection could be had.
+#[derive(Debug)]
+pub enum BackendError {
+    /// The server answered with ERR (payload kept for the client: access denied, too many
+    /// connections, unknown database, ...).
+    Server(Vec<u8>),
+    /// Connecting, a timeout, or a protocol failure.
+    Io(io::Error),
+}
+
+/// Per server: what its greeting said, and whether it knows COM_RESET_CONNECTION.
+#[derive(Debug, Default)]
+pub struct ServerFacts {
+    /// The last greeting's profile.
+    pub profile: Mutex<Option<Profile>>,
+    /// Cleared when the server refused COM_RESET_CONNECTION (MySQL < 5.7.3, MariaDB < 10.2.4):
+    /// sessions are then reset with COM_CHANGE_USER.
+    pub can_reset: AtomicBool,
+}
+
+/// Capabilities whose value changes what the command phase looks like (or what statements
+/// mean); a pooled connection serves a client only if these match.
+pub const SESSION_CAPS: CapabilityFlags = CapabilityFlags::from_bits_truncate(
+    CapabilityFlags::CLIENT_FOUND_ROWS.bits()
+        | CapabilityFlags::CLIENT_LONG_FLAG.bits()
+        | CapabilityFlags::CLIENT_NO_SCHEMA.bits()
+        | CapabilityFlags::CLIENT_ODBC.bits()
+        | CapabilityFlags::CLIENT_LOCAL_FILES.bits()
+        | CapabilityFlags::CLIENT_IGNORE_SPACE.bits()
+        | CapabilityFlags::CLIENT_INTERACTIVE.bits()
+        | CapabilityFlags::CLIENT_TRANSACTIONS.bits()
+        | CapabilityFlags::CLIENT_MULTI_STATEMENTS.bits()
+        | CapabilityFlags::CLIENT_MULTI_RESULTS.bits()
+        | CapabilityFlags::CLIENT_PS_MULTI_RESULTS.bits()
+        | CapabilityFlags::CLIENT_SESSION_TRACK.bits()
+        | CapabilityFlags::CLIENT_DEPRECATE_EOF.bits(),
+);
+
+/// Capabilities every server login uses besides the session's.
+const LOGIN_CAPS: CapabilityFlags = CapabilityFlags::from_bits_truncate(
+    CapabilityFlags::CLIENT_LONG_PASSWORD.bits()
+        | CapabilityFlags::CLIENT_PROTOCOL_41.bits()
+        | CapabilityFlags::CLIENT_SECURE_CONNECTION.bits()
+        | CapabilityFlags::CLIENT_PLUGIN_AUTH.bits(),
+);
+
+/// ER_UNKNOWN_COM_ERROR: the server does not know a command.
+const ER_UNKNOWN_COM_ERROR: u16 = 1047;
+
+const COM_INIT_DB: u8 = 0x02;
+const COM_RESET_CONNECTION: u8 = 0x1F;
+
+// === impl ServerStream ===
+
+impl ServerStream {
+    /// True while the server has neither closed nor sent anything unasked: a pooled
+    /// connection with pending bytes (an ERR for a killed session) or an EOF is not lent.
+    fn is_quiet(&self) -> bool {
+        let fd = match self {
+            ServerStream::Tcp(t) => t.get_ref().as_fd().as_raw_fd(),
+            ServerStream::Unix(t) => t.get_ref().as_fd().as_raw_fd(),
+        };
+        let mut byte = 0u8;
+        // SAFETY: reads at most one byte into a valid one-byte buffer; MSG_PEEK leaves it queued.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            ServerStream::Tcp($s) => $e,
+            ServerStream::Unix($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+// === impl BackendError ===
+
+impl std::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendError::Server(p) => {
+                f.write_str(&describe_err(p, CapabilityFlags::CLIENT_PROTOCOL_41))
+            }
+            BackendError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<io::Error> for BackendError {
+    fn from(e: io::Error) -> Self {
+        BackendError::Io(e)
+    }
+}
+
+// === impl ServerFacts ===
+
+impl ServerFacts {
+    pub fn new() -> ServerFacts {
+        ServerFacts {
+            profile: Mutex::new(None),
+            can_reset: AtomicBool::new(true),
+        }
+    }
+
+    pub fn profile(&self) -> Option<Profile> {
+        self.profile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_profile(&self, p: Profile) {
+        *self.profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
+    }
+}
+
+// === impl MysqlConn ===
+
+impl PoolConn for MysqlConn {
+    fn is_usable(&mut self) -> bool {
+        !self.io.has_buffered() && self.io.get_ref().is_quiet()
+    }
+}
+
+impl MysqlConn {
+    /// Makes `want` the current database: COM_INIT_DB, or COM_CHANGE_USER to have none
+    /// (nothing else unselects a database). A server ERR (unknown database) is for the client.
+    pub async fn use_schema(
+        &mut self,
+        user: &MysqlUser,
+        want: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        if self.schema.as_ref().map(|s| s.as_deref()) == Some(want) {
+            return Ok(());
+        }
+        match want {
+            Some(db) => {
+                let mut cmd = Vec::with_capacity(db.len() + 1);
+                cmd.push(COM_INIT_DB);
+                cmd.extend_from_slice(db);
+                let reply = self.command(&cmd, timeout).await?;
+                if reply.head() != Some(0x00) {
+                    return Err(server_error(reply));
+                }
+                self.schema = Some(Some(db.to_vec()));
+                Ok(())
+            }
+            None => self.change_user(user, None, timeout).await,
+        }
+    }
+
+    /// Clears the session (transactions rolled back, temp tables, variables, locks and
+    /// prepared statements gone) and leaves `home` as the current database, so that the next
+    /// session of the same application usually needs no COM_INIT_DB.
+    pub async fn reset(
+        &mut self,
+        user: &MysqlUser,
+        home: Option<&[u8]>,
+        facts: &ServerFacts,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        // Only COM_CHANGE_USER unselects a database, and it resets the session as well.
+        let must_unselect = home.is_none() && self.schema != Some(None);
+        if facts.can_reset.load(Ordering::Relaxed) && !must_unselect {
+            let reply = self.command(&[COM_RESET_CONNECTION], timeout).await?;
+            match reply.head() {
+                Some(0x00) => {
+                    // The reset keeps the current database (MariaDB and MySQL alike).
+                    return self.use_schema(user, home, timeout).await;
+                }
+                Some(0xFF) if err_code(&reply.payload) == Some(ER_UNKNOWN_COM_ERROR) => {
+                    facts.can_reset.store(false, Ordering::Relaxed);
+                }
+                _ => return Err(server_error(reply)),
+            }
+        }
+        self.change_user(user, home, timeout).await
+    }
+
+    /// COM_CHANGE_USER to the same account: a full session reset with a fresh login.
+    async fn change_user(
+        &mut self,
+        user: &MysqlUser,
+        db: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        let scramble = scramble_native(&self.nonce, user.password.as_bytes());
+        let cmd = ComChangeUser::new()
+            .with_user(Some(user.user.as_bytes()))
+            .with_database(db)
+            .with_auth_plugin_data(scramble.as_ref().map(|s| &s[..]))
+            .with_more_data(Some(
+                ComChangeUserMoreData::new(u16::from(self.key.collation))
+                    .with_auth_plugin(Some(AuthPlugin::MysqlNativePassword)),
+            ));
+        let mut buf = Vec::new();
+        cmd.serialize(&mut buf);
+        let io = &mut self.io;
+        let login = async {
+            io.send(0, &buf).await?;
+            finish_login(io, user, &mut self.nonce).await
+        };
+        match tokio::time::timeout(timeout, login).await {
+            Ok(r) => r?,
+            Err(_) => return Err(timed_out("COM_CHANGE_USER", timeout)),
+        }
+        self.schema = Some(db.map(<[u8]>::to_vec));
+        Ok(())
+    }
+
+    /// Sends a command (sequence 0) and reads its one-packet reply.
+    async fn command(&mut self, payload: &[u8], timeout: Duration) -> Result<Packet, BackendError> {
+        let io = &mut self.io;
+        let exchange = async {
+            io.send(0, payload).await?;
+            io.read(MAX_PACKET).await?.ok_or_else(|| {
+                io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection")
+            })
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(timed_out("a reply", timeout)),
+        }
+    }
+}
+
+/// Opens a connection to `server` and logs in as `user` with the session's capabilities,
+/// character set and database. The permit (if `max_connections` applies) stays with it.
+pub async fn connect(
+    cfg: &config::Upstream,
+    server: &Server<MysqlConn>,
+    facts: &ServerFacts,
+    user: &MysqlUser,
+    key: &SessionKey,
+    db: Option<&[u8]>,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Result<Pooled<MysqlConn>, BackendError> {
+    let ctl = CloseCtl::new();
+    let opening = async {
+        let stream = match &server.addr {
+            Address::Tcp(addr) => {
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                ServerStream::Tcp(track(s, server, cfg, ctl.clone()))
+            }
+            Address::Unix(path) => {
+                let s = UnixStream::connect(path).await?;
+                ServerStream::Unix(track(s, server, cfg, ctl.clone()))
+            }
+        };
+        let mut io = PacketIo::new(stream);
+        let nonce = login(&mut io, facts, user, key, db).await?;
+        Ok::<_, BackendError>((io, nonce))
+    };
+    let (io, nonce) = match tokio::time::timeout(cfg.connect_timeout, opening).await {
+        Ok(r) => r?,
+        Err(_) => return Err(timed_out("connect and login", cfg.connect_timeout)),
+    };
+    server
+        .stats
+        .opened
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let conn = MysqlConn {
+        io,
+        key: key.clone(),
+        schema: Some(db.map(<[u8]>::to_vec)),
+        nonce,
+        _permit: permit,
+    };
+    Ok(Pooled::new(conn, ctl))
+}
+
+/// Reads the greeting of a server without logging in: what clients are greeted with before
+/// any server connection exists. The connection is closed (by the upstream's policy) after.
+pub async fn probe(
+    cfg: &config::Upstream,
+    server: &Server<MysqlConn>,
+    facts: &ServerFacts,
+) -> Result<Profile, BackendError> {
+    let ctl = CloseCtl::new();
+    // Not a pooled connection: waitless lets it go on purpose once the greeting is read.
+    ctl.retire(crate::close::Reason::Done);
+    let reading = async {
+        let mut io = match &server.addr {
+            Address::Tcp(addr) => {
+                let s = TcpStream::connect(addr).await?;
+                PacketIo::new(ServerStream::Tcp(track(s, server, cfg, ctl.clone())))
+            }
+            Address::Unix(path) => {
+                let s = UnixStream::connect(path).await?;
+                PacketIo::new(ServerStream::Unix(track(s, server, cfg, ctl.clone())))
+            }
+        };
+        let (profile, _) = read_greeting(&mut io).await?;
+        facts.set_profile(profile.clone());
+        Ok::<_, BackendError>(profile)
+    };
+    let result = match tokio::time::timeout(cfg.connect_timeout, reading).await {
+        Ok(r) => r,
+        Err(_) => Err(timed_out("the server's greeting", cfg.connect_timeout)),
+    };
+    result
+}
+
+fn track<S: Socket>(
+    s: S,
+    server: &Server<MysqlConn>,
+    cfg: &config::Upstream,
+    ctl: Arc<CloseCtl>,
+) -> Tracked<S> {
+    Tracked::upstream(s, server.ledger.clone(), cfg.time_wait, ctl)
+}
+
+/// The server's greeting: its profile and nonce. A greeting that is an ERR (too many
+/// connections, host blocked) is the server's answer for the client.
+async fn read_greeting<S>(io: &mut PacketIo<S>) -> Result<(Profile, Vec<u8>), BackendError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let greeting = io
+        .read(MAX_HANDSHAKE_PACKET)
+        .await?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no greeting"))?;
+    if greeting.head() == Some(0xFF) {
+        return Err(server_error(greeting));
+    }
+    let hs: HandshakePacket<'_> = ParseBuf(&greeting.payload)
+        .parse(())
+        .map_err(|e| invalid(format!("bad greeting: {e}")))?;
+    if hs.protocol_version() != 10 {
+        return Err(invalid(format!(
+            "protocol version {} (only 10 is spoken)",
+            hs.protocol_version()
+        )));
+    }
+    let profile = Profile {
+        version: hs.server_version_ref().to_vec(),
+        caps: hs.capabilities(),
+        collation: hs.default_collation(),
+    };
+    Ok((profile, hs.nonce()))
+}
+
+/// Greeting, HandshakeResponse41 with mysql_native_password, and the server's verdict;
+/// returns the nonce the login answered.
+async fn login(
+    io: &mut PacketIo<ServerStream>,
+    facts: &ServerFacts,
+    user: &MysqlUser,
+    key: &SessionKey,
+    db: Option<&[u8]>,
+) -> Result<Vec<u8>, BackendError> {
+    let (profile, mut nonce) = read_greeting(io).await?;
+    let missing = key.caps - profile.caps;
+    facts.set_profile(profile.clone());
+    if !missing.is_empty() {
+        // The server was replaced by one that cannot do what the client was promised.
+        return Err(invalid(format!(
+            "server no longer offers capabilities {missing:?}"
+        )));
+    }
+    let caps = (key.caps | LOGIN_CAPS) & profile.caps;
+    let scramble = scramble_native(&nonce, user.password.as_bytes());
+    let resp = HandshakeResponse::new(
+        scramble.as_ref().map(|s| &s[..]),
+        (0, 0, 0),
+        Some(user.user.as_bytes()),
+        db,
+        Some(AuthPlugin::MysqlNativePassword),
+        caps,
+        None,
+        MAX_PACKET as u32,
+    );
+    let mut buf = Vec::new();
+    resp.serialize(&mut buf);
+    // HandshakeResponse picks a collation from the server version; the session's is wanted
+    // (byte 8: after the capabilities and the max packet size).
+    if let Some(c) = buf.get_mut(8) {
+        *c = key.collation;
+    }
+    io.send(1, &buf).await?;
+    finish_login(io, user, &mut nonce).await?;
+    Ok(nonce)
+}
+
+/// Reads the server's verdict on a login (HandshakeResponse or COM_CHANGE_USER), answering
+/// an AuthSwitchRequest to mysql_native_password; `nonce` follows a switch.
+async fn finish_login(
+    io: &mut PacketIo<ServerStream>,
+    user: &MysqlUser,
+    nonce: &mut Vec<u8>,
+) -> Result<(), BackendError> {
+    let mut switched = false;
+    loop {
+        let reply = io
+            .read(MAX_HANDSHAKE_PACKET)
+            .await?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "closed during login"))?;
+        match reply.head() {
+            Some(0x00) => return Ok(()),
+            Some(0xFF) => return Err(server_error(reply)),
+            Some(0xFE) if !switched => {
+                let req: AuthSwitchRequest<'_> = ParseBuf(&reply.payload)
+                    .parse(())
+                    .map_err(|e| invalid(format!("bad auth switch request: {e}")))?;
+                if req.auth_plugin() != AuthPlugin::MysqlNativePassword {
+                    return Err(invalid(format!(
+                        "account `{}` uses auth plugin {}; waitless logs in to servers with \
+                         mysql_native_password only",
+                        user.user,
+                        String::from_utf8_lossy(req.auth_plugin().as_bytes())
+                    )));
+                }
+                *nonce = req.plugin_data().to_vec();
+                let scramble = scramble_native(nonce, user.password.as_bytes());
+                let answer = scramble.as_ref().map_or(&[][..], |s| &s[..]);
+                io.send(reply.seq.wrapping_add(1), answer).await?;
+                switched = true;
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "unexpected packet 0x{:02x} during login",
+                    reply.head().unwrap_or(0)
+                )))
+            }
+        }
+    }
+}
+
+/// The error code of an ERR payload.
+pub fn err_code(payload: &[u8]) -> Option<u16> {
+    match payload {
+        [0xFF, lo, hi, ..] => Some(u16::from_le_bytes([*lo, *hi])),
+        _ => None,
+    }
+}
+
+fn server_error(p: Packet) -> BackendError {
+    if p.head() == Some(0xFF) {
+        BackendError::Server(p.payload.to_vec())
+    } else {
+        invalid(format!("unexpected reply 0x{:02x}", p.head().unwrap_or(0)))
+    }
+}
+
+fn invalid(msg: String) -> BackendError {
+    BackendError::Io(io::Error::new(io::ErrorKind::InvalidData, msg))
+}
+
+fn timed_out(what: &str, after: Duration) -> BackendError {
+    BackendError::Io(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("no {what} from the server within {after:?}"),
+    ))
+}
+
+/// Status flags of an OK packet the server sent to a login or reset, e.g. autocommit.
+pub fn default_status() -> u16 {
+    StatusFlags::SERVER_STATUS_AUTOCOMMIT.bits()
+}

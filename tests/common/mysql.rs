@@ -1,0 +1,314 @@
+//! MySQL fixtures: a real MariaDB server on a private port and data directory, waitless in
+//! front of it with a mysql listener, and clients (mysql_async and the stock `mariadb` CLI).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::*;
+use mysql_async::{Conn, Opts, OptsBuilder};
+use tokio::net::TcpStream;
+
+use super::{free_port, TempDir};
+
+/// The account waitless logs clients in as and logs in to the server with.
+pub const USER: &str = "app";
+pub const PASSWORD: &str = "apppw";
+/// A server-only account the tests read status counters with, over one lasting connection.
+const ADMIN_USER: &str = "watcher";
+const ADMIN_PASSWORD: &str = "watcherpw";
+
+/// A MariaDB server started for one test, killed on drop.
+pub struct MariaDb {
+    pub child: Child,
+    pub port: u16,
+    pub dir: TempDir,
+}
+
+/// A waitless process with one mysql listener "db" in front of one server.
+pub struct MysqlProxy {
+    pub child: Child,
+    pub port: u16,
+    pub admin: u16,
+    pub dir: TempDir,
+}
+
+const MARIADBD: &str = "/usr/sbin/mariadbd";
+
+impl MariaDb {
+    /// Installs a data directory and starts the server on a free port, with databases
+    /// `appdb` and `other_db` and the accounts the tests use.
+    pub async fn start() -> MariaDb {
+        assert!(
+            Path::new(MARIADBD).exists(),
+            "mariadbd is not installed: .ci/run installs it (apt-get install mariadb-server)"
+        );
+        let dir = TempDir::new("mariadb");
+        let out = Command::new("mariadb-install-db")
+            .args(["--no-defaults", "--user=root", "--skip-test-db"])
+            .arg(format!("--datadir={}", dir.0.join("data").display()))
+            .arg("--auth-root-authentication-method=socket")
+            // Its own temporary directory: bootstraps running side by side in a shared /tmp
+            // have been seen to trip over each other's temporary tables.
+            .arg(format!("--tmpdir={}", dir.0.display()))
+            .output()
+            .expect("run mariadb-install-db");
+        assert!(out.status.success(), "mariadb-install-db: {out:?}");
+        let port = free_port();
+        let mut db = MariaDb {
+            child: spawn_server(&dir.0, port),
+            port,
+            dir,
+        };
+        db.wait_ready().await;
+        db.root_sql(&format!(
+            "CREATE USER '{USER}'@'%' IDENTIFIED BY '{PASSWORD}';
+             GRANT ALL ON *.* TO '{USER}'@'%';
+             CREATE USER '{ADMIN_USER}'@'%' IDENTIFIED BY '{ADMIN_PASSWORD}';
+             GRANT ALL ON *.* TO '{ADMIN_USER}'@'%';
+             CREATE DATABASE appdb; CREATE DATABASE other_db;
+             CREATE TABLE appdb.items (id INT AUTO_INCREMENT PRIMARY KEY, v LONGBLOB);"
+        ));
+        db
+    }
+
+    /// Kills the server and starts it again on the same port and data directory.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_server(&self.dir.0, self.port);
+        self.wait_ready().await;
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.0.join("mysqld.sock")
+    }
+
+    /// Runs SQL as root over the server's unix socket with the `mariadb` CLI.
+    pub fn root_sql(&self, sql: &str) -> String {
+        let out = Command::new("mariadb")
+            .args(["--no-defaults", "-uroot", "-N", "-B"])
+            .arg(format!("--socket={}", self.socket().display()))
+            .args(["-e", sql])
+            .output()
+            .expect("run mariadb");
+        assert!(out.status.success(), "root sql failed: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A lasting connection straight to the server, to read its status counters without
+    /// adding to them.
+    pub async fn watcher(&self) -> Watcher {
+        let opts = OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(self.port)
+            .user(Some(ADMIN_USER))
+            .pass(Some(ADMIN_PASSWORD))
+            .prefer_socket(false);
+        Watcher(Conn::new(opts).await.expect("watcher connects"))
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() && self.socket().exists()
+            {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "mariadbd exited ({status}): {}",
+                    std::fs::read_to_string(self.dir.0.join("err.log")).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("mariadbd did not start");
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_server(dir: &Path, port: u16) -> Child {
+    let d = dir.display();
+    Command::new(MARIADBD)
+        .args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--datadir={d}/data"))
+        .arg(format!("--socket={d}/mysqld.sock"))
+        .arg(format!("--pid-file={d}/mysqld.pid"))
+        .arg(format!("--log-error={d}/err.log"))
+        .arg(format!("--tmpdir={d}"))
+        // Small and quick: this server lives for one test.
+        .args([
+            "--skip-log-bin",
+            "--skip-name-resolve",
+            "--innodb-buffer-pool-size=16M",
+            "--innodb-log-file-size=16M",
+            "--max-allowed-packet=256M",
+            "--max-connections=500",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mariadbd")
+}
+
+/// A connection that reads the server's own counters.
+pub struct Watcher(pub Conn);
+
+impl Watcher {
+    /// A `SHOW GLOBAL STATUS` counter, e.g. `Connections` or `Threads_connected`.
+    pub async fn status(&mut self, name: &str) -> u64 {
+        let row: Option<(String, String)> = self
+            .0
+            .query_first(format!("SHOW GLOBAL STATUS LIKE '{name}'"))
+            .await
+            .expect("show status");
+        row.and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("no status {name}"))
+    }
+}
+
+impl MysqlProxy {
+    /// Starts waitless with listener "db" (mysql) in front of `server`; `listener_extra` and
+    /// `upstream_extra` are TOML lines added to each table. The account `app` is configured.
+    pub async fn start(server: u16, listener_extra: &str, upstream_extra: &str) -> MysqlProxy {
+        let port = free_port();
+        let admin = free_port();
+        let config = format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+             [[listener]]\nname = \"db\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"mysql\"\n\
+             upstream = \"db\"\n{listener_extra}\n\n\
+             [[upstream]]\nname = \"db\"\nservers = [\"127.0.0.1:{server}\"]\n{upstream_extra}\n\n\
+             [[mysql_user]]\nuser = \"{USER}\"\npassword = \"{PASSWORD}\"\n"
+        );
+        let dir = TempDir::new("waitless-mysql");
+        let path = dir.0.join("waitless.toml");
+        std::fs::File::create(&path)
+            .and_then(|mut f| f.write_all(config.as_bytes()))
+            .expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_waitless"))
+            .arg("--config")
+            .arg(&path)
+            .arg("--log")
+            .arg("error")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn waitless");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", admin)).await.is_ok() {
+                return MysqlProxy {
+                    child,
+                    port,
+                    admin,
+                    dir,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("waitless did not start");
+    }
+
+    /// /stats as JSON.
+    pub async fn stats(&self) -> serde_json::Value {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.admin));
+        let (status, body) = super::get(addr, "/stats", false).await.expect("stats");
+        assert_eq!(status, 200);
+        serde_json::from_slice(&body).expect("stats JSON")
+    }
+}
+
+impl Drop for MysqlProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Client options for `port` as `user` / `password`, optionally with a default database.
+/// `prefer_socket` is off: mysql_async would otherwise look up the server's unix socket and
+/// reconnect there, around the proxy.
+pub fn opts(port: u16, user: &str, password: &str, db: Option<&str>) -> Opts {
+    OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(port)
+        .user(Some(user))
+        .pass(Some(password))
+        .db_name(db)
+        .prefer_socket(false)
+        .into()
+}
+
+/// A session as the configured account.
+pub async fn connect(port: u16, db: Option<&str>) -> Conn {
+    Conn::new(opts(port, USER, PASSWORD, db))
+        .await
+        .expect("connect through waitless")
+}
+
+/// `n` connect / `SELECT 1` / quit cycles, `concurrency` at a time; returns how many failed.
+pub async fn short_sessions(port: u16, n: usize, concurrency: usize) -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (next, failed) = (next.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::SeqCst) < n {
+                let ok = async {
+                    let mut c = Conn::new(opts(port, USER, PASSWORD, Some("appdb"))).await?;
+                    let one: Option<u32> = c.query_first("SELECT 1").await?;
+                    c.disconnect().await?;
+                    Ok::<_, mysql_async::Error>(one == Some(1))
+                }
+                .await;
+                if !matches!(ok, Ok(true)) {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("session task");
+    }
+    failed.load(Ordering::SeqCst)
+}
+
+/// Runs the stock `mariadb` client against 127.0.0.1:`port` with `args`; returns its exit
+/// status success, stdout and stderr.
+pub fn cli(port: u16, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("mariadb")
+        .args(["--no-defaults", "-h127.0.0.1", "-N", "-B"])
+        .arg(format!("-P{port}"))
+        .arg(format!("-u{USER}"))
+        .arg(format!("-p{PASSWORD}"))
+        .args(args)
+        .output()
+        .expect("run mariadb");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The server error code of a failed client call.
+pub fn server_code(e: &mysql_async::Error) -> Option<u16> {
+    match e {
+        mysql_async::Error::Server(s) => Some(s.code),
+        _ => None,
+    }
+}

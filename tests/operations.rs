@@ -1,0 +1,243 @@
+//! Production operation, from outside: drain on SIGTERM, reload on SIGHUP, slow-header
+//! clients, dead servers, the client connection limit, and the shipped deployment configs.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn signal(proxy: &Waitless, sig: libc::c_int) {
+    // SAFETY: kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(proxy.child.id() as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill failed");
+}
+
+fn config_text(port: u16, admin: u16, servers: &[SocketAddr], extra_upstream: &str) -> String {
+    let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+         [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"web\"\n\n\
+         [[upstream]]\nname = \"web\"\nservers = [{}]\n{extra_upstream}\n",
+        servers.join(", ")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_every_started_request_finish_then_exits_zero() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let mut proxy = Waitless::start(&[backend.addr], "", "").await;
+    // Requests that take 800 ms each, in flight when SIGTERM arrives.
+    let mut inflight = Vec::new();
+    for _ in 0..8 {
+        inflight.push(tokio::spawn(get(proxy.addr(), "/sleep/800", true)));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(&proxy, libc::SIGTERM);
+    for r in inflight {
+        let (status, body) = r.await.unwrap().expect("a started request must complete");
+        assert_eq!((status, &body[..]), (200, &b"slept"[..]));
+    }
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = proxy.child.wait().expect("wait");
+        (status, proxy)
+    })
+    .await
+    .unwrap();
+    assert!(exited.0.success(), "waitless exited with {:?}", exited.0);
+    // New connections are refused once it drained.
+    assert!(TcpStream::connect(exited.1.addr()).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_a_changed_upstream_under_load_gives_no_errors() {
+    let a = Backend::start(BackendMode::Echo).await;
+    let b = Backend::start(BackendMode::Echo).await;
+    let port = free_port();
+    let admin = free_port();
+    let proxy = Waitless::launch(&config_text(port, admin, &[a.addr], ""), port, admin).await;
+    let path = proxy.dir.0.join("waitless.toml");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, errors, done, addr) = (stop.clone(), errors.clone(), done.clone(), proxy.addr());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                match get(addr, "/bytes/64", true).await {
+                    Ok((200, body)) if body.len() == 64 => done.fetch_add(1, Ordering::SeqCst),
+                    other => {
+                        eprintln!("error: {other:?}");
+                        errors.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::write(&path, config_text(port, admin, &[b.addr], "pool_size = 4")).unwrap();
+    signal(&proxy, libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before_bad = b.requests.load(Ordering::SeqCst);
+    // A broken config is refused and the running one stays.
+    std::fs::write(&path, "[[listener]]\nname = 1\n").unwrap();
+    signal(&proxy, libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.await.unwrap();
+    }
+    println!(
+        "reload under load: {} requests, {} errors; new upstream served {}",
+        done.load(Ordering::SeqCst),
+        errors.load(Ordering::SeqCst),
+        b.requests.load(Ordering::SeqCst)
+    );
+    assert_eq!(errors.load(Ordering::SeqCst), 0);
+    assert!(before_bad > 0, "the new upstream got no traffic after SIGHUP");
+    assert!(
+        b.requests.load(Ordering::SeqCst) > before_bad,
+        "traffic stopped after a refused reload"
+    );
+    let a_before = a.requests.load(Ordering::SeqCst);
+    assert_eq!(get(proxy.addr(), "/", true).await.unwrap().0, 200);
+    assert_eq!(a.requests.load(Ordering::SeqCst), a_before, "old upstream still used");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_is_cut_at_the_header_timeout_while_others_are_served() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "header_timeout = \"1s\"", "").await;
+    let mut slow = TcpStream::connect(proxy.addr()).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").await.unwrap();
+    let dribble = async {
+        for _ in 0..40 {
+            if slow.write_all(b"X").await.is_err() {
+                return true;
+            }
+            let mut probe = [0u8; 1];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_millis(250), slow.read(&mut probe)).await
+            {
+                return true; // closed by waitless
+            }
+        }
+        false
+    };
+    let served = async {
+        for _ in 0..20 {
+            assert_eq!(get(proxy.addr(), "/", true).await.unwrap().0, 200);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (cut, ()) = tokio::join!(dribble, served);
+    assert!(cut, "a client dribbling its header for 10 s was never cut");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_server_is_marked_down_and_idempotent_traffic_moves_without_errors() {
+    let a = Backend::start(BackendMode::Echo).await;
+    let b = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(
+        &[a.addr, b.addr],
+        "",
+        "fail_threshold = 2\nfail_backoff = \"30s\"",
+    )
+    .await;
+    let mut errors = 0;
+    for i in 0..200 {
+        if i == 50 {
+            a.kill();
+        }
+        match get(proxy.addr(), "/bytes/10", false).await {
+            Ok((200, body)) if body.len() == 10 => {}
+            other => {
+                errors += 1;
+                eprintln!("request {i}: {other:?}");
+            }
+        }
+    }
+    assert_eq!(errors, 0, "client errors after a server died");
+    let stats = proxy.stats().await;
+    let servers = stats["upstreams"][0]["servers"].as_array().unwrap();
+    let state_of = |addr: SocketAddr| {
+        servers
+            .iter()
+            .find(|s| s["server"] == addr.to_string())
+            .map(|s| s["state"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(state_of(a.addr).as_deref(), Some("down"), "{stats}");
+    assert_eq!(state_of(b.addr).as_deref(), Some("up"));
+    let text = std::process::Command::new(env!("CARGO_BIN_EXE_waitless"))
+        .args(["stats", "--admin", &format!("127.0.0.1:{}", proxy.admin)])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("down"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_servers_down_gives_503() {
+    let a = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[a.addr], "", "fail_threshold = 1\nfail_backoff = \"30s\"").await;
+    a.kill();
+    let (first, _) = get(proxy.addr(), "/", true).await.unwrap();
+    assert_eq!(first, 502, "the failing connect itself");
+    let (status, body) = get(proxy.addr(), "/", true).await.unwrap();
+    assert_eq!(status, 503);
+    assert!(String::from_utf8_lossy(&body).contains("no server is up"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_answers_503_beyond_max_clients() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "max_clients = 2", "").await;
+    // Two clients hold their connections open.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        s.write_all(b"GET /bytes/3 HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    let (status, body) = get(proxy.addr(), "/", true).await.unwrap();
+    assert_eq!(status, 503);
+    assert!(String::from_utf8_lossy(&body).contains("max_clients"));
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(proxy.addr(), "/", true).await.unwrap().0, 200);
+}
+
+#[test]
+fn shipped_deployment_configs_pass_check() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_waitless"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("APP_DB_PASSWORD", "example")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 4, "config/ should ship the default and three deployment configs");
+}
