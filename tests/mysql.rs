@@ -481,3 +481,56 @@ mod raw {
 fn cli_direct(port: u16, sql: &str) -> (bool, String, String) {
     cli(port, &["-e", sql])
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_sessions_over_a_unix_socket_listener() {
+    let db = MariaDb::start().await;
+    let dir = TempDir::new("mysql-unix");
+    let sock = dir.0.join("db.sock");
+    let admin = free_port();
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+         [[listener]]\nname = \"db\"\nlisten = \"unix:{}\"\nprotocol = \"mysql\"\nupstream = \"db\"\n\n\
+         [[upstream]]\nname = \"db\"\nservers = [\"127.0.0.1:{}\"]\n\n\
+         [[mysql_user]]\nuser = \"{USER}\"\npassword = \"{PASSWORD}\"\n",
+        sock.display(),
+        db.port
+    );
+    let _proxy = Waitless::launch(&config, 0, admin).await;
+    for _ in 0..3 {
+        let out = std::process::Command::new("mariadb")
+            .args(["--no-defaults", "-N", "-B"])
+            .arg(format!("--socket={}", sock.display()))
+            .arg(format!("-u{USER}"))
+            .arg(format!("-p{PASSWORD}"))
+            .args(["-e", "SELECT 40 + 2"])
+            .output()
+            .expect("run mariadb");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(stdout.trim(), "42");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_beyond_max_clients_get_1040_at_once() {
+    let db = MariaDb::start().await;
+    let proxy = MysqlProxy::start(db.port, "max_clients = 1", "").await;
+    let held = connect(proxy.port, None).await;
+    let refused = Conn::new(opts(proxy.port, USER, PASSWORD, None)).await;
+    match refused {
+        Err(e) => assert_eq!(server_code(&e), Some(1040), "{e}"),
+        Ok(_) => panic!("a second client got in past max_clients = 1"),
+    }
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_server_up_gives_error_2003() {
+    let dead = free_port();
+    let proxy = MysqlProxy::start(dead, "", "connect_timeout = \"500ms\"").await;
+    match Conn::new(opts(proxy.port, USER, PASSWORD, None)).await {
+        Err(e) => assert_eq!(server_code(&e), Some(2003), "{e}"),
+        Ok(_) => panic!("logged in with no server up"),
+    }
+}

@@ -81,6 +81,8 @@ enum End {
 const RECHECK: Duration = Duration::from_millis(50);
 
 const ER_CON_COUNT_ERROR: u16 = 1040;
+/// CR_CONN_HOST_ERROR: "Can't connect to MySQL server", for an upstream with no server up.
+const CR_CONN_HOST_ERROR: u16 = 2003;
 const ER_UNKNOWN_COM_ERROR: u16 = 1047;
 /// ER_UNKNOWN_ERROR: the catch-all for "waitless could not reach the server".
 const ER_UNKNOWN_ERROR: u16 = 1105;
@@ -107,15 +109,15 @@ impl MysqlUpstream {
     /// A server for a new session and what to greet its client with: the first in rotation
     /// whose greeting is known, or the first that answers a probe.
     async fn pick(&self) -> Result<(usize, Profile), String> {
-        let n = self.pool.servers.len();
-        let start = self.pool.rotation().next().map_or(0, |s| {
-            self.pool
-                .servers
-                .iter()
-                .position(|x| Arc::ptr_eq(x, s))
-                .unwrap_or(0)
-        });
-        let order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
+        // Servers that are up, in the balance policy's order; none when all are down.
+        let order: Vec<usize> = self
+            .pool
+            .rotation()
+            .filter_map(|s| self.pool.servers.iter().position(|x| Arc::ptr_eq(x, s)))
+            .collect();
+        if order.is_empty() {
+            return Err("no server is up".into());
+        }
         for &i in &order {
             if let Some(p) = self.facts.get(i).and_then(ServerFacts::profile) {
                 return Ok((i, p));
@@ -127,9 +129,16 @@ impl MysqlUpstream {
                 continue;
             };
             match backend::probe(self.cfg(), server, facts).await {
-                Ok(p) => return Ok((i, p)),
+                Ok(p) => {
+                    server.health.succeeded();
+                    return Ok((i, p));
+                }
                 Err(e) => {
                     server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                    if server.health.failed(self.cfg()) {
+                        tracing::warn!(upstream = %self.cfg().name, server = %server.label,
+                            backoff = ?self.cfg().fail_backoff, "server marked down");
+                    }
                     last = format!("{}: {e}", server.label);
                 }
             }
@@ -193,12 +202,14 @@ impl MysqlUpstream {
                         .await
                     {
                         Ok(mut pooled) => {
+                            server.health.succeeded();
                             pooled.mark_used();
                             Ok(self.lease(pooled, server, index))
                         }
                         Err(BackendError::Server(err)) => Err(Checkout::Server(err)),
                         Err(BackendError::Io(e)) => {
                             server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                            server.health.failed(cfg);
                             Err(Checkout::Failed(format!("{}: {e}", server.label)))
                         }
                     };
@@ -365,9 +376,13 @@ impl MysqlListener {
                 self.stats.errors_connect.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(listener = %self.cfg.name, upstream = %up.cfg().name, error = %e,
                     "no mysql server answers");
-                let msg = format!("waitless: cannot reach upstream {}: {e}", up.cfg().name);
-                // An ERR in place of the greeting, as a server that refuses a host sends it.
-                return answer(client, 0, &err_payload(ER_UNKNOWN_ERROR, b"HY000", &msg)).await;
+                let msg = format!(
+                    "Can't connect to MySQL server: waitless upstream {}: {e}",
+                    up.cfg().name
+                );
+                // An ERR in place of the greeting, as a server that refuses a host sends it;
+                // 2003 is what clients say when they cannot reach a server themselves.
+                return answer(client, 0, &err_payload(CR_CONN_HOST_ERROR, b"HY000", &msg)).await;
             }
         };
         let host = peer.map_or_else(|| "localhost".to_string(), |p| p.ip().to_string());
