@@ -215,13 +215,12 @@ fn run(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        loop {
-            match signals.next().await {
-                Signal::Reload => match proxy.reload() {
-                    Ok(()) => tracing::info!("configuration reloaded"),
-                    Err(e) => tracing::error!(error = %e, "reload refused; the running configuration stays"),
-                },
-                Signal::Stop => break,
+        while let Signal::Reload = signals.next().await {
+            match proxy.reload() {
+                Ok(()) => tracing::info!("configuration reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "reload refused; the running configuration stays")
+                }
             }
         }
         let drain_timeout = proxy
@@ -229,7 +228,10 @@ fn run(config: Config) -> ExitCode {
             .config
             .as_ref()
             .map_or(Duration::from_secs(30), |c| c.drain_timeout);
-        tracing::info!(?drain_timeout, "draining: no new connections; waiting for those in flight");
+        tracing::info!(
+            ?drain_timeout,
+            "draining: no new connections; waiting for those in flight"
+        );
         tokio::select! {
             _ = proxy.shutdown(drain_timeout) => {
                 tracing::info!("drained; exiting");

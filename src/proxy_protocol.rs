@@ -49,6 +49,11 @@ pub async fn read_header(stream: &TcpStream, within: Duration) -> io::Result<Opt
     let deadline = Instant::now() + within;
     let mut buf = [0u8; MAX_HEADER];
     loop {
+        // Checked here too: once bytes are queued, peek is ready at once and timeout_at,
+        // which polls it first, would never fire for a header that never completes.
+        if Instant::now() >= deadline {
+            return Err(invalid("no complete PROXY header in time"));
+        }
         let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
             .await
             .map_err(|_| invalid("no complete PROXY header in time"))??;
@@ -59,10 +64,8 @@ pub async fn read_header(stream: &TcpStream, within: Duration) -> io::Result<Opt
         match parse_header(seen).map_err(|e| invalid(&e))? {
             Parsed::Incomplete => {
                 // More bytes are on their way; peek returns at once while some are queued.
-                tokio::time::sleep_until(
-                    (Instant::now() + Duration::from_millis(2)).min(deadline),
-                )
-                .await;
+                tokio::time::sleep_until((Instant::now() + Duration::from_millis(2)).min(deadline))
+                    .await;
             }
             Parsed::Header { len, addrs } => {
                 consume(stream, len).await?;
@@ -238,7 +241,11 @@ mod tests {
             );
             // Every cut short of the whole header waits for more.
             for cut in 1..len {
-                assert_eq!(parse_header(&bytes[..cut]), Ok(Parsed::Incomplete), "{v:?} {cut}");
+                assert_eq!(
+                    parse_header(&bytes[..cut]),
+                    Ok(Parsed::Incomplete),
+                    "{v:?} {cut}"
+                );
             }
         }
         assert!(encode(ProxyProtocol::Off, src, dst).is_empty());
@@ -269,6 +276,20 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_header_that_never_completes_times_out() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client.write_all(b"PROXY TCP4 192.0.2.1").await.unwrap();
+        let read = read_header(&server, Duration::from_millis(200));
+        let r = tokio::time::timeout(Duration::from_secs(3), read).await;
+        assert!(matches!(r, Ok(Err(_))), "{r:?}");
+    }
+
     #[test]
     fn malformed_headers_are_errors() {
         for bad in [
@@ -277,7 +298,11 @@ mod tests {
             b"PROXY TCP4 999.2.3.4 5.6.7.8 1 2\r\n",
             b"PROXY TCP9 1.2.3.4 5.6.7.8 1 2\r\n",
         ] {
-            assert!(parse_header(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_header(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         // A v1 line that never ends is refused once it is longer than any valid one.
         let endless = [b'P', b'R', b'O', b'X', b'Y', b' '].repeat(200);

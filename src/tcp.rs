@@ -131,11 +131,7 @@ impl TcpRelay {
             .local_addr()
             .ok()
             .and_then(|a| a.as_socket());
-        let policy = ClientPolicy {
-            time_wait: self.cfg.time_wait,
-            linger: self.cfg.linger,
-            fallback: self.cfg.linger_fallback,
-        };
+        let policy = ClientPolicy::of(&self.cfg);
         let mut client = Tracked::client(stream, self.ledger.clone(), policy);
         let header = self.header(peer, local);
         let up = &self.upstream;

@@ -86,6 +86,19 @@ const TCP_CLOSE: u8 = 7;
 const TCP_CLOSE_WAIT: u8 = 8;
 const TCP_LAST_ACK: u8 = 9;
 
+// === impl ClientPolicy ===
+
+impl ClientPolicy {
+    /// The policy a listener's settings ask for.
+    pub fn of(listener: &crate::config::Listener) -> ClientPolicy {
+        ClientPolicy {
+            time_wait: listener.time_wait,
+            linger: listener.linger,
+            fallback: listener.linger_fallback,
+        }
+    }
+}
+
 // === impl CloseCtl ===
 
 impl CloseCtl {

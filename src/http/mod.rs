@@ -75,48 +75,43 @@ impl Serve for HttpListener {
         stream: S,
         peer: Option<SocketAddr>,
     ) -> impl std::future::Future<Output = ()> + Send {
-        async move {
-            tracing::warn!(listener = %self.cfg.name, peer = ?peer, max_clients = self.cfg.max_clients,
-                "too many client connections: answering 503");
-            let policy = ClientPolicy {
-                time_wait: self.cfg.time_wait,
-                linger: self.cfg.linger,
-                fallback: self.cfg.linger_fallback,
-            };
-            let io = Tracked::client(stream, self.ledger.clone(), policy);
-            let name = self.cfg.name.clone();
-            let svc = service_fn(move |_req| {
-                let mut resp = error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("listener {name}: too many client connections (max_clients)"),
-                );
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                std::future::ready(Ok::<_, Infallible>(resp))
-            });
-            let mut conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(false)
-                .timer(TokioTimer::new())
-                .header_read_timeout(self.cfg.header_timeout)
-                .serve_connection(TokioIo::new(io), svc);
-            let result = poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
-            let io = conn.into_parts().io.into_inner();
-            if result.is_ok() {
-                io.finish_client(Reason::Error, false).await;
-            }
-        }
+        self.reject_client(stream, peer)
     }
 }
 
 impl HttpListener {
+    /// At `max_clients`: answers 503 and closes.
+    async fn reject_client<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
+        tracing::warn!(listener = %self.cfg.name, peer = ?peer, max_clients = self.cfg.max_clients,
+            "too many client connections: answering 503");
+        let policy = ClientPolicy::of(&self.cfg);
+        let io = Tracked::client(stream, self.ledger.clone(), policy);
+        let name = self.cfg.name.clone();
+        let svc = service_fn(move |_req| {
+            let mut resp = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("listener {name}: too many client connections (max_clients)"),
+            );
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            std::future::ready(Ok::<_, Infallible>(resp))
+        });
+        let mut conn = hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.cfg.header_timeout)
+            .serve_connection(TokioIo::new(io), svc);
+        let result = poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
+        let io = conn.into_parts().io.into_inner();
+        if result.is_ok() {
+            io.finish_client(Reason::Error, false).await;
+        }
+    }
+
     /// Serves one client connection to its end, then closes it by policy.
     async fn serve_client<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let policy = ClientPolicy {
-            time_wait: self.cfg.time_wait,
-            linger: self.cfg.linger,
-            fallback: self.cfg.linger_fallback,
-        };
+        let policy = ClientPolicy::of(&self.cfg);
         let io = Tracked::client(stream, self.ledger.clone(), policy);
         let state = Arc::new(ConnState::default());
         let client_ip = peer.map(|p| p.ip());
@@ -240,6 +235,8 @@ impl HttpListener {
     }
 
     /// Sends the request on a pooled connection; on failure, the error response.
+    // Both outcomes are responses; the error one is rare, so its size costs nothing.
+    #[allow(clippy::result_large_err)]
     async fn send(
         self: &Arc<Self>,
         req: Request<upstream::ReqBody>,
@@ -288,11 +285,13 @@ impl HttpListener {
     }
 
     /// An idle pooled connection, or a new one; servers that refuse are skipped.
+    #[allow(clippy::result_large_err)]
     async fn checkout(&self) -> Result<Lease, Response<RespBody>> {
         self.checkout_with(true).await
     }
 
     /// As `checkout`; `reuse` false skips idle connections (a retry wants a fresh one).
+    #[allow(clippy::result_large_err)]
     async fn checkout_with(&self, reuse: bool) -> Result<Lease, Response<RespBody>> {
         let up = &self.upstream;
         let mut last = None;
@@ -348,6 +347,8 @@ impl HttpListener {
 
     /// The client's response; a response whose framing cannot be relayed safely becomes a
     /// 502 and its connection is closed.
+    // The error type of `send` and `checkout`, whose async bodies the lint does not look at.
+    #[allow(clippy::result_large_err)]
     fn wrap(
         &self,
         resp: Response<Incoming>,
@@ -359,10 +360,8 @@ impl HttpListener {
             return Err(self.upstream_failed(&lease.server.label, why));
         }
         let (parts, body) = resp.into_parts();
-        Ok(Response::from_parts(
-            parts,
-            UpstreamBody::new(body, lease, sent.clone()),
-        ))
+        let body = UpstreamBody::new(body, lease, sent.clone());
+        Ok(Response::from_parts(parts, body))
     }
 
     /// A request refused by waitless itself: nothing was forwarded (or, for a broken body,

@@ -164,9 +164,12 @@ impl Progress {
 
     fn set(&self, state: u8) {
         // Only the first outcome counts; SENDING is never set back.
-        let _ = self
-            .0
-            .compare_exchange(Progress::SENDING, state, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.0.compare_exchange(
+            Progress::SENDING,
+            state,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 }
 

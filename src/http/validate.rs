@@ -115,9 +115,10 @@ fn host(headers: &HeaderMap, version: Version) -> Result<(), Refusal> {
     let mut hosts = headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => Err(refuse(StatusCode::BAD_REQUEST, "more than one Host")),
-        (None, None) if version == Version::HTTP_11 => {
-            Err(refuse(StatusCode::BAD_REQUEST, "HTTP/1.1 request without Host"))
-        }
+        (None, None) if version == Version::HTTP_11 => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "HTTP/1.1 request without Host",
+        )),
         (Some(h), None) if !is_valid_host(h.as_bytes()) => {
             Err(refuse(StatusCode::BAD_REQUEST, "invalid Host"))
         }
@@ -224,7 +225,10 @@ mod tests {
     use http::{HeaderValue, Request};
 
     fn parts(method: &str, target: &str, version: Version, headers: &[(&str, &str)]) -> Parts {
-        let mut req = Request::builder().method(method).uri(target).version(version);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(target)
+            .version(version);
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
@@ -266,7 +270,9 @@ mod tests {
             status(&parts("GET", "/", v11, &[("host", "a"), ("host", "a")])),
             Some(400)
         );
-        for bad in ["a b", "u@a", "a/b", "a:8x", "[::1", "[]", "a:123456", "[::1]x"] {
+        for bad in [
+            "a b", "u@a", "a/b", "a:8x", "[::1", "[]", "a:123456", "[::1]x",
+        ] {
             assert_eq!(
                 status(&parts("GET", "/", v11, &[("host", bad)])),
                 Some(400),
@@ -291,7 +297,14 @@ mod tests {
     #[test]
     fn only_a_single_chunked_coding_is_accepted() {
         let v11 = Version::HTTP_11;
-        let te = |v: &str| status(&parts("POST", "/", v11, &[("host", "a"), ("transfer-encoding", v)]));
+        let te = |v: &str| {
+            status(&parts(
+                "POST",
+                "/",
+                v11,
+                &[("host", "a"), ("transfer-encoding", v)],
+            ))
+        };
         assert_eq!(te("chunked"), None);
         assert_eq!(te(" chunked "), None);
         assert_eq!(te("gzip, chunked"), Some(501));
@@ -301,7 +314,11 @@ mod tests {
             "POST",
             "/",
             v11,
-            &[("host", "a"), ("transfer-encoding", "gzip"), ("transfer-encoding", "chunked")],
+            &[
+                ("host", "a"),
+                ("transfer-encoding", "gzip"),
+                ("transfer-encoding", "chunked"),
+            ],
         );
         assert_eq!(status(&two), Some(501));
     }
@@ -310,7 +327,10 @@ mod tests {
     fn upstream_framing_beyond_hyper_is_refused() {
         let mut h = HeaderMap::new();
         assert!(response(StatusCode::OK, &h).is_ok());
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         assert!(response(StatusCode::OK, &h).is_ok());
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
         assert!(response(StatusCode::OK, &h).is_err());

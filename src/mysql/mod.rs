@@ -357,11 +357,7 @@ impl MysqlListener {
     }
 
     fn policy(&self) -> ClientPolicy {
-        ClientPolicy {
-            time_wait: self.cfg.time_wait,
-            linger: self.cfg.linger,
-            fallback: self.cfg.linger_fallback,
-        }
+        ClientPolicy::of(&self.cfg)
     }
 
     /// Login, borrow, commands, give back.

@@ -183,7 +183,9 @@ async fn backend_handle(
     let path = req.uri().path().to_string();
     if let Some(ms) = path.strip_prefix("/sleep/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
-        return Ok(Response::new(Either::Left(Full::new(Bytes::from_static(b"slept")))));
+        return Ok(Response::new(Either::Left(Full::new(Bytes::from_static(
+            b"slept",
+        )))));
     }
     if let Some(code) = path.strip_prefix("/status/") {
         let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));

@@ -1,7 +1,6 @@
 //! MySQL fixtures: a real MariaDB server on a private port and data directory, waitless in
 //! front of it with a mysql listener, and clients (mysql_async and the stock `mariadb` CLI).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,7 +9,7 @@ use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts, OptsBuilder};
 use tokio::net::TcpStream;
 
-use super::{free_port, TempDir};
+use super::{free_port, TempDir, Waitless};
 
 /// The account waitless logs clients in as and logs in to the server with.
 pub const USER: &str = "app";
@@ -27,11 +26,14 @@ pub struct MariaDb {
 }
 
 /// A waitless process with one mysql listener "db" in front of one server.
-pub struct MysqlProxy {
-    pub child: Child,
-    pub port: u16,
-    pub admin: u16,
-    pub dir: TempDir,
+pub struct MysqlProxy(pub Waitless);
+
+impl std::ops::Deref for MysqlProxy {
+    type Target = Waitless;
+
+    fn deref(&self) -> &Waitless {
+        &self.0
+    }
 }
 
 const MARIADBD: &str = "/usr/sbin/mariadbd";
@@ -189,50 +191,7 @@ impl MysqlProxy {
              [[upstream]]\nname = \"db\"\nservers = [\"127.0.0.1:{server}\"]\n{upstream_extra}\n\n\
              [[mysql_user]]\nuser = \"{USER}\"\npassword = \"{PASSWORD}\"\n"
         );
-        let dir = TempDir::new("waitless-mysql");
-        let path = dir.0.join("waitless.toml");
-        std::fs::File::create(&path)
-            .and_then(|mut f| f.write_all(config.as_bytes()))
-            .expect("write config");
-        let child = Command::new(env!("CARGO_BIN_EXE_waitless"))
-            .arg("--config")
-            .arg(&path)
-            .arg("--log")
-            .arg("error")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn waitless");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", admin)).await.is_ok() {
-                return MysqlProxy {
-                    child,
-                    port,
-                    admin,
-                    dir,
-                };
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let mut child = child;
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("waitless did not start");
-    }
-
-    /// /stats as JSON.
-    pub async fn stats(&self) -> serde_json::Value {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.admin));
-        let (status, body) = super::get(addr, "/stats", false).await.expect("stats");
-        assert_eq!(status, 200);
-        serde_json::from_slice(&body).expect("stats JSON")
-    }
-}
-
-impl Drop for MysqlProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        MysqlProxy(Waitless::launch(&config, port, admin).await)
     }
 }
 
