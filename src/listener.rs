@@ -174,35 +174,40 @@ pub async fn accept_loop<T: Serve>(svc: watch::Receiver<Arc<T>>, sock: Bound, op
         match accepted {
             Accepted::Tcp(stream, peer) => {
                 let opts2 = opts.clone();
-                opts.tasks.spawn(async move {
+                let fut = async move {
                     let _active = active;
                     let client = match opts2.proxy_header {
                         None => peer,
-                        Some(within) => match proxy_protocol::read_header(&stream, within).await {
-                            Ok(addrs) => addrs.map_or(peer, |a| a.source),
-                            Err(e) => {
-                                tracing::warn!(listener = %opts2.name, peer = %peer, error = %e,
+                        // Boxed: its buffers would otherwise sit in every connection's task.
+                        Some(within) => {
+                            match Box::pin(proxy_protocol::read_header(&stream, within)).await {
+                                Ok(addrs) => addrs.map_or(peer, |a| a.source),
+                                Err(e) => {
+                                    tracing::warn!(listener = %opts2.name, peer = %peer, error = %e,
                                     "refusing connection: bad PROXY protocol header");
-                                // RST: nothing was sent, and a refused client keeps no TIME_WAIT.
-                                let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-                                opts2.ledger.record(Closer::Proxy, How::Rst, Reason::Error);
-                                return;
+                                    // RST: nothing was sent, and a refused client keeps no TIME_WAIT.
+                                    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                                    opts2.ledger.record(Closer::Proxy, How::Rst, Reason::Error);
+                                    return;
+                                }
                             }
-                        },
+                        }
                     };
                     if over {
                         opts2.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                        svc.reject(stream, Some(client)).await
+                        // Boxed: rare, and large; it must not weigh on every task.
+                        Box::pin(svc.reject(stream, Some(client))).await
                     } else {
                         svc.serve(stream, Some(client)).await
                     }
-                });
+                };
+                opts.tasks.spawn(fut);
             }
             Accepted::Unix(stream) => {
                 opts.tasks.spawn(async move {
                     let _active = active;
                     if over {
-                        svc.reject(stream, None).await
+                        Box::pin(svc.reject(stream, None)).await
                     } else {
                         svc.serve(stream, None).await
                     }

@@ -383,6 +383,7 @@ fn refused_cases() -> Vec<(&'static str, Vec<u8>, &'static [u16])> {
         ("two Host headers", b("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), &[400]),
         ("Host with a space", b("GET / HTTP/1.1\r\nHost: a b\r\n\r\n"), &[400]),
         ("Host with userinfo", b("GET / HTTP/1.1\r\nHost: u@a\r\n\r\n"), &[400]),
+        ("absolute form with userinfo", b("GET http://u@a/ HTTP/1.1\r\nHost: a\r\n\r\n"), &[400]),
         ("absolute form without Host", b("GET http://a/ HTTP/1.1\r\n\r\n"), &[400]),
         ("authority form for GET", b("GET a:80 HTTP/1.1\r\nHost: a\r\n\r\n"), &[400]),
         ("asterisk form for GET", b("GET * HTTP/1.1\r\nHost: a\r\n\r\n"), &[400]),
@@ -828,5 +829,28 @@ async fn malformed_proxy_headers_close_only_that_connection_and_log_the_peer() {
                 .any(|l| l.contains("bad PROXY protocol header") && l.contains(&me.to_string())),
             "{name}: no log line naming {me}:\n{text}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_just_within_the_limits_are_forwarded() {
+    let backend = Recorder::start().await;
+    let proxy = proxy_for(&backend).await;
+    // A request target of 8 KiB, and a head of about 60 KiB in 60 header fields.
+    let target = format!("/{}", "t".repeat(8 * 1024 - 1));
+    let fields: String = (0..60)
+        .map(|i| format!("X-Big-{i}: {}\r\n", "v".repeat(1000)))
+        .collect();
+    for (path, extra) in [(target.as_str(), String::new()), ("/big-head", fields)] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n");
+        let out = exchange(proxy.addr(), req.as_bytes(), Duration::from_secs(3)).await;
+        let text = String::from_utf8_lossy(&out.raw);
+        assert_eq!(
+            out.status,
+            Some(200),
+            "{}",
+            text.get(..200).unwrap_or(&text)
+        );
+        assert!(text.ends_with(&format!("path={path}")));
     }
 }

@@ -25,14 +25,47 @@ use crate::config::{ClientTimeWait, LingerFallback, UpstreamTimeWait};
 pub trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send + Sync + 'static {
     /// TCP sockets have TIME_WAIT, TCP_INFO and SO_LINGER; unix sockets have none of them.
     const IS_TCP: bool;
+
+    /// Ready when there is something to read (or EOF), without reading it.
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
 impl Socket for tokio::net::TcpStream {
     const IS_TCP: bool = true;
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            std::task::ready!(self.poll_read_ready(cx))?;
+            // A fresh socket can report ready before anything arrived: peek to be sure;
+            // WouldBlock clears the readiness so the next poll waits for real data.
+            match self.try_io(tokio::io::Interest::READABLE, || peek_one(self)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(_) => return Poll::Ready(Ok(())),
+            }
+        }
+    }
 }
 
 impl Socket for tokio::net::UnixStream {
     const IS_TCP: bool = false;
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            std::task::ready!(self.poll_read_ready(cx))?;
+            match self.try_io(tokio::io::Interest::READABLE, || peek_one(self)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(_) => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+/// Peeks one byte without blocking: Ok(0) at EOF, WouldBlock when nothing is there.
+fn peek_one<S: AsFd>(sock: &S) -> io::Result<usize> {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    SockRef::from(sock).peek(&mut probe)
 }
 
 /// The client-side close policy of a listener.
@@ -234,7 +267,9 @@ impl<S: Socket> Tracked<S> {
     /// Waits until the peer's FIN (or RST) arrives, discarding what it sends; false when the
     /// deadline passed first.
     async fn await_peer_fin(&mut self, deadline: Instant) -> bool {
-        let mut scratch = [0u8; 4096];
+        // Small: what a client sends after its response is rare, and this buffer lives in
+        // every connection task's state.
+        let mut scratch = [0u8; 256];
         loop {
             match tokio::time::timeout_at(deadline, self.inner.read(&mut scratch)).await {
                 Err(_) => return false,

@@ -4,6 +4,11 @@
 //! The client connection runs in hyper's connection-level server without its own shutdown,
 //! so when the exchange is over the socket comes back to us and the listener's close policy
 //! (`close::Tracked::finish_client`) decides who sends the first FIN.
+//!
+//! Each request head is checked (`validate`) before anything is forwarded, on top of what
+//! hyper's parser refuses; a refused request is answered and its connection closed. An
+//! upstream connection goes back to the pool only after a response complete by its framing
+//! to a request sent whole (`upstream::UpstreamBody`, `upstream::ClientBody`).
 
 mod headers;
 mod upstream;
@@ -109,8 +114,27 @@ impl HttpListener {
     }
 
     /// Serves one client connection to its end, then closes it by policy.
+    ///
+    /// Until the client sends its first byte the connection costs only its socket and this
+    /// small future: hyper's buffers and state are allocated (boxed) once there is a request
+    /// to read, which keeps idle client connections cheap.
     async fn serve_client<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let wait = self
+            .cfg
+            .keepalive_timeout
+            .min(self.cfg.header_timeout.max(MIN_HEADER_WAIT));
+        let ready = tokio::time::timeout(wait, poll_fn(|cx| stream.poll_readable(cx))).await;
+        if ready.is_err() {
+            let io = Tracked::client(stream, self.ledger.clone(), ClientPolicy::of(&self.cfg));
+            // Boxed, like serving below: only the wait itself lives in every idle task.
+            return Box::pin(io.finish_client(Reason::Idle, false)).await;
+        }
+        Box::pin(self.serve_ready(stream, peer)).await
+    }
+
+    /// Serves a client connection that has bytes to read.
+    async fn serve_ready<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
         let policy = ClientPolicy::of(&self.cfg);
         let io = Tracked::client(stream, self.ledger.clone(), policy);
         let state = Arc::new(ConnState::default());

@@ -147,11 +147,6 @@ impl Progress {
     const SENT: u8 = 1;
     const FAILED: u8 = 2;
 
-    /// Progress of a request sent without a body of the client's (a replay).
-    pub fn whole() -> Arc<Progress> {
-        Arc::new(Progress(AtomicU8::new(Progress::SENT)))
-    }
-
     /// The whole body went out.
     pub fn is_sent(&self) -> bool {
         self.0.load(Ordering::Acquire) == Progress::SENT

@@ -99,9 +99,11 @@ fn target(parts: &Parts, max_uri: usize) -> Result<(), Refusal> {
                 Err(refuse(StatusCode::BAD_REQUEST, "invalid request target"))
             }
         }
-        // absolute-form.
-        (Some(scheme), Some(_))
-            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        // absolute-form; its authority becomes the forwarded Host, so it is held to the same
+        // rule (no userinfo).
+        (Some(scheme), Some(authority))
+            if (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https"))
+                && is_valid_host(authority.as_str().as_bytes()) =>
         {
             Ok(())
         }
@@ -288,6 +290,7 @@ mod tests {
         assert_eq!(status(&parts("GET", "*", v11, &h)), Some(400));
         assert_eq!(status(&parts("GET", "a:80", v11, &h)), Some(400));
         assert_eq!(status(&parts("GET", "ftp://a/", v11, &h)), Some(400));
+        assert_eq!(status(&parts("GET", "http://u@a/", v11, &h)), Some(400));
         assert_eq!(status(&parts("CONNECT", "a:443", v11, &h)), Some(501));
         let long = format!("/{}", "a".repeat(8192));
         assert_eq!(status(&parts("GET", &long, v11, &h)), Some(414));
