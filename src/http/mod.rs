@@ -230,18 +230,11 @@ impl HttpListener {
 
         // A bodyless idempotent request can be replayed if a reused connection turns out to
         // have been closed by the server under our feet (the keep-alive race).
-        let replay = (is_idempotent(&parts.method) && body.is_end_stream()).then(|| {
-            let mut r = Request::new(Either::Right(Empty::new()));
-            *r.method_mut() = parts.method.clone();
-            *r.uri_mut() = parts.uri.clone();
-            *r.version_mut() = parts.version;
-            *r.headers_mut() = parts.headers.clone();
-            r
-        });
+        let replayable = is_idempotent(&parts.method) && body.is_end_stream();
         let (body, sent) = ClientBody::new(body);
         let req = Request::from_parts(parts, Either::Left(body));
 
-        let resp = match self.send(req, replay, &sent, client_ip).await {
+        let resp = match self.send(req, replayable, &sent, client_ip).await {
             Ok(resp) => resp,
             Err(resp) => return resp,
         };
@@ -264,7 +257,7 @@ impl HttpListener {
     async fn send(
         self: &Arc<Self>,
         req: Request<upstream::ReqBody>,
-        replay: Option<Request<upstream::ReqBody>>,
+        replayable: bool,
         sent: &Arc<Progress>,
         client_ip: Option<IpAddr>,
     ) -> Result<Response<UpstreamBody>, Response<RespBody>> {
@@ -272,6 +265,8 @@ impl HttpListener {
         let mut lease = self.checkout().await?;
         lease.pooled.mark_used();
         let reused = lease.pooled.is_reused();
+        // The copy for a replay is made only where a replay can happen: on a reused connection.
+        let replay = (replayable && reused).then(|| bodyless_copy(&req));
         let first = tokio::time::timeout(
             up.cfg.response_timeout,
             lease.pooled.conn.tx.send_request(req),
@@ -452,6 +447,16 @@ impl HttpListener {
             ),
         )
     }
+}
+
+/// The request again, without its (empty) body.
+fn bodyless_copy(req: &Request<upstream::ReqBody>) -> Request<upstream::ReqBody> {
+    let mut r = Request::new(Either::Right(Empty::new()));
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
 }
 
 fn is_idempotent(m: &Method) -> bool {
