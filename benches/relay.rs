@@ -48,9 +48,9 @@ const DEFAULT_SECS: u64 = 5;
 /// (32768-60999 by default), so no client socket ever has one as its local port.
 const PORT_BASE: u16 = 20_000;
 const PORT_END: u16 = 32_000;
-/// Short-connection requests per second this bench could possibly reach here, to judge
-/// whether the TIME_WAIT table has room for the next run.
-const MAX_SHORT_RATE: u64 = 70_000;
+/// Short-connection requests per second assumed before any short run was measured, to judge
+/// whether the TIME_WAIT table has room for the next run (afterwards: the fastest seen).
+const FIRST_SHORT_RATE: f64 = 20_000.0;
 
 /// The programs this bench can use.
 struct Tools {
@@ -722,16 +722,23 @@ impl Bench {
         })
     }
 
-    /// Waits (at most 75 s) until the TIME_WAIT table has room for a short run's sockets,
-    /// so that none of this run's TIME_WAIT is lost to `tcp_max_tw_buckets`.
+    /// Waits (at most 65 s: TIME_WAIT lasts 60 s) until the TIME_WAIT table has room for a
+    /// short run's sockets, so that none of them is lost to `tcp_max_tw_buckets`; a run
+    /// that overflows anyway says so in its `tw_overflow`.
     fn wait_tw_headroom(&self) {
         let cap = tw_cap();
-        let need = (MAX_SHORT_RATE * self.secs).min(cap);
+        let rate = self
+            .runs
+            .iter()
+            .filter(|r| r.clients == Clients::Short.label())
+            .map(|r| r.req_per_s)
+            .fold(FIRST_SHORT_RATE, f64::max);
+        let need = ((rate * 1.25 * self.secs as f64) as u64).min(cap);
         let enough = |tw: u64| tw + need <= cap || tw <= cap / 50;
         let start = Instant::now();
         let mut told = false;
         while let Some(tw) = host_time_wait() {
-            if enough(tw) || start.elapsed() > Duration::from_secs(75) {
+            if enough(tw) || start.elapsed() > Duration::from_secs(65) {
                 break;
             }
             if !told {

@@ -586,7 +586,11 @@ impl Config {
                     "must be at least 1: a server is marked down after that many failures in a row",
                 ));
             }
-            if upstream.health_check.as_ref().is_some_and(|h| h.interval.is_zero()) {
+            if upstream
+                .health_check
+                .as_ref()
+                .is_some_and(|h| h.interval.is_zero())
+            {
                 return Err(at.error(key("health_check"), "interval must be longer than 0s"));
             }
             if upstream.pool_size == 0 {
@@ -696,7 +700,11 @@ impl Config {
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "workers = {}", self.workers)?;
-        writeln!(f, "drain_timeout = \"{}\"", format_duration(self.drain_timeout))?;
+        writeln!(
+            f,
+            "drain_timeout = \"{}\"",
+            format_duration(self.drain_timeout)
+        )?;
         writeln!(f)?;
         writeln!(f, "[admin]")?;
         match self.admin.listen {

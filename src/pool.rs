@@ -196,7 +196,11 @@ impl<C: PoolConn> Server<C> {
     pub fn try_open_permit(&self) -> Result<Option<OwnedSemaphorePermit>, Busy> {
         match &self.limit {
             None => Ok(None),
-            Some(limit) => limit.clone().try_acquire_owned().map(Some).map_err(|_| Busy),
+            Some(limit) => limit
+                .clone()
+                .try_acquire_owned()
+                .map(Some)
+                .map_err(|_| Busy),
         }
     }
 
@@ -347,7 +351,10 @@ impl<C: PoolConn> Upstream<C> {
         let first = match self.cfg.balance {
             Balance::RoundRobin => {
                 let turn = self.next.fetch_add(1, Ordering::Relaxed);
-                self.schedule.get(turn % self.schedule.len().max(1)).copied().unwrap_or(0)
+                self.schedule
+                    .get(turn % self.schedule.len().max(1))
+                    .copied()
+                    .unwrap_or(0)
             }
             Balance::LeastConn => self.least_busy(),
         };
@@ -429,7 +436,10 @@ fn smooth_schedule(weights: &[u32], n: usize) -> Vec<usize> {
         for (c, w) in current.iter_mut().zip(&weights) {
             *c += w;
         }
-        let Some((best, _)) = current.iter().enumerate().max_by_key(|(i, c)| (**c, -(*i as i64)))
+        let Some((best, _)) = current
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, c)| (**c, -(*i as i64)))
         else {
             break;
         };

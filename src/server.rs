@@ -149,7 +149,9 @@ impl Proxy {
         });
         proxy.apply(config)?;
         for l in &proxy.current().listeners {
-            let at = l.addr.map_or_else(|| l.cfg.listen.to_string(), |a| a.to_string());
+            let at = l
+                .addr
+                .map_or_else(|| l.cfg.listen.to_string(), |a| a.to_string());
             tracing::info!(listener = %l.cfg.name, protocol = %l.cfg.protocol, addr = %at, "listening");
         }
         if let Some(sock) = admin_sock {
@@ -185,7 +187,10 @@ impl Proxy {
     pub async fn shutdown(&self, timeout: Duration) {
         self.stop.cancel();
         self.tasks.close();
-        if tokio::time::timeout(timeout, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(timeout, self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 open = self.tasks.len(),
                 "drain_timeout passed with client connections still open; closing them"
@@ -211,12 +216,18 @@ impl Proxy {
         let mut fresh: Vec<Option<Bound>> = Vec::new();
         for l in &config.listeners {
             let key = slot_key(l);
-            if slots.iter().any(|s| s.key == key && s.protocol == l.protocol) {
+            if slots
+                .iter()
+                .any(|s| s.key == key && s.protocol == l.protocol)
+            {
                 fresh.push(None);
                 continue;
             }
             let sock = Bound::bind(&l.listen, l.mode).map_err(|e| {
-                StartError(format!("listener {}: cannot listen on {}: {e}", l.name, l.listen))
+                StartError(format!(
+                    "listener {}: cannot listen on {}: {e}",
+                    l.name, l.listen
+                ))
             })?;
             fresh.push(Some(sock));
         }
@@ -224,7 +235,10 @@ impl Proxy {
         let mut services = Vec::new();
         for l in &config.listeners {
             let upstream = config.upstream(&l.upstream).ok_or_else(|| {
-                StartError(format!("listener {}: no upstream named {}", l.name, l.upstream))
+                StartError(format!(
+                    "listener {}: no upstream named {}",
+                    l.name, l.upstream
+                ))
             })?;
             match pools.protocol.get(&upstream.name) {
                 Some(p) if *p != l.protocol => {
@@ -239,7 +253,9 @@ impl Proxy {
                 }
             }
             let key = slot_key(l);
-            let existing = slots.iter().find(|s| s.key == key && s.protocol == l.protocol);
+            let existing = slots
+                .iter()
+                .find(|s| s.key == key && s.protocol == l.protocol);
             let stop = existing.map_or_else(|| self.stop.child_token(), |s| s.stop.clone());
             let stats = match existing {
                 Some(s) if s.name == l.name => s.stats.clone(),
@@ -396,13 +412,17 @@ impl SlotService {
 
 impl Pools {
     fn http(&mut self, cfg: &config::Upstream, old: &Pools, ledger: &Ledger) -> Arc<HttpUpstream> {
-        let up = pick(&mut self.http, &old.http, cfg, |c| HttpUpstream::new(c, ledger));
+        let up = pick(&mut self.http, &old.http, cfg, |c| {
+            HttpUpstream::new(c, ledger)
+        });
         self.register(up.clone());
         up
     }
 
     fn tcp(&mut self, cfg: &config::Upstream, old: &Pools, ledger: &Ledger) -> Arc<TcpUpstream> {
-        let up = pick(&mut self.tcp, &old.tcp, cfg, |c| TcpUpstream::new(c, ledger));
+        let up = pick(&mut self.tcp, &old.tcp, cfg, |c| {
+            TcpUpstream::new(c, ledger)
+        });
         self.register(up.clone());
         up
     }
@@ -413,7 +433,9 @@ impl Pools {
         old: &Pools,
         ledger: &Ledger,
     ) -> Arc<MysqlUpstream> {
-        let up = pick(&mut self.mysql, &old.mysql, cfg, |c| MysqlUpstream::new(c, ledger));
+        let up = pick(&mut self.mysql, &old.mysql, cfg, |c| {
+            MysqlUpstream::new(c, ledger)
+        });
         self.register(up.pool.clone());
         up
     }

@@ -507,7 +507,11 @@ async fn mysql_sessions_over_a_unix_socket_listener() {
             .output()
             .expect("run mariadb");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(stdout.trim(), "42");
     }
 }

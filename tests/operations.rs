@@ -101,14 +101,21 @@ async fn sighup_with_a_changed_upstream_under_load_gives_no_errors() {
         b.requests.load(Ordering::SeqCst)
     );
     assert_eq!(errors.load(Ordering::SeqCst), 0);
-    assert!(before_bad > 0, "the new upstream got no traffic after SIGHUP");
+    assert!(
+        before_bad > 0,
+        "the new upstream got no traffic after SIGHUP"
+    );
     assert!(
         b.requests.load(Ordering::SeqCst) > before_bad,
         "traffic stopped after a refused reload"
     );
     let a_before = a.requests.load(Ordering::SeqCst);
     assert_eq!(get(proxy.addr(), "/", true).await.unwrap().0, 200);
-    assert_eq!(a.requests.load(Ordering::SeqCst), a_before, "old upstream still used");
+    assert_eq!(
+        a.requests.load(Ordering::SeqCst),
+        a_before,
+        "old upstream still used"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +123,9 @@ async fn slowloris_is_cut_at_the_header_timeout_while_others_are_served() {
     let backend = Backend::start(BackendMode::Echo).await;
     let proxy = Waitless::start(&[backend.addr], "header_timeout = \"1s\"", "").await;
     let mut slow = TcpStream::connect(proxy.addr()).await.unwrap();
-    slow.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .unwrap();
     let dribble = async {
         for _ in 0..40 {
             if slow.write_all(b"X").await.is_err() {
@@ -202,7 +211,9 @@ async fn connection_limit_answers_503_beyond_max_clients() {
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
-        s.write_all(b"GET /bytes/3 HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /bytes/3 HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = [0u8; 512];
         let n = s.read(&mut buf).await.unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
@@ -239,5 +250,8 @@ fn shipped_deployment_configs_pass_check() {
         );
         checked += 1;
     }
-    assert!(checked >= 4, "config/ should ship the default and three deployment configs");
+    assert!(
+        checked >= 4,
+        "config/ should ship the default and three deployment configs"
+    );
 }

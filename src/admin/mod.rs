@@ -58,7 +58,11 @@ async fn route(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<Full<Bytes
                         format!("reload refused, the running configuration stays: {e}\n"),
                     )
                 }
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
             }
         }
         "/metrics" => {

@@ -5,8 +5,8 @@
 //! version (anything but HTTP/1.0 and 1.1), header lines that are not `name: value` (no
 //! colon, whitespace before it, NUL, bare CR, obs-fold), a missing, signed, non-numeric or
 //! conflicting Content-Length, and a Transfer-Encoding whose last coding is not `chunked`
-//! (or any in HTTP/1.0); with 414 a request target over 64 KiB; with 431 more than 100
-//! header fields or a head over its buffer (set from `max_header_size`). A request with both
+//! (or any in HTTP/1.0); with 431 more than 100 header fields or a head over `MAX_HEAD`
+//! (which hyper's own 414 for a target over 64 KiB never gets to see). A request with both
 //! Transfer-Encoding and Content-Length is read as chunked and the connection closed after
 //! the response (RFC 9112 §6.1); the Content-Length never reaches the server.
 //!
