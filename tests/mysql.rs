@@ -538,3 +538,22 @@ async fn no_server_up_gives_error_2003() {
         Ok(_) => panic!("logged in with no server up"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_that_stalls_is_cut_at_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = MariaDb::start().await;
+    let proxy = MysqlProxy::start(db.port, "header_timeout = \"1s\"", "").await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let greeting = s.read(&mut buf).await.unwrap();
+    assert!(greeting > 0, "no greeting");
+    // A login packet header announcing 32 bytes, then one byte, then nothing.
+    s.write_all(&[32, 0, 0, 1, 0x85]).await.unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("a stalled login was never cut");
+    assert!(matches!(cut, Ok(0) | Err(_)), "{cut:?}");
+}

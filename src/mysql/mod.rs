@@ -383,13 +383,21 @@ impl MysqlListener {
         };
         let host = peer.map_or_else(|| "localhost".to_string(), |p| p.ip().to_string());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let login = match front::accept(client, &profile, &self.users, &host, id).await {
-            Ok(login) => login,
-            Err(Refused::Answered(msg)) => {
+        // A login must complete within header_timeout: a client that stalls mid-handshake
+        // would otherwise hold its connection for ever.
+        let accepting = front::accept(client, &profile, &self.users, &host, id);
+        let login = match tokio::time::timeout(self.cfg.header_timeout, accepting).await {
+            Ok(Ok(login)) => login,
+            Ok(Err(Refused::Answered(msg))) => {
                 tracing::info!(listener = %self.cfg.name, peer = ?peer, "{msg}");
                 return End::Done(Reason::Done);
             }
-            Err(Refused::Io(e)) => return End::Broken(format!("login: {e}")),
+            Ok(Err(Refused::Io(e))) => return End::Broken(format!("login: {e}")),
+            Err(_) => {
+                tracing::info!(listener = %self.cfg.name, peer = ?peer,
+                    timeout = ?self.cfg.header_timeout, "login not completed in time; closing");
+                return End::Done(Reason::Idle);
+            }
         };
 
         let lease = match up.checkout(index, &login).await {
