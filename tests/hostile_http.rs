@@ -717,7 +717,6 @@ async fn a_thousand_random_byte_strings_leave_the_proxy_alive_and_serving() {
 /// (returned) so tests can read what it said about each peer.
 async fn proxy_protocol_proxy(backend: &Recorder) -> (Waitless, std::path::PathBuf) {
     let (port, admin) = (free_port(), free_port());
-    let dir = TempDir::new("hostile");
     let config = format!(
         "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
          [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"web\"\n\
@@ -725,32 +724,7 @@ async fn proxy_protocol_proxy(backend: &Recorder) -> (Waitless, std::path::PathB
          [[upstream]]\nname = \"web\"\nservers = [\"{}\"]\n",
         backend.addr
     );
-    let path = dir.0.join("waitless.toml");
-    std::fs::write(&path, config).unwrap();
-    let log = dir.0.join("waitless.log");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_waitless"))
-        .arg("--config")
-        .arg(&path)
-        .args(["--log", "warn"])
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", admin)).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waitless did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let w = Waitless {
-        child,
-        port,
-        admin,
-        dir,
-    };
+    let (w, log) = Waitless::launch_logged(&config, port, admin, "warn").await;
     (w, log)
 }
 

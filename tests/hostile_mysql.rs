@@ -18,7 +18,6 @@ use tokio::net::TcpStream;
 /// file (returned): a broken login is logged at debug with its peer.
 async fn proxy_with_log(server: u16) -> (MysqlProxy, std::path::PathBuf) {
     let (port, admin) = (free_port(), free_port());
-    let dir = TempDir::new("hostile-mysql");
     let config = format!(
         "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
          [[listener]]\nname = \"db\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"mysql\"\n\
@@ -26,32 +25,7 @@ async fn proxy_with_log(server: u16) -> (MysqlProxy, std::path::PathBuf) {
          [[upstream]]\nname = \"db\"\nservers = [\"127.0.0.1:{server}\"]\npool_size = 2\n\n\
          [[mysql_user]]\nuser = \"{USER}\"\npassword = \"{PASSWORD}\"\n"
     );
-    let path = dir.0.join("waitless.toml");
-    std::fs::write(&path, config).unwrap();
-    let log = dir.0.join("waitless.log");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_waitless"))
-        .arg("--config")
-        .arg(&path)
-        .args(["--log", "waitless=debug"])
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", admin)).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waitless did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let w = Waitless {
-        child,
-        port,
-        admin,
-        dir,
-    };
+    let (w, log) = Waitless::launch_logged(&config, port, admin, "waitless=debug").await;
     (MysqlProxy(w), log)
 }
 

@@ -327,19 +327,40 @@ impl Waitless {
     /// Starts waitless on a whole config text; `port` is its main listener's TCP port (0 when
     /// it has none) and `admin` the admin port the text sets.
     pub async fn launch(config: &str, port: u16, admin: u16) -> Waitless {
+        Waitless::spawn(config, port, admin, "error", false).await
+    }
+
+    /// As `launch`, logging at `level` to a file in its directory; returns that file's path,
+    /// for tests that check what waitless logs.
+    pub async fn launch_logged(
+        config: &str,
+        port: u16,
+        admin: u16,
+        level: &str,
+    ) -> (Waitless, std::path::PathBuf) {
+        let w = Waitless::spawn(config, port, admin, level, true).await;
+        let log = w.dir.0.join("waitless.log");
+        (w, log)
+    }
+
+    async fn spawn(config: &str, port: u16, admin: u16, level: &str, log: bool) -> Waitless {
         let dir = TempDir::new("waitless");
         let path = dir.0.join("waitless.toml");
         std::fs::File::create(&path)
             .and_then(|mut f| f.write_all(config.as_bytes()))
             .expect("write config");
-        let child = Command::new(env!("CARGO_BIN_EXE_waitless"))
-            .arg("--config")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_waitless"));
+        cmd.arg("--config")
             .arg(&path)
-            .arg("--log")
-            .arg("error")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn waitless");
+            .args(["--log", level])
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null());
+        if log {
+            // In the process's own directory, removed with it.
+            let file = std::fs::File::create(dir.0.join("waitless.log")).expect("create log");
+            cmd.stderr(file);
+        }
+        let child = cmd.spawn().expect("spawn waitless");
         let w = Waitless {
             child,
             port,
@@ -469,20 +490,21 @@ pub fn is_complete_response(raw: &[u8]) -> bool {
     len == Some(raw.len() - at - 4)
 }
 
-/// `n` EOF-reading requests, `concurrency` at a time; returns how many failed.
-pub async fn eof_load(addr: SocketAddr, n: usize, concurrency: usize) -> usize {
+/// Runs `one` `n` times, `concurrency` at a time; returns how many returned false.
+pub async fn run_load<F, Fut>(n: usize, concurrency: usize, one: F) -> usize
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let next = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (next, failed) = (next.clone(), failed.clone());
+        let (next, failed, one) = (next.clone(), failed.clone(), one.clone());
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::SeqCst) < n {
-                match get_to_eof(addr, "/", "HTTP/1.1").await {
-                    Ok(r) if r.starts_with(b"HTTP/1.1 200") && is_complete_response(&r) => {}
-                    _ => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                    }
+                if !one().await {
+                    failed.fetch_add(1, Ordering::SeqCst);
                 }
             }
         }));
@@ -493,28 +515,21 @@ pub async fn eof_load(addr: SocketAddr, n: usize, concurrency: usize) -> usize {
     failed.load(Ordering::SeqCst)
 }
 
+/// `n` EOF-reading requests, `concurrency` at a time; returns how many failed.
+pub async fn eof_load(addr: SocketAddr, n: usize, concurrency: usize) -> usize {
+    run_load(n, concurrency, move || async move {
+        matches!(get_to_eof(addr, "/", "HTTP/1.1").await,
+            Ok(r) if r.starts_with(b"HTTP/1.1 200") && is_complete_response(&r))
+    })
+    .await
+}
+
 /// `n` `Connection: close` GETs, `concurrency` at a time; returns how many failed.
 pub async fn short_load(addr: SocketAddr, n: usize, concurrency: usize) -> usize {
-    let next = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (next, failed) = (next.clone(), failed.clone());
-        tasks.push(tokio::spawn(async move {
-            while next.fetch_add(1, Ordering::SeqCst) < n {
-                match get(addr, "/", true).await {
-                    Ok((200, _)) => {}
-                    _ => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("load task");
-    }
-    failed.load(Ordering::SeqCst)
+    run_load(n, concurrency, move || async move {
+        matches!(get(addr, "/", true).await, Ok((200, _)))
+    })
+    .await
 }
 
 // ---------------------------------------------------------------------------------------

@@ -218,32 +218,16 @@ pub async fn connect(port: u16, db: Option<&str>) -> Conn {
 
 /// `n` connect / `SELECT 1` / quit cycles, `concurrency` at a time; returns how many failed.
 pub async fn short_sessions(port: u16, n: usize, concurrency: usize) -> usize {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    let next = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (next, failed) = (next.clone(), failed.clone());
-        tasks.push(tokio::spawn(async move {
-            while next.fetch_add(1, Ordering::SeqCst) < n {
-                let ok = async {
-                    let mut c = Conn::new(opts(port, USER, PASSWORD, Some("appdb"))).await?;
-                    let one: Option<u32> = c.query_first("SELECT 1").await?;
-                    c.disconnect().await?;
-                    Ok::<_, mysql_async::Error>(one == Some(1))
-                }
-                .await;
-                if !matches!(ok, Ok(true)) {
-                    failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("session task");
-    }
-    failed.load(Ordering::SeqCst)
+    super::run_load(n, concurrency, move || async move {
+        let cycle = async {
+            let mut c = Conn::new(opts(port, USER, PASSWORD, Some("appdb"))).await?;
+            let one: Option<u32> = c.query_first("SELECT 1").await?;
+            c.disconnect().await?;
+            Ok::<_, mysql_async::Error>(one == Some(1))
+        };
+        matches!(cycle.await, Ok(true))
+    })
+    .await
 }
 
 /// Runs the stock `mariadb` client against 127.0.0.1:`port` with `args`; returns its exit
