@@ -18,6 +18,7 @@
 //! - `admin`: /metrics, /stats and /healthz, and the `waitless stats` table.
 //! - `demo`: `waitless demo`, where TIME_WAIT lands under each policy, measured.
 //! - `server`: wires one config into a running proxy.
+//! - `workers`: thread-per-core runtimes; listeners and pools are spread over them.
 
 pub mod admin;
 pub mod close;
@@ -31,3 +32,4 @@ pub mod pool;
 pub mod proxy_protocol;
 pub mod server;
 pub mod tcp;
+pub mod workers;

@@ -63,11 +63,21 @@ pub struct ListenerStats {
     pub errors_upstream: AtomicU64,
 }
 
-/// A bound, listening socket.
+/// Listening sockets bound but not yet given to a runtime: for TCP one socket per worker in
+/// one SO_REUSEPORT group (the kernel spreads connections across them, and a busy worker's
+/// queue does not hold up the others); for unix one socket that every worker accepts on.
+#[derive(Debug)]
+pub enum Listening {
+    Tcp(Vec<std::net::TcpListener>),
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+/// A listening socket in one worker's runtime.
 #[derive(Debug)]
 pub enum Bound {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    /// The path is removed when the socket that owns it (worker 0's) is dropped.
+    Unix(UnixListener, Option<PathBuf>),
 }
 
 /// A connection just accepted.
@@ -80,32 +90,100 @@ pub enum Accepted {
 /// SYN retries (a second of latency each).
 const BACKLOG: i32 = 4096;
 
-// === impl Bound ===
+// === impl Listening ===
 
-impl Bound {
-    /// Binds `addr`. A unix socket file left by a dead process is replaced; one that a live
-    /// process still accepts on is not stolen.
-    pub fn bind(addr: &Address, mode: Option<u32>) -> io::Result<Bound> {
+impl Listening {
+    /// Binds `addr` for `workers` workers. A unix socket file left by a dead process is
+    /// replaced; one that a live process still accepts on is not stolen, and neither is a
+    /// TCP port another process listens on (SO_REUSEPORT alone would share it).
+    pub fn bind(addr: &Address, mode: Option<u32>, workers: usize) -> io::Result<Listening> {
         match addr {
             Address::Tcp(sa) => {
-                let sock = RawSocket::new(Domain::for_address(*sa), Type::STREAM, None)?;
-                // Rebinding right after a restart must not fail on old TIME_WAIT sockets.
-                sock.set_reuse_address(true)?;
-                if sa.is_ipv6() {
-                    sock.set_only_v6(true)?;
+                if workers <= 1 {
+                    return Ok(Listening::Tcp(vec![tcp_socket(*sa, false)?]));
                 }
-                sock.set_nonblocking(true)?;
-                sock.bind(&(*sa).into())?;
-                sock.listen(BACKLOG)?;
-                Ok(Bound::Tcp(TcpListener::from_std(sock.into())?))
+                // Bound without SO_REUSEPORT first: fails if anyone listens on the port.
+                let probe = tcp_socket(*sa, false)?;
+                let port = probe.local_addr()?.port();
+                drop(probe);
+                let at = SocketAddr::new(sa.ip(), port);
+                let socks = (0..workers)
+                    .map(|_| tcp_socket(at, true))
+                    .collect::<io::Result<Vec<_>>>()?;
+                Ok(Listening::Tcp(socks))
             }
             Address::Unix(path) => {
                 remove_stale_socket(path)?;
-                let listener = UnixListener::bind(path)?;
+                let listener = std::os::unix::net::UnixListener::bind(path)?;
+                listener.set_nonblocking(true)?;
                 if let Some(mode) = mode {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
                 }
-                Ok(Bound::Unix(listener, path.clone()))
+                Ok(Listening::Unix(listener, path.clone()))
+            }
+        }
+    }
+
+    /// The TCP address actually bound (port 0 resolved), if TCP.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listening::Tcp(socks) => socks.first().and_then(|s| s.local_addr().ok()),
+            Listening::Unix(..) => None,
+        }
+    }
+
+    /// Splits into one socket per worker (`workers` of them), for `Bound::register`.
+    pub fn split(self, workers: usize) -> io::Result<Vec<Listening>> {
+        match self {
+            Listening::Tcp(socks) => {
+                Ok(socks.into_iter().map(|s| Listening::Tcp(vec![s])).collect())
+            }
+            Listening::Unix(l, path) => {
+                let mut out = Vec::with_capacity(workers);
+                for _ in 1..workers.max(1) {
+                    // A clone shares the socket; only the original removes the file.
+                    out.push(Listening::Unix(l.try_clone()?, PathBuf::new()));
+                }
+                out.insert(0, Listening::Unix(l, path));
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// A listening TCP socket on `sa`, in SO_REUSEPORT's group when `shared`.
+fn tcp_socket(sa: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener> {
+    let sock = RawSocket::new(Domain::for_address(sa), Type::STREAM, None)?;
+    // Rebinding right after a restart must not fail on old TIME_WAIT sockets.
+    sock.set_reuse_address(true)?;
+    if shared {
+        sock.set_reuse_port(true)?;
+    }
+    if sa.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&sa.into())?;
+    sock.listen(BACKLOG)?;
+    Ok(sock.into())
+}
+
+// === impl Bound ===
+
+impl Bound {
+    /// Registers one worker's share of a listener with the runtime it runs in (call it
+    /// inside that runtime).
+    pub fn register(l: Listening) -> io::Result<Bound> {
+        match l {
+            Listening::Tcp(mut socks) => {
+                let sock = socks
+                    .pop()
+                    .ok_or_else(|| io::Error::other("no socket for this worker"))?;
+                Ok(Bound::Tcp(TcpListener::from_std(sock)?))
+            }
+            Listening::Unix(l, path) => {
+                let owner = (!path.as_os_str().is_empty()).then_some(path);
+                Ok(Bound::Unix(UnixListener::from_std(l)?, owner))
             }
         }
     }
@@ -243,7 +321,7 @@ impl Drop for ActiveGuard {
 
 impl Drop for Bound {
     fn drop(&mut self) {
-        if let Bound::Unix(_, path) = self {
+        if let Bound::Unix(_, Some(path)) = self {
             let _ = std::fs::remove_file(path);
         }
     }

@@ -193,7 +193,7 @@ fn admin_request(admin: SocketAddr, method: &str, path: &str) -> Result<(u16, St
 }
 
 fn run(config: Config) -> ExitCode {
-    let rt = match server::runtime(config.workers) {
+    let rt = match waitless::workers::start(config.workers) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("waitless: cannot start the runtime: {e}");

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::close::{CloseCtl, Ledger, Reason, SideId, SideLedger};
 use crate::config::{self, Address, Balance, HealthCheck};
 use crate::health::{self, Health};
+use crate::workers;
 
 /// A connection handle the pool can keep.
 pub trait PoolConn: Send + 'static {
@@ -38,6 +39,8 @@ pub struct Pooled<C> {
     uses: u64,
     /// When it went idle.
     since: Instant,
+    /// The worker whose runtime owns its socket (and hyper's task for it).
+    home: usize,
 }
 
 /// One server of an upstream and its idle connections.
@@ -49,9 +52,13 @@ pub struct Server<C> {
     pub label: String,
     /// Its close ledger.
     pub ledger: Arc<SideLedger>,
-    /// Idle connections, most recently used last (LIFO keeps the hot few warm and lets the
-    /// rest reach `idle_timeout`).
-    idle: Mutex<Vec<Pooled<C>>>,
+    /// Idle connections per worker, most recently used last (LIFO keeps the hot few warm
+    /// and lets the rest reach `idle_timeout`). A worker lends its own first, so a request
+    /// and its upstream connection stay on one thread; it takes another worker's only
+    /// when it has none, rather than open one more connection.
+    idle: Box<[Mutex<Vec<Pooled<C>>>]>,
+    /// Idle connections over all workers (bounded by `pool_size`).
+    idle_total: AtomicUsize,
     /// Bounds open connections when `max_connections` > 0.
     limit: Option<Arc<Semaphore>>,
     /// Counters for metrics.
@@ -128,6 +135,7 @@ impl<C> Pooled<C> {
             born: now,
             uses: 0,
             since: now,
+            home: workers::current(),
         }
     }
 
@@ -155,7 +163,7 @@ impl<C: PoolConn> Server<C> {
     pub fn take_idle(&self, cfg: &config::Upstream) -> Option<Pooled<C>> {
         let now = Instant::now();
         loop {
-            let mut pooled = self.lock_idle().pop()?;
+            let mut pooled = self.take_where(|idle| idle.pop())?;
             if now.duration_since(pooled.since) >= cfg.idle_timeout {
                 pooled.ctl.retire(Reason::Idle);
                 continue;
@@ -177,11 +185,10 @@ impl<C: PoolConn> Server<C> {
     ) -> Option<Pooled<C>> {
         let now = Instant::now();
         loop {
-            let mut pooled = {
-                let mut idle = self.lock_idle();
+            let mut pooled = self.take_where(|idle| {
                 let at = idle.iter().rposition(|p| wanted(&p.conn))?;
-                idle.remove(at)
-            };
+                Some(idle.remove(at))
+            })?;
             if now.duration_since(pooled.since) >= cfg.idle_timeout {
                 pooled.ctl.retire(Reason::Idle);
                 continue;
@@ -216,13 +223,26 @@ impl<C: PoolConn> Server<C> {
             return;
         }
         pooled.since = now;
-        let mut idle = self.lock_idle();
-        if idle.len() >= cfg.pool_size {
-            drop(idle);
+        if self.idle_total.fetch_add(1, Ordering::AcqRel) >= cfg.pool_size {
+            self.idle_total.fetch_sub(1, Ordering::AcqRel);
             pooled.ctl.retire(Reason::PoolFull);
             return;
         }
-        idle.push(pooled);
+        self.lock_idle(pooled.home).push(pooled);
+    }
+
+    /// The first connection `pick` takes from the idle lists, the caller's worker's first.
+    fn take_where(
+        &self,
+        mut pick: impl FnMut(&mut Vec<Pooled<C>>) -> Option<Pooled<C>>,
+    ) -> Option<Pooled<C>> {
+        let n = self.idle.len();
+        let me = workers::current();
+        (0..n).find_map(|i| {
+            let taken = pick(&mut self.lock_idle((me + i) % n))?;
+            self.idle_total.fetch_sub(1, Ordering::AcqRel);
+            Some(taken)
+        })
     }
 
     /// A permit to open one more connection; waits up to `wait` when `max_connections` are
@@ -249,15 +269,15 @@ impl<C: PoolConn> Server<C> {
 
     /// Idle connections now.
     pub fn idle_count(&self) -> usize {
-        self.lock_idle().len()
+        self.idle_total.load(Ordering::Acquire)
     }
 
     /// Retires idle connections past `idle_timeout` or worn out, and dead ones.
     fn reap(&self, cfg: &config::Upstream) {
         let now = Instant::now();
         let mut gone = Vec::new();
-        {
-            let mut idle = self.lock_idle();
+        for w in 0..self.idle.len() {
+            let mut idle = self.lock_idle(w);
             let mut i = 0;
             while i < idle.len() {
                 let p = &mut idle[i];
@@ -273,6 +293,7 @@ impl<C: PoolConn> Server<C> {
                 match reason {
                     Some(r) => {
                         let p = idle.remove(i);
+                        self.idle_total.fetch_sub(1, Ordering::AcqRel);
                         p.ctl.retire(r);
                         gone.push(p);
                     }
@@ -287,14 +308,19 @@ impl<C: PoolConn> Server<C> {
     /// Retires every idle connection (shutdown).
     pub fn drain(&self) {
         self.drained.store(true, Ordering::Relaxed);
-        let gone: Vec<_> = std::mem::take(&mut *self.lock_idle());
-        for p in &gone {
-            p.ctl.retire(Reason::Drain);
+        for w in 0..self.idle.len() {
+            let gone: Vec<_> = std::mem::take(&mut *self.lock_idle(w));
+            self.idle_total.fetch_sub(gone.len(), Ordering::AcqRel);
+            for p in &gone {
+                p.ctl.retire(Reason::Drain);
+            }
         }
     }
 
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Pooled<C>>> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    /// Worker `w`'s idle list.
+    fn lock_idle(&self, w: usize) -> std::sync::MutexGuard<'_, Vec<Pooled<C>>> {
+        let list = &self.idle[w % self.idle.len()];
+        list.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -320,7 +346,10 @@ impl<C: PoolConn> Upstream<C> {
                         },
                     }),
                     label,
-                    idle: Mutex::new(Vec::new()),
+                    idle: (0..workers::count())
+                        .map(|_| Mutex::new(Vec::new()))
+                        .collect(),
+                    idle_total: AtomicUsize::new(0),
                     limit: (cfg.max_connections > 0)
                         .then(|| Arc::new(Semaphore::new(cfg.max_connections))),
                     stats: ServerStats::default(),

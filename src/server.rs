@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,10 +23,11 @@ use crate::admin;
 use crate::close::{Ledger, SideId, SideLedger};
 use crate::config::{self, Config, Protocol};
 use crate::http::{HttpListener, HttpUpstream};
-use crate::listener::{accept_loop, AcceptOpts, Bound, ListenerStats};
+use crate::listener::{accept_loop, AcceptOpts, Bound, ListenerStats, Listening, Serve};
 use crate::mysql::{MysqlListener, MysqlUpstream};
 use crate::pool::UpstreamInfo;
 use crate::tcp::{TcpRelay, TcpUpstream};
+use crate::workers;
 
 /// The shared state of a running proxy.
 #[derive(Debug)]
@@ -42,6 +44,8 @@ pub struct Proxy {
     stop: CancellationToken,
     /// Every client connection task.
     tasks: TaskTracker,
+    /// The worker runtimes; every listener accepts on each of them.
+    workers: Vec<Handle>,
 }
 
 /// One config's listeners and pools.
@@ -146,6 +150,7 @@ impl Proxy {
             slots: Mutex::new(Vec::new()),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            workers: workers::handles(),
         });
         proxy.apply(config)?;
         for l in &proxy.current().listeners {
@@ -213,7 +218,7 @@ impl Proxy {
         let mut pools = Pools::default();
 
         // Sockets first: a listener that cannot bind refuses the whole config.
-        let mut fresh: Vec<Option<Bound>> = Vec::new();
+        let mut fresh: Vec<Option<Vec<Listening>>> = Vec::new();
         for l in &config.listeners {
             let key = slot_key(l);
             if slots
@@ -223,13 +228,16 @@ impl Proxy {
                 fresh.push(None);
                 continue;
             }
-            let sock = Bound::bind(&l.listen, l.mode).map_err(|e| {
-                StartError(format!(
-                    "listener {}: cannot listen on {}: {e}",
-                    l.name, l.listen
-                ))
-            })?;
-            fresh.push(Some(sock));
+            let n = self.workers.len();
+            let socks = Listening::bind(&l.listen, l.mode, n)
+                .and_then(|s| s.split(n))
+                .map_err(|e| {
+                    StartError(format!(
+                        "listener {}: cannot listen on {}: {e}",
+                        l.name, l.listen
+                    ))
+                })?;
+            fresh.push(Some(socks));
         }
         // Services next, so that nothing is started until every one could be built.
         let mut services = Vec::new();
@@ -309,8 +317,8 @@ impl Proxy {
                     slot.stats = stats.clone();
                     slot.addr
                 }
-                Some(sock) => {
-                    let addr = sock.local_addr();
+                Some(socks) => {
+                    let addr = socks.first().and_then(Listening::local_addr);
                     let opts = AcceptOpts {
                         name: l.name.clone().into(),
                         proxy_header: l.accept_proxy_protocol.then_some(PROXY_HEADER_TIMEOUT),
@@ -320,7 +328,7 @@ impl Proxy {
                         stop: stop.clone(),
                         tasks: self.tasks.clone(),
                     };
-                    let service = service.start(sock, opts);
+                    let service = service.start(socks, opts, &self.workers);
                     slots.push(Slot {
                         key: key.clone(),
                         name: l.name.clone(),
@@ -375,24 +383,44 @@ enum Service {
 }
 
 impl Service {
-    fn start(self, sock: Bound, opts: AcceptOpts) -> SlotService {
+    /// Starts an accept loop on each worker, each on its own share of the sockets.
+    fn start(self, socks: Vec<Listening>, opts: AcceptOpts, workers: &[Handle]) -> SlotService {
         match self {
             Service::Http(s) => {
                 let (tx, rx) = watch::channel(s);
-                tokio::spawn(accept_loop(rx, sock, opts));
+                spawn_loops(rx, socks, opts, workers);
                 SlotService::Http(tx)
             }
             Service::Tcp(s) => {
                 let (tx, rx) = watch::channel(s);
-                tokio::spawn(accept_loop(rx, sock, opts));
+                spawn_loops(rx, socks, opts, workers);
                 SlotService::Tcp(tx)
             }
             Service::Mysql(s) => {
                 let (tx, rx) = watch::channel(s);
-                tokio::spawn(accept_loop(rx, sock, opts));
+                spawn_loops(rx, socks, opts, workers);
                 SlotService::Mysql(tx)
             }
         }
+    }
+}
+
+/// One accept loop per worker, each registering its socket in its own runtime.
+fn spawn_loops<T: Serve>(
+    svc: watch::Receiver<Arc<T>>,
+    socks: Vec<Listening>,
+    opts: AcceptOpts,
+    workers: &[Handle],
+) {
+    for (sock, worker) in socks.into_iter().zip(workers) {
+        let (svc, opts) = (svc.clone(), opts.clone());
+        worker.spawn(async move {
+            match Bound::register(sock) {
+                Ok(bound) => accept_loop(svc, bound, opts).await,
+                Err(e) => tracing::error!(listener = %opts.name, error = %e,
+                    "cannot accept on this worker"),
+            }
+        });
     }
 }
 
@@ -491,7 +519,8 @@ fn slot_key(l: &config::Listener) -> String {
     }
 }
 
-/// Builds the runtime `workers` asks for.
+/// A multi-threaded runtime with `workers` threads (0 = one per core), for the programs
+/// that run the library on one runtime (the demo).
 pub fn runtime(workers: usize) -> io::Result<tokio::runtime::Runtime> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     if workers > 0 {

@@ -255,3 +255,49 @@ fn shipped_deployment_configs_pass_check() {
         "config/ should ship the default and three deployment configs"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_serves_from_one_small_pool_and_a_second_instance_cannot_share_the_port() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let (port, admin) = (free_port(), free_port());
+    // More workers than cores: each has its own socket in the port's SO_REUSEPORT group.
+    let config = format!(
+        "workers = 4\n{}",
+        config_text(port, admin, &[backend.addr], "pool_size = 8")
+    );
+    let proxy = Waitless::launch(&config, port, admin).await;
+    let addr = proxy.addr();
+    let failed = run_load(2_000, 8, move || async move {
+        matches!(get(addr, "/", true).await, Ok((200, _)))
+    })
+    .await;
+    assert_eq!(failed, 0);
+    // Short clients spread over four workers still share the pool's few connections.
+    assert!(
+        backend.accepts() <= 16,
+        "backend accepted {} connections for 2,000 requests",
+        backend.accepts()
+    );
+
+    // SO_REUSEPORT would let a second process with the option join the port and take half
+    // the clients; waitless checks first and refuses.
+    let dir = TempDir::new("second");
+    let path = dir.0.join("second.toml");
+    std::fs::write(
+        &path,
+        config.replace(&admin.to_string(), &free_port().to_string()),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_waitless"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a second waitless started on a live port"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+    assert!(matches!(get(addr, "/", true).await, Ok((200, _))));
+}

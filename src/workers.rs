@@ -1,0 +1,91 @@
+//! Worker threads: one single-threaded tokio runtime per core (thread-per-core).
+//!
+//! Every TCP listener has one socket per worker (SO_REUSEPORT: the kernel spreads new
+//! connections across them), so a client connection, its hyper tasks and the pooled
+//! upstream connection it borrows all run on one thread: a request never wakes another
+//! thread, and no work-stealing scheduler moves tasks between cores. Pools keep idle
+//! connections per worker for the same reason (`pool::Server`).
+//!
+//! The main thread is worker 0: it runs signals, reloads and the admin listener beside its
+//! share of clients. A program that never starts workers (the demo, tests using the library)
+//! runs everything on its own runtime as a single worker.
+
+use std::cell::Cell;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use tokio::runtime::{Handle, Runtime};
+
+/// The worker runtimes, once started.
+static HANDLES: OnceLock<Vec<Handle>> = OnceLock::new();
+/// How many workers share each pool (1 until `start`).
+static COUNT: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    /// This thread's worker index; 0 on threads that are not workers.
+    static INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Starts `n` workers (0 = one per core) and returns worker 0's runtime, which the calling
+/// thread must drive (`block_on`) for as long as the proxy runs. The other workers run on
+/// their own threads until the process exits.
+pub fn start(n: usize) -> io::Result<Runtime> {
+    let n = if n == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        n
+    };
+    let main = runtime()?;
+    let mut handles = vec![main.handle().clone()];
+    for i in 1..n {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("waitless-{i}"))
+            .spawn(move || {
+                INDEX.with(|c| c.set(i));
+                match runtime() {
+                    Ok(rt) => {
+                        let _ = tx.send(Ok(rt.handle().clone()));
+                        // Drives this worker's tasks, timers and sockets until exit.
+                        rt.block_on(std::future::pending::<()>());
+                    }
+                    Err(e) => drop(tx.send(Err(e))),
+                }
+            })?;
+        let handle = rx
+            .recv()
+            .map_err(|_| io::Error::other("a worker thread died while starting"))??;
+        handles.push(handle);
+    }
+    COUNT.store(n, Ordering::Relaxed);
+    HANDLES
+        .set(handles)
+        .map_err(|_| io::Error::other("workers already started"))?;
+    Ok(main)
+}
+
+/// The runtimes to spread listeners over: the started workers, or else the caller's own.
+/// Must be called inside a runtime when no workers were started.
+pub fn handles() -> Vec<Handle> {
+    match HANDLES.get() {
+        Some(h) => h.clone(),
+        None => vec![Handle::current()],
+    }
+}
+
+/// How many workers there are (1 when none were started).
+pub fn count() -> usize {
+    COUNT.load(Ordering::Relaxed)
+}
+
+/// The index of the worker running the caller (0 outside workers).
+pub fn current() -> usize {
+    INDEX.with(|c| c.get())
+}
+
+fn runtime() -> io::Result<Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
