@@ -162,6 +162,9 @@ fn tcp_socket(sa: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener>
     if sa.is_ipv6() {
         sock.set_only_v6(true)?;
     }
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt per
+    // listener instead of one per connection.
+    sock.set_tcp_nodelay(true)?;
     sock.set_nonblocking(true)?;
     sock.bind(&sa.into())?;
     sock.listen(BACKLOG)?;
@@ -201,10 +204,7 @@ impl Bound {
     pub async fn accept(&self, name: &str) -> Accepted {
         loop {
             let result = match self {
-                Bound::Tcp(l) => l.accept().await.map(|(s, peer)| {
-                    let _ = s.set_nodelay(true);
-                    Accepted::Tcp(s, peer)
-                }),
+                Bound::Tcp(l) => l.accept().await.map(|(s, peer)| Accepted::Tcp(s, peer)),
                 Bound::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
             };
             match result {

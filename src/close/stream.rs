@@ -107,6 +107,9 @@ pub struct Tracked<S: Socket> {
     first: Option<Closer>,
     /// The close was carried out and recorded; drop does nothing more.
     done: bool,
+    /// The TCP state read just now (by `peer_closed` or `await_acked`), for the `close_now`
+    /// that follows, so a close reads TCP_INFO once; cleared before anything that waits.
+    state_seen: Option<u8>,
 }
 
 const REASON_UNSET: u8 = u8::MAX;
@@ -183,6 +186,7 @@ impl<S: Socket> Tracked<S> {
             sent_fin: false,
             first: None,
             done: false,
+            state_seen: None,
         }
     }
 
@@ -267,6 +271,7 @@ impl<S: Socket> Tracked<S> {
     /// Waits until the peer's FIN (or RST) arrives, discarding what it sends; false when the
     /// deadline passed first.
     async fn await_peer_fin(&mut self, deadline: Instant) -> bool {
+        self.state_seen = None;
         // Small: what a client sends after its response is rare, and this buffer lives in
         // every connection task's state.
         let mut scratch = [0u8; 256];
@@ -283,17 +288,21 @@ impl<S: Socket> Tracked<S> {
         }
     }
 
-    /// Waits until every byte sent was acknowledged (SIOCOUTQ == 0); false at the deadline.
-    async fn await_acked(&self, deadline: Instant) -> bool {
+    /// Waits until every byte sent was acknowledged; false at the deadline.
+    async fn await_acked(&mut self, deadline: Instant) -> bool {
         let mut pause = Duration::from_millis(1);
         loop {
-            match unsent_bytes(&self.inner) {
-                Some(0) | None => return true,
-                Some(_) if Instant::now() >= deadline => return false,
-                Some(_) => {
+            let view = tcp_view(&self.inner);
+            self.state_seen = view.map(|v| v.state);
+            match view {
+                Some(v) if !v.all_acked && Instant::now() >= deadline => return false,
+                Some(v) if !v.all_acked => {
+                    self.state_seen = None;
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(50));
                 }
+                // Unix sockets have no acknowledgements.
+                _ => return true,
             }
         }
     }
@@ -308,6 +317,7 @@ impl<S: Socket> Tracked<S> {
         if self.sent_fin {
             return Poll::Ready(Ok(()));
         }
+        self.state_seen = None;
         if self.first.is_none() {
             // The peer's FIN may have arrived unread: then it was first.
             self.first = Some(if self.peer_closed() {
@@ -348,15 +358,18 @@ impl<S: Socket> Tracked<S> {
     }
 
     /// True when the peer's FIN already arrived, even if nobody read the EOF.
-    fn peer_closed(&self) -> bool {
+    fn peer_closed(&mut self) -> bool {
         if self.peer_eof {
             return true;
         }
-        S::IS_TCP
-            && matches!(
-                tcp_state(&self.inner),
-                Some(TCP_CLOSE_WAIT) | Some(TCP_LAST_ACK) | Some(TCP_CLOSE)
-            )
+        if !S::IS_TCP {
+            return false;
+        }
+        let state = self
+            .state_seen
+            .or_else(|| tcp_view(&self.inner).map(|v| v.state));
+        self.state_seen = state;
+        matches!(state, Some(TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSE))
     }
 
     /// Sets up the close (`how`) and records it; the fd itself closes when `inner` drops.
@@ -375,7 +388,8 @@ impl<S: Socket> Tracked<S> {
         let how = if self.sent_fin && how == How::Rst {
             // After our FIN an RST still spares TIME_WAIT only while the peer has not
             // answered with its own FIN.
-            match tcp_state(&self.inner) {
+            let state = self.state_seen.take();
+            match state.or_else(|| tcp_view(&self.inner).map(|v| v.state)) {
                 Some(TCP_FIN_WAIT1) | Some(TCP_FIN_WAIT2) => How::Rst,
                 _ => How::Fin,
             }
@@ -487,8 +501,17 @@ impl<S: Socket> AsyncWrite for Tracked<S> {
     }
 }
 
-/// The kernel's TCP state of a socket (TCP_INFO's tcpi_state).
-fn tcp_state<S: AsFd>(sock: &S) -> Option<u8> {
+/// What one TCP_INFO read tells the close path.
+#[derive(Debug, Clone, Copy)]
+struct TcpView {
+    /// tcpi_state.
+    state: u8,
+    /// Nothing left unsent or unacknowledged (as SIOCOUTQ == 0, without a second call).
+    all_acked: bool,
+}
+
+/// The kernel's TCP state of a socket, and whether the peer acknowledged every byte.
+fn tcp_view<S: AsFd>(sock: &S) -> Option<TcpView> {
     let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: the buffer and its length are valid for the call; the kernel writes at most len.
@@ -505,18 +528,16 @@ fn tcp_state<S: AsFd>(sock: &S) -> Option<u8> {
         return None;
     }
     // SAFETY: zero-initialised and partly written by the kernel: every bit pattern is valid.
-    Some(unsafe { info.assume_init() }.tcpi_state)
-}
-
-/// Bytes sent but not yet acknowledged by the peer (ioctl SIOCOUTQ).
-fn unsent_bytes<S: AsFd>(sock: &S) -> Option<u32> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (== SIOCOUTQ) writes one int.
-    let rc = unsafe { libc::ioctl(sock.as_fd().as_raw_fd(), libc::TIOCOUTQ, &mut n) };
-    (rc == 0).then_some(n.max(0) as u32)
+    let info = unsafe { info.assume_init() };
+    // tcpi_notsent_bytes came with Linux 4.6; an older kernel leaves it 0 and the segments
+    // in flight (tcpi_unacked) still say whether the peer is behind.
+    Some(TcpView {
+        state: info.tcpi_state,
+        all_acked: info.tcpi_unacked == 0 && info.tcpi_notsent_bytes == 0,
+    })
 }
 
 /// True when the TCP socket is still established (for pool checks).
 pub fn is_established<S: AsFd>(sock: &S) -> bool {
-    tcp_state(sock) == Some(TCP_ESTABLISHED)
+    tcp_view(sock).map(|v| v.state) == Some(TCP_ESTABLISHED)
 }
