@@ -66,6 +66,8 @@ pub struct ConnState {
     listener: Arc<HttpListener>,
     /// The client's address (from the PROXY header when there is one).
     client_ip: Option<IpAddr>,
+    /// The same, as the X-Forwarded-For value of its requests.
+    forwarded_for: Option<HeaderValue>,
     /// The client reads the response to EOF (HTTP/1.0 without keep-alive, or no length).
     eof_reader: AtomicBool,
     /// Exchanges started and ended, for the idle check.
@@ -226,6 +228,7 @@ impl HttpListener {
         let state = Arc::new(ConnState {
             listener: self.clone(),
             client_ip: peer.map(|p| p.ip()),
+            forwarded_for: headers::forwarded_for(peer.map(|p| p.ip())),
             eof_reader: AtomicBool::new(false),
             activity: idle::Activity::default(),
         });
@@ -335,7 +338,7 @@ impl HttpListener {
         headers::strip_hop_by_hop(&mut parts.headers);
         // hyper's server already answered `Expect: 100-continue` when the body was polled.
         parts.headers.remove(header::EXPECT);
-        headers::add_forwarded(&mut parts.headers, client_ip);
+        headers::add_forwarded(&mut parts.headers, state.forwarded_for.as_ref());
         parts.version = Version::HTTP_11;
 
         // A bodyless idempotent request can be replayed if a reused connection turns out to
