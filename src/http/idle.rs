@@ -96,6 +96,15 @@ impl Activity {
     }
 }
 
+// === impl Snapshot ===
+
+impl Snapshot {
+    /// At least one exchange ended.
+    pub fn any_ended(&self) -> bool {
+        self.ended > 0
+    }
+}
+
 // === impl ExchangeBody ===
 
 impl ExchangeBody {

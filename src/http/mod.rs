@@ -255,26 +255,41 @@ impl HttpListener {
         let mut ending = None;
         let mut stopped = std::pin::pin!(self.stop.cancelled());
         let mut tick = std::pin::pin!(tokio::time::sleep(idle::TICK));
-        let mut last = state.activity.snapshot();
+        let mut last = idle::Snapshot::default();
+        let mut armed = false;
         let result = poll_fn(|cx| {
             if ending.is_none() && stopped.as_mut().poll(cx).is_ready() {
                 // Finishes the response in flight, then ends the connection.
                 Pin::new(&mut conn).graceful_shutdown();
                 ending = Some(Reason::Drain);
             }
-            while ending.is_none() && tick.as_mut().poll(cx).is_ready() {
+            let poll = conn.poll_without_shutdown(cx);
+            if poll.is_ready() || ending.is_some() {
+                return poll;
+            }
+            if !armed {
+                // The tick starts once an exchange ended: a short connection never arms it.
+                last = state.activity.snapshot();
+                if !last.any_ended() {
+                    return poll;
+                }
+                armed = true;
+                tick.as_mut()
+                    .reset(tokio::time::Instant::now() + idle::TICK);
+            }
+            while tick.as_mut().poll(cx).is_ready() {
                 if state.activity.idle_since(last) {
                     // hyper is idle: it closes at once, writing nothing.
                     Pin::new(&mut conn).graceful_shutdown();
                     ending = Some(Reason::Idle);
-                } else {
-                    last = state.activity.snapshot();
-                    // From now, not from the deadline: a late tick must not make a short one.
-                    tick.as_mut()
-                        .reset(tokio::time::Instant::now() + idle::TICK);
+                    return conn.poll_without_shutdown(cx);
                 }
+                last = state.activity.snapshot();
+                // From now, not from the deadline: a late tick must not make a short one.
+                tick.as_mut()
+                    .reset(tokio::time::Instant::now() + idle::TICK);
             }
-            conn.poll_without_shutdown(cx)
+            Poll::Pending
         })
         .await;
         let parts = conn.into_parts();
