@@ -369,3 +369,115 @@ async fn read_head(s: &mut tokio::net::TcpStream) -> String {
     }
     String::from_utf8_lossy(&head).to_ascii_lowercase()
 }
+
+/// Reads one response with a Content-Length body; returns the lowercased head and the body.
+async fn read_response(s: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let head = read_head(s).await;
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().expect("content-length"))
+        .expect("a sized response");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.expect("response body");
+    (head, body)
+}
+
+/// How many clients of the proxy's listener the kernel has in `state`, seen from the
+/// clients' side (remote port = the listener's port).
+fn clients_in(state: &str, proxy: &Waitless) -> usize {
+    sockets_to_port(state, proxy.port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_serve_their_next_request_after_a_long_pause() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "", "").await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    for (round, n) in [5usize, 7, 9].into_iter().enumerate() {
+        s.write_all(format!("GET /bytes/{n} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut s).await;
+        assert!(head.starts_with("http/1.1 200"), "round {round}: {head}");
+        assert!(!head.contains("connection: close"), "round {round}: {head}");
+        assert_eq!(&body[..], &pattern(n)[..], "round {round}");
+        // Long past the point where waitless lets hyper go on an idle connection.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(
+            clients_in("established", &proxy),
+            1,
+            "round {round}: the idle connection was closed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_request_cut_mid_head_by_a_pause_is_served_whole() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "", "").await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    // The first request whole and the start of the second, in one write: waitless reads both.
+    s.write_all(b"GET /bytes/5 HTTP/1.1\r\nHost: t\r\n\r\nGET /bytes/11 HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(&body[..], &pattern(5)[..]);
+    // Idle long enough for hyper to be let go with the half head in its buffer.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.write_all(b"st: t\r\n\r\n").await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(&body[..], &pattern(11)[..]);
+    assert_eq!(
+        backend.requests.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_timeout_closes_an_idle_client_connection_as_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start(BackendMode::Echo).await;
+    // Under "proxy" waitless closes at once when the time is up, not after the client's FIN.
+    let proxy = Waitless::start(
+        &[backend.addr],
+        "keepalive_timeout = \"1500ms\"\ntime_wait = \"proxy\"",
+        "",
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(b"GET /bytes/3 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    // Still open well after hyper was let go, before the timeout.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        clients_in("established", &proxy),
+        1,
+        "closed before keepalive_timeout"
+    );
+    // Then closed by waitless, without the client doing anything.
+    let mut rest = Vec::new();
+    let eof = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(matches!(eof, Ok(Ok(0))), "not closed: {eof:?} {rest:?}");
+    // The client's FIN completes the close, and waitless records it.
+    drop(s);
+    settle().await;
+    let stats = proxy.stats().await;
+    let ledger = &stats["listeners"][0]["ledger"];
+    let idle = ledger["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == "idle")
+        .map(|e| e["count"].as_u64().unwrap())
+        .sum::<u64>();
+    assert_eq!(idle, 1, "ledger: {ledger}");
+}

@@ -11,14 +11,18 @@
 //! to a request sent whole (`upstream::UpstreamBody`, `upstream::ClientBody`).
 
 mod headers;
+mod idle;
 mod upstream;
 mod validate;
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -31,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::close::{ClientPolicy, Reason, SideLedger, Socket, Tracked};
 use crate::config;
 use crate::listener::{ListenerStats, Serve};
+use idle::{ExchangeBody, Replay};
 use upstream::{ClientBody, ConnectError, Lease, Progress, UpstreamBody};
 pub use upstream::{HttpConn, HttpUpstream};
 
@@ -53,15 +58,43 @@ pub struct HttpListener {
     pub stop: CancellationToken,
 }
 
-/// Per client connection state shared with the request handler.
-#[derive(Debug, Default)]
-struct ConnState {
+/// The state of one hyper connection, shared with the request handler and the response
+/// bodies; dropped when hyper is let go, so idle connections do not keep it.
+#[derive(Debug)]
+pub struct ConnState {
+    /// The listener of the connection.
+    listener: Arc<HttpListener>,
+    /// The client's address (from the PROXY header when there is one).
+    client_ip: Option<IpAddr>,
+    /// The same, as the X-Forwarded-For value of its requests.
+    forwarded_for: Option<HeaderValue>,
     /// The client reads the response to EOF (HTTP/1.0 without keep-alive, or no length).
     eof_reader: AtomicBool,
+    /// Exchanges started and ended, for the idle check.
+    activity: idle::Activity,
+}
+
+/// How the wait for a client's next request ended.
+enum Waited {
+    /// Bytes (or an EOF) to read.
+    Request,
+    /// Nothing came within the wait.
+    Idle,
+    /// The listener drains.
+    Stopped,
+}
+
+/// How one hyper connection over a client socket ended.
+enum Session<S: Socket> {
+    /// The connection ended and was closed by policy (or dropped on an error).
+    Over,
+    /// hyper was let go on an idle connection: the socket, and the bytes hyper had read
+    /// without parsing them yet (the start of a pipelined request).
+    Released(Tracked<S>, Bytes),
 }
 
 /// Floor of the wait for a request head, so a tiny header_timeout cannot starve real clients.
-const MIN_HEADER_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+const MIN_HEADER_WAIT: Duration = Duration::from_millis(100);
 
 // === impl HttpListener ===
 
@@ -115,79 +148,174 @@ impl HttpListener {
 
     /// Serves one client connection to its end, then closes it by policy.
     ///
-    /// Until the client sends its first byte the connection costs only its socket and this
-    /// small future: hyper's buffers and state are allocated (boxed) once there is a request
-    /// to read, which keeps idle client connections cheap.
+    /// While the client sends nothing the connection costs only its socket and this small
+    /// future: hyper's buffers and state are allocated (boxed) once there is a request to
+    /// read, and let go again when the connection falls idle (`idle`), which keeps idle
+    /// client connections cheap whether or not they ever sent a request.
     async fn serve_client<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let wait = self
-            .cfg
-            .keepalive_timeout
-            .min(self.cfg.header_timeout.max(MIN_HEADER_WAIT));
-        let ready = tokio::time::timeout(wait, poll_fn(|cx| stream.poll_readable(cx))).await;
-        if ready.is_err() {
-            let io = Tracked::client(stream, self.ledger.clone(), ClientPolicy::of(&self.cfg));
-            // Boxed, like serving below: only the wait itself lives in every idle task.
-            return Box::pin(io.finish_client(Reason::Idle, false)).await;
+        let mut io = Tracked::client(stream, self.ledger.clone(), ClientPolicy::of(&self.cfg));
+        let mut released = false;
+        loop {
+            let reason = match self.await_request(&io, released).await {
+                Waited::Request => None,
+                Waited::Idle => Some(Reason::Idle),
+                Waited::Stopped => Some(Reason::Drain),
+            };
+            if let Some(reason) = reason {
+                // Boxed, like serving below: only the wait itself lives in every idle task.
+                return Box::pin(io.finish_client(reason, false)).await;
+            }
+            let mut unread = Bytes::new();
+            loop {
+                match Box::pin(self.session(io, unread, peer)).await {
+                    Session::Over => return,
+                    Session::Released(back, rest) if rest.is_empty() => {
+                        io = back;
+                        break;
+                    }
+                    // A pipelined request hyper had started reading: serve it at once.
+                    Session::Released(back, rest) => (io, unread) = (back, rest),
+                }
+            }
+            released = true;
         }
-        Box::pin(self.serve_ready(stream, peer)).await
     }
 
-    /// Serves a client connection that has bytes to read.
-    async fn serve_ready<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
-        let policy = ClientPolicy::of(&self.cfg);
-        let io = Tracked::client(stream, self.ledger.clone(), policy);
-        let state = Arc::new(ConnState::default());
-        let client_ip = peer.map(|p| p.ip());
+    /// How long a connection may stay idle (before a request, or between two): hyper's one
+    /// timer covers both the idle wait and the slow arrival of a head; the shorter bound wins.
+    fn idle_wait(&self) -> Duration {
+        self.cfg
+            .keepalive_timeout
+            .min(self.cfg.header_timeout.max(MIN_HEADER_WAIT))
+    }
+
+    /// Waits for the client's next bytes (or its EOF) for the idle wait, and for no longer
+    /// than the listener runs. `released`: hyper was let go on this connection, idle.
+    async fn await_request<S: Socket>(&self, io: &Tracked<S>, released: bool) -> Waited {
+        let wait = if released {
+            // hyper's idle wait began at least a tick before it was let go: the connection
+            // closes no earlier than its full idle wait, at most a tick later.
+            self.idle_wait().saturating_sub(idle::TICK)
+        } else {
+            self.idle_wait()
+        };
+        let mut expired = std::pin::pin!(tokio::time::sleep(wait));
+        let mut stopped = std::pin::pin!(self.stop.cancelled());
+        poll_fn(|cx| {
+            // A request already there is served (and its connection then drained by hyper).
+            if io.get_ref().poll_readable(cx).is_ready() {
+                Poll::Ready(Waited::Request)
+            } else if stopped.as_mut().poll(cx).is_ready() {
+                Poll::Ready(Waited::Stopped)
+            } else if expired.as_mut().poll(cx).is_ready() {
+                Poll::Ready(Waited::Idle)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Serves requests with hyper, first reading `unread`, until the connection ends (then
+    /// it is closed by policy) or hyper is let go on an idle connection.
+    async fn session<S: Socket>(
+        self: &Arc<Self>,
+        io: Tracked<S>,
+        unread: Bytes,
+        peer: Option<SocketAddr>,
+    ) -> Session<S> {
+        let state = Arc::new(ConnState {
+            listener: self.clone(),
+            client_ip: peer.map(|p| p.ip()),
+            forwarded_for: headers::forwarded_for(peer.map(|p| p.ip())),
+            eof_reader: AtomicBool::new(false),
+            activity: idle::Activity::default(),
+        });
         let svc = {
-            let this = self.clone();
             let state = state.clone();
             service_fn(move |req| {
-                let this = this.clone();
+                state.activity.start();
                 let state = state.clone();
                 // Boxed: polling the connection without its shutdown needs an Unpin future.
-                Box::pin(
-                    async move { Ok::<_, Infallible>(this.handle(req, client_ip, &state).await) },
-                )
+                Box::pin(async move {
+                    let resp = state.listener.handle(req, state.client_ip, &state).await;
+                    Ok::<_, Infallible>(resp.map(|body| ExchangeBody::new(body, state)))
+                })
             })
         };
+        let io = Replay::new(io, unread, state.clone());
         let mut conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             // A head over the limit gets 431, whether it completes or fills the buffer first.
             .max_header_size(validate::MAX_HEAD)
             .max_buf_size(validate::MAX_HEAD)
-            // hyper's one timer covers both the idle wait before a request and the slow
-            // arrival of its head; the shorter bound wins.
-            .header_read_timeout(
-                self.cfg
-                    .keepalive_timeout
-                    .min(self.cfg.header_timeout.max(MIN_HEADER_WAIT)),
-            )
+            .header_read_timeout(self.idle_wait())
             .serve_connection(TokioIo::new(io), svc);
-        let mut draining = false;
+        let mut ending = None;
         let mut stopped = std::pin::pin!(self.stop.cancelled());
+        let mut tick = std::pin::pin!(tokio::time::sleep(idle::TICK));
+        let mut last = idle::Snapshot::default();
+        let mut armed = false;
         let result = poll_fn(|cx| {
-            if !draining && stopped.as_mut().poll(cx).is_ready() {
+            if ending.is_none() && stopped.as_mut().poll(cx).is_ready() {
                 // Finishes the response in flight, then ends the connection.
-                std::pin::Pin::new(&mut conn).graceful_shutdown();
-                draining = true;
+                Pin::new(&mut conn).graceful_shutdown();
+                ending = Some(Reason::Drain);
             }
-            conn.poll_without_shutdown(cx)
+            let poll = conn.poll_without_shutdown(cx);
+            if poll.is_ready() || ending.is_some() {
+                return poll;
+            }
+            if !armed {
+                // The tick starts once an exchange ended: a short connection never arms it.
+                last = state.activity.snapshot();
+                if !last.any_ended() {
+                    return poll;
+                }
+                armed = true;
+                tick.as_mut()
+                    .reset(tokio::time::Instant::now() + idle::TICK);
+            }
+            while tick.as_mut().poll(cx).is_ready() {
+                if state.activity.idle_since(last) {
+                    // hyper is idle: it closes at once, writing nothing.
+                    Pin::new(&mut conn).graceful_shutdown();
+                    ending = Some(Reason::Idle);
+                    return conn.poll_without_shutdown(cx);
+                }
+                last = state.activity.snapshot();
+                // From now, not from the deadline: a late tick must not make a short one.
+                tick.as_mut()
+                    .reset(tokio::time::Instant::now() + idle::TICK);
+            }
+            Poll::Pending
         })
         .await;
-        let io = conn.into_parts().io.into_inner();
+        let parts = conn.into_parts();
+        let (io, replayed) = parts.io.into_inner().into_parts();
         let reason = match result {
-            Ok(()) if draining => Reason::Drain,
+            Ok(()) if ending == Some(Reason::Idle) && !io.peer_eof() => {
+                let rest = if replayed.is_empty() {
+                    parts.read_buf
+                } else {
+                    [&parts.read_buf[..], &replayed[..]].concat().into()
+                };
+                return Session::Released(io, rest);
+            }
+            Ok(()) if ending == Some(Reason::Drain) => Reason::Drain,
             Ok(()) => Reason::Done,
             Err(e) if e.is_timeout() => Reason::Idle,
             Err(e) => {
                 tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e, "client connection error");
                 // Dropped: the close mechanism records it as an error (or a peer close).
-                return drop(io);
+                drop(io);
+                return Session::Over;
             }
         };
         io.finish_client(reason, state.eof_reader.load(Ordering::Relaxed))
             .await;
+        Session::Over
     }
 
     /// Forwards one request and builds the client's response.
@@ -225,7 +353,7 @@ impl HttpListener {
         headers::strip_hop_by_hop(&mut parts.headers);
         // hyper's server already answered `Expect: 100-continue` when the body was polled.
         parts.headers.remove(header::EXPECT);
-        headers::add_forwarded(&mut parts.headers, client_ip);
+        headers::add_forwarded(&mut parts.headers, state.forwarded_for.as_ref());
         parts.version = Version::HTTP_11;
 
         // A bodyless idempotent request can be replayed if a reused connection turns out to
