@@ -6,7 +6,8 @@
 //! this bench writes: waitless (the release binary) once per listener `time_wait` policy,
 //! HAProxy (`http-reuse always`) and nginx (`upstream keepalive`); a missing one is skipped
 //! with a note. The load generator is wrk when installed, else a built-in tokio one; each
-//! measurement is bounded (`WAITLESS_BENCH_SECS`, default 5 s).
+//! measurement is bounded (`WAITLESS_BENCH_SECS`, default 5 s). `WAITLESS_BENCH_ONLY` names
+//! the parts to run (`short`, `keep-alive`, `rss`, comma-separated; default all).
 //!
 //! For each proxy and each kind of client (short `Connection: close`, keep-alive):
 //! requests/s, the proxy's CPU per request (utime + stime of all its processes from
@@ -1525,13 +1526,25 @@ fn run() -> Result<(), String> {
     // The order keeps the TIME_WAIT table clean for the runs whose TIME_WAIT matters most
     // (none, client), and lets the table drain during the keep-alive and RSS runs.
     let has = |t: Target| order.contains(&t);
-    bench.measure(Target::Waitless("none"), Clients::Short);
-    bench.measure(Target::Waitless("client"), Clients::Short);
-    for t in &order {
-        bench.measure(*t, Clients::KeepAlive);
+    // WAITLESS_BENCH_ONLY=short,keep-alive,rss (any of them) runs a part of the bench.
+    let only = std::env::var("WAITLESS_BENCH_ONLY").ok();
+    let wants = |part: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|p| p.trim() == part))
+    };
+    if wants("short") {
+        bench.measure(Target::Waitless("none"), Clients::Short);
+        bench.measure(Target::Waitless("client"), Clients::Short);
     }
-    for t in order.iter().filter(|t| **t != Target::Direct) {
-        bench.measure_rss(*t);
+    if wants("keep-alive") {
+        for t in &order {
+            bench.measure(*t, Clients::KeepAlive);
+        }
+    }
+    if wants("rss") {
+        for t in order.iter().filter(|t| **t != Target::Direct) {
+            bench.measure_rss(*t);
+        }
     }
     for t in [
         Target::Direct,
@@ -1539,7 +1552,7 @@ fn run() -> Result<(), String> {
         Target::Nginx,
         Target::Waitless("proxy"),
     ] {
-        if has(t) {
+        if has(t) && wants("short") {
             bench.measure(t, Clients::Short);
         }
     }

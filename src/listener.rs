@@ -249,51 +249,77 @@ pub async fn accept_loop<T: Serve>(svc: watch::Receiver<Arc<T>>, sock: Bound, op
         let svc = svc.borrow().clone();
         let active = ActiveGuard::enter(&opts.stats);
         let over = opts.max_clients > 0 && active.count > opts.max_clients;
+        if over {
+            opts.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        // Each task holds only what its connection needs for its whole life: it is most of
+        // what an idle client connection costs.
         match accepted {
-            Accepted::Tcp(stream, peer) => {
-                let opts2 = opts.clone();
-                let fut = async move {
+            Accepted::Tcp(stream, peer) if over => {
+                // Boxed: rare, and large; it must not weigh on every task.
+                let opts = opts.clone();
+                opts.tasks.clone().spawn(Box::pin(async move {
                     let _active = active;
-                    let client = match opts2.proxy_header {
-                        None => peer,
-                        // Boxed: its buffers would otherwise sit in every connection's task.
-                        Some(within) => {
-                            match Box::pin(proxy_protocol::read_header(&stream, within)).await {
-                                Ok(addrs) => addrs.map_or(peer, |a| a.source),
-                                Err(e) => {
-                                    tracing::warn!(listener = %opts2.name, peer = %peer, error = %e,
-                                    "refusing connection: bad PROXY protocol header");
-                                    // RST: nothing was sent, and a refused client keeps no TIME_WAIT.
-                                    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-                                    opts2.ledger.record(Closer::Proxy, How::Rst, Reason::Error);
-                                    return;
-                                }
-                            }
-                        }
-                    };
-                    if over {
-                        opts2.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                        // Boxed: rare, and large; it must not weigh on every task.
-                        Box::pin(svc.reject(stream, Some(client))).await
-                    } else {
+                    if let Some(client) = client_addr(&stream, peer, &opts).await {
+                        svc.reject(stream, Some(client)).await
+                    }
+                }));
+            }
+            Accepted::Tcp(stream, peer) if opts.proxy_header.is_some() => {
+                let opts = opts.clone();
+                opts.tasks.clone().spawn(async move {
+                    let _active = active;
+                    let client = Box::pin(client_addr(&stream, peer, &opts)).await;
+                    drop(opts);
+                    if let Some(client) = client {
                         svc.serve(stream, Some(client)).await
                     }
-                };
-                opts.tasks.spawn(fut);
+                });
+            }
+            Accepted::Tcp(stream, peer) => {
+                opts.tasks.spawn(async move {
+                    let _active = active;
+                    svc.serve(stream, Some(peer)).await
+                });
+            }
+            Accepted::Unix(stream) if over => {
+                opts.tasks.spawn(Box::pin(async move {
+                    let _active = active;
+                    svc.reject(stream, None).await
+                }));
             }
             Accepted::Unix(stream) => {
                 opts.tasks.spawn(async move {
                     let _active = active;
-                    if over {
-                        Box::pin(svc.reject(stream, None)).await
-                    } else {
-                        svc.serve(stream, None).await
-                    }
+                    svc.serve(stream, None).await
                 });
             }
         }
     }
     tracing::info!(listener = %opts.name, "stopped accepting");
+}
+
+/// The client's address: from its PROXY header when the listener reads one, else the peer's.
+/// None when the header is bad: the connection is then reset (nothing was sent, and a
+/// refused client keeps no TIME_WAIT) and recorded.
+async fn client_addr(
+    stream: &tokio::net::TcpStream,
+    peer: SocketAddr,
+    opts: &AcceptOpts,
+) -> Option<SocketAddr> {
+    let Some(within) = opts.proxy_header else {
+        return Some(peer);
+    };
+    match proxy_protocol::read_header(stream, within).await {
+        Ok(addrs) => Some(addrs.map_or(peer, |a| a.source)),
+        Err(e) => {
+            tracing::warn!(listener = %opts.name, peer = %peer, error = %e,
+                "refusing connection: bad PROXY protocol header");
+            let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+            opts.ledger.record(Closer::Proxy, How::Rst, Reason::Error);
+            None
+        }
+    }
 }
 
 /// Counts a connection as active for its lifetime.

@@ -160,29 +160,12 @@ impl<C> Pooled<C> {
 
 impl<C: PoolConn> Server<C> {
     /// Takes an idle connection that is still usable, dropping dead ones on the way: this
-    /// worker's own, or another worker's once the server has `pool_size` connections open.
-    /// Below that, None lets the caller open one of its own: a borrowed connection wakes its
-    /// home thread on every exchange, and one more connection costs less than that.
+    /// worker's own if it has one, else another worker's (which wakes that worker's thread
+    /// on every exchange, but opening one more connection would exceed `pool_size`).
     pub fn take_idle(&self, cfg: &config::Upstream) -> Option<Pooled<C>> {
-        self.take_idle_from(cfg, false)
-    }
-
-    /// As `take_idle`, from any worker's list: for connections used once and handed over
-    /// whole (preconnected TCP connections), where no thread is woken per exchange.
-    pub fn take_any_idle(&self, cfg: &config::Upstream) -> Option<Pooled<C>> {
-        self.take_idle_from(cfg, true)
-    }
-
-    fn take_idle_from(&self, cfg: &config::Upstream, any: bool) -> Option<Pooled<C>> {
         let now = Instant::now();
         loop {
-            let mut pooled = match self.take_own(|idle| idle.pop()) {
-                Some(p) => p,
-                None if any || self.open_count() >= cfg.pool_size as u64 => {
-                    self.take_where(|idle| idle.pop())?
-                }
-                None => return None,
-            };
+            let mut pooled = self.take_where(|idle| idle.pop())?;
             if now.duration_since(pooled.since) >= cfg.idle_timeout {
                 pooled.ctl.retire(Reason::Idle);
                 continue;
@@ -250,16 +233,6 @@ impl<C: PoolConn> Server<C> {
         self.lock_idle(pooled.home).push(pooled);
     }
 
-    /// What `pick` takes from the caller's worker's idle list.
-    fn take_own(
-        &self,
-        pick: impl FnOnce(&mut Vec<Pooled<C>>) -> Option<Pooled<C>>,
-    ) -> Option<Pooled<C>> {
-        let taken = pick(&mut self.lock_idle(workers::current()))?;
-        self.idle_total.fetch_sub(1, Ordering::AcqRel);
-        Some(taken)
-    }
-
     /// The first connection `pick` takes from the idle lists, the caller's worker's first.
     fn take_where(
         &self,
@@ -288,15 +261,12 @@ impl<C: PoolConn> Server<C> {
 
     /// Connections open and lent out now: opened, minus closed, minus idle.
     pub fn busy(&self) -> u64 {
-        self.open_count().saturating_sub(self.idle_count() as u64)
-    }
-
-    /// Connections open now, idle or lent out: opened minus closed.
-    fn open_count(&self) -> u64 {
-        self.stats
+        let open = self
+            .stats
             .opened
             .load(Ordering::Relaxed)
-            .saturating_sub(self.ledger.total())
+            .saturating_sub(self.ledger.total());
+        open.saturating_sub(self.idle_count() as u64)
     }
 
     /// Idle connections now.

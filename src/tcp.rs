@@ -139,7 +139,7 @@ impl TcpRelay {
         // Preconnected connections first, then a fresh connect; a server that refuses is
         // skipped for the next.
         for server in up.rotation() {
-            if let Some(pooled) = server.take_any_idle(&up.cfg) {
+            if let Some(pooled) = server.take_idle(&up.cfg) {
                 self.refill.notify_one();
                 let Pooled { conn, .. } = pooled;
                 return self

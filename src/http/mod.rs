@@ -172,6 +172,8 @@ impl HttpListener {
                     Session::Over => return,
                     Session::Released(back, rest) if rest.is_empty() => {
                         io = back;
+                        // hyper's buffers were just freed: give them back while it is idle.
+                        crate::workers::tidy_soon();
                         break;
                     }
                     // A pipelined request hyper had started reading: serve it at once.
