@@ -30,37 +30,30 @@ pub trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send + Sync + 'static 
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
-impl Socket for tokio::net::TcpStream {
-    const IS_TCP: bool = true;
+/// `Socket` for a tokio stream type; TCP and unix streams differ only in `IS_TCP`.
+macro_rules! impl_socket {
+    ($stream:ty, $tcp:expr) => {
+        impl Socket for $stream {
+            const IS_TCP: bool = $tcp;
 
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            std::task::ready!(self.poll_read_ready(cx))?;
-            // A fresh socket can report ready before anything arrived: peek to be sure;
-            // WouldBlock clears the readiness so the next poll waits for real data.
-            match self.try_io(tokio::io::Interest::READABLE, || peek_one(self)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-                Ok(_) => return Poll::Ready(Ok(())),
+            fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                loop {
+                    std::task::ready!(self.poll_read_ready(cx))?;
+                    // A fresh socket can report ready before anything arrived: peek to be
+                    // sure; WouldBlock clears the readiness so the next poll waits for data.
+                    match self.try_io(tokio::io::Interest::READABLE, || peek_one(self)) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Poll::Ready(Err(e)),
+                        Ok(_) => return Poll::Ready(Ok(())),
+                    }
+                }
             }
         }
-    }
+    };
 }
 
-impl Socket for tokio::net::UnixStream {
-    const IS_TCP: bool = false;
-
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            std::task::ready!(self.poll_read_ready(cx))?;
-            match self.try_io(tokio::io::Interest::READABLE, || peek_one(self)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-                Ok(_) => return Poll::Ready(Ok(())),
-            }
-        }
-    }
-}
+impl_socket!(tokio::net::TcpStream, true);
+impl_socket!(tokio::net::UnixStream, false);
 
 /// Peeks one byte without blocking: Ok(0) at EOF, WouldBlock when nothing is there.
 fn peek_one<S: AsFd>(sock: &S) -> io::Result<usize> {
@@ -362,14 +355,21 @@ impl<S: Socket> Tracked<S> {
         if self.peer_eof {
             return true;
         }
-        if !S::IS_TCP {
-            return false;
-        }
+        S::IS_TCP
+            && matches!(
+                self.tcp_state(),
+                Some(TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSE)
+            )
+    }
+
+    /// The TCP state read just now if there is one, else read now (and kept for the close
+    /// that follows).
+    fn tcp_state(&mut self) -> Option<u8> {
         let state = self
             .state_seen
             .or_else(|| tcp_view(&self.inner).map(|v| v.state));
         self.state_seen = state;
-        matches!(state, Some(TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSE))
+        state
     }
 
     /// Sets up the close (`how`) and records it; the fd itself closes when `inner` drops.
@@ -388,8 +388,7 @@ impl<S: Socket> Tracked<S> {
         let how = if self.sent_fin && how == How::Rst {
             // After our FIN an RST still spares TIME_WAIT only while the peer has not
             // answered with its own FIN.
-            let state = self.state_seen.take();
-            match state.or_else(|| tcp_view(&self.inner).map(|v| v.state)) {
+            match self.tcp_state() {
                 Some(TCP_FIN_WAIT1) | Some(TCP_FIN_WAIT2) => How::Rst,
                 _ => How::Fin,
             }
