@@ -294,8 +294,10 @@ async fn one_gib_each_way_streams_in_bounded_memory() {
     let peak = proc_kib(pid, "VmHWM");
     let growth_mib = peak.saturating_sub(before) / 1024;
     println!("waitless RSS before {before} KiB, peak {peak} KiB: grew {growth_mib} MiB for 1 GiB each way");
+    // Buffering the body would grow by about 1 GiB. What remains is hyper's buffers and the
+    // allocator's per-worker pages, which measured 8-17 MiB from run to run.
     assert!(
-        growth_mib <= 16,
+        growth_mib <= 32,
         "RSS grew {growth_mib} MiB while streaming 1 GiB"
     );
 }
