@@ -1,4 +1,4 @@
-//! `cargo bench --bench pool`: the pool's checkout/return path (`Server::take_idle` then
+//! `cargo bench --bench pool`: the pool's checkout/return path (`Server::take_idle_or_open` then
 //! `Server::put`), which every proxied request crosses twice.
 //!
 //! The connection is a stand-in whose `is_usable` is free, so what is measured is the pool's
@@ -42,7 +42,7 @@ fn upstream(idle: usize) -> (Arc<Upstream<Conn>>, Arc<Server<Conn>>) {
 
 /// One request's worth of pool traffic: check a connection out, use it, give it back.
 fn checkout_return(up: &Upstream<Conn>, server: &Server<Conn>) {
-    match server.take_idle(&up.cfg) {
+    match server.take_idle_or_open(&up.cfg) {
         Some(mut p) => {
             p.mark_used();
             server.put(&up.cfg, p);

@@ -59,6 +59,8 @@ pub struct Server<C> {
     idle: Box<[Mutex<Vec<Pooled<C>>>]>,
     /// Idle connections over all workers (bounded by `pool_size`).
     idle_total: AtomicUsize,
+    /// Connections open or being opened, for protocols that count them (`OpenSlot`).
+    open: Arc<AtomicUsize>,
     /// Bounds open connections when `max_connections` > 0.
     limit: Option<Arc<Semaphore>>,
     /// Counters for metrics.
@@ -119,6 +121,11 @@ pub struct ServerInfo<'a> {
     pub ledger: &'a SideLedger,
 }
 
+/// Counts one connection of a server as open for as long as it lives (held by whatever owns
+/// the socket), so a worker can tell whether opening one of its own stays within `pool_size`.
+#[derive(Debug)]
+pub struct OpenSlot(Arc<AtomicUsize>);
+
 /// All connections of a server are in use and `max_connections` did not free up in time.
 #[derive(Debug)]
 pub struct Busy;
@@ -177,6 +184,34 @@ impl<C: PoolConn> Server<C> {
         }
     }
 
+    /// Takes this worker's own idle connection; another worker's only once `pool_size`
+    /// connections are open. Below that a new connection of its own serves better: a
+    /// borrowed one wakes its owner's thread on every exchange, for as long as it is lent.
+    /// The count comes from `open_slot`, which the caller's connections must hold.
+    pub fn take_idle_or_open(&self, cfg: &config::Upstream) -> Option<Pooled<C>> {
+        let now = Instant::now();
+        loop {
+            let mut pooled = match self.take_own(|idle| idle.pop()) {
+                Some(p) => p,
+                None if self.open.load(Ordering::Acquire) < cfg.pool_size => return None,
+                None => self.take_where(|idle| idle.pop())?,
+            };
+            if now.duration_since(pooled.since) >= cfg.idle_timeout {
+                pooled.ctl.retire(Reason::Idle);
+                continue;
+            }
+            if pooled.conn.is_usable() {
+                return Some(pooled);
+            }
+        }
+    }
+
+    /// Counts a connection about to be opened until the slot is dropped with it.
+    pub fn open_slot(&self) -> OpenSlot {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        OpenSlot(self.open.clone())
+    }
+
     /// Takes the most recently used idle connection that `wanted` accepts and that is still
     /// usable, retiring expired and dropping dead ones on the way (for pools whose
     /// connections are not interchangeable, e.g. MySQL connections logged in as one user).
@@ -231,6 +266,16 @@ impl<C: PoolConn> Server<C> {
             return;
         }
         self.lock_idle(pooled.home).push(pooled);
+    }
+
+    /// What `pick` takes from this worker's idle list.
+    fn take_own(
+        &self,
+        pick: impl FnOnce(&mut Vec<Pooled<C>>) -> Option<Pooled<C>>,
+    ) -> Option<Pooled<C>> {
+        let taken = pick(&mut self.lock_idle(workers::current()))?;
+        self.idle_total.fetch_sub(1, Ordering::AcqRel);
+        Some(taken)
     }
 
     /// The first connection `pick` takes from the idle lists, the caller's worker's first.
@@ -326,6 +371,14 @@ impl<C: PoolConn> Server<C> {
     }
 }
 
+// === impl OpenSlot ===
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 // === impl Upstream ===
 
 impl<C: PoolConn> Upstream<C> {
@@ -352,6 +405,7 @@ impl<C: PoolConn> Upstream<C> {
                         .map(|_| Mutex::new(Vec::new()))
                         .collect(),
                     idle_total: AtomicUsize::new(0),
+                    open: Arc::default(),
                     limit: (cfg.max_connections > 0)
                         .then(|| Arc::new(Semaphore::new(cfg.max_connections))),
                     stats: ServerStats::default(),

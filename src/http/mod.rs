@@ -445,7 +445,7 @@ impl HttpListener {
         let up = &self.upstream;
         let mut last = None;
         for server in up.rotation() {
-            while let Some(mut pooled) = reuse.then(|| server.take_idle(&up.cfg)).flatten() {
+            while let Some(mut pooled) = reuse.then(|| server.take_idle_or_open(&up.cfg)).flatten() {
                 // Ready means the previous exchange fully finished on this connection.
                 if pooled.conn.tx.ready().await.is_ok() {
                     server.stats.reused.fetch_add(1, Ordering::Relaxed);

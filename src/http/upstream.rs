@@ -17,7 +17,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use crate::close::{CloseCtl, Socket, Tracked};
 use crate::config::Address;
-use crate::pool::{self, PoolConn, Pooled, Server};
+use crate::pool::{self, OpenSlot, PoolConn, Pooled, Server};
 
 /// The body of a request sent upstream: the client's, or empty for a replay.
 pub type ReqBody = Either<ClientBody, Empty<Bytes>>;
@@ -241,17 +241,18 @@ pub async fn connect(
         .open_permit(cfg.connect_timeout)
         .await
         .map_err(|_| ConnectError::Busy)?;
+    let slot = server.open_slot();
     let ctl = CloseCtl::new();
     let connecting = async {
         match &server.addr {
             Address::Tcp(addr) => {
                 let stream = TcpStream::connect(addr).await?;
                 stream.set_nodelay(true)?;
-                handshake(stream, server, upstream, ctl.clone(), permit).await
+                handshake(stream, server, upstream, ctl.clone(), (permit, slot)).await
             }
             Address::Unix(path) => {
                 let stream = UnixStream::connect(path).await?;
-                handshake(stream, server, upstream, ctl.clone(), permit).await
+                handshake(stream, server, upstream, ctl.clone(), (permit, slot)).await
             }
         }
     };
@@ -277,7 +278,7 @@ async fn handshake<S: Socket>(
     server: &Server<HttpConn>,
     upstream: &HttpUpstream,
     ctl: Arc<CloseCtl>,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    counted: (Option<tokio::sync::OwnedSemaphorePermit>, OpenSlot),
 ) -> io::Result<SendRequest<ReqBody>> {
     let io = Tracked::upstream(stream, server.ledger.clone(), upstream.cfg.time_wait, ctl);
     let (tx, conn) = hyper::client::conn::http1::Builder::new()
@@ -286,8 +287,8 @@ async fn handshake<S: Socket>(
         .map_err(io::Error::other)?;
     let label = server.label.clone();
     tokio::spawn(async move {
-        // The permit counts this connection as open until its socket is gone.
-        let _permit = permit;
+        // The permit and the slot count this connection as open until its socket is gone.
+        let _counted = counted;
         if let Err(e) = conn.await {
             tracing::debug!(server = %label, error = %e, "upstream connection ended with an error");
         }
