@@ -6,6 +6,7 @@
 //!
 //! - `config`: the TOML model and its validation (errors name file, line and key).
 //! - `listener`: binding and accepting client sockets.
+//! - `eager`: client sockets that join epoll only when an operation would block.
 //! - `close`: the heart — `Tracked`, the one close mechanism every protocol uses, the ledger
 //!   of closes and the kernel's socket census.
 //! - `pool`: per-server pools of persistent upstream connections, protocol-neutral, with
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod close;
 pub mod config;
 pub mod demo;
+pub mod eager;
 pub mod health;
 pub mod http;
 pub mod listener;

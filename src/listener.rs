@@ -11,13 +11,16 @@ use std::time::Duration;
 use serde::Serialize;
 
 use socket2::{Domain, SockRef, Socket as RawSocket, Type};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::close::{Closer, How, Reason, SideLedger, Socket};
 use crate::config::Address;
+use crate::eager::EagerTcp;
 use crate::proxy_protocol;
 
 /// A protocol's handler for accepted client connections.
@@ -75,14 +78,15 @@ pub enum Listening {
 /// A listening socket in one worker's runtime.
 #[derive(Debug)]
 pub enum Bound {
-    Tcp(TcpListener),
+    /// Accepted without tokio's `TcpListener`, whose streams join epoll at once (`eager`).
+    Tcp(AsyncFd<std::net::TcpListener>),
     /// The path is removed when the socket that owns it (worker 0's) is dropped.
     Unix(UnixListener, Option<PathBuf>),
 }
 
 /// A connection just accepted.
 pub enum Accepted {
-    Tcp(tokio::net::TcpStream, SocketAddr),
+    Tcp(EagerTcp, SocketAddr),
     Unix(tokio::net::UnixStream),
 }
 
@@ -182,7 +186,9 @@ impl Bound {
                 let sock = socks
                     .pop()
                     .ok_or_else(|| io::Error::other("no socket for this worker"))?;
-                Ok(Bound::Tcp(TcpListener::from_std(sock)?))
+                // SAFETY: the AsyncFd owns the listener, so its descriptor stays open and
+                // the same for as long as the registration lives.
+                Ok(Bound::Tcp(unsafe { AsyncFd::register(sock) }?))
             }
             Listening::Unix(l, path) => {
                 let owner = (!path.as_os_str().is_empty()).then_some(path);
@@ -194,7 +200,7 @@ impl Bound {
     /// The TCP address actually bound (port 0 resolved), if TCP.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match self {
-            Bound::Tcp(l) => l.local_addr().ok(),
+            Bound::Tcp(l) => l.get_ref().local_addr().ok(),
             Bound::Unix(..) => None,
         }
     }
@@ -204,7 +210,7 @@ impl Bound {
     pub async fn accept(&self, name: &str) -> Accepted {
         loop {
             let result = match self {
-                Bound::Tcp(l) => l.accept().await.map(|(s, peer)| Accepted::Tcp(s, peer)),
+                Bound::Tcp(l) => l.async_io(Interest::READABLE, accept_tcp).await,
                 Bound::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
             };
             match result {
@@ -255,21 +261,21 @@ pub async fn accept_loop<T: Serve>(svc: watch::Receiver<Arc<T>>, sock: Bound, op
         // Each task holds only what its connection needs for its whole life: it is most of
         // what an idle client connection costs.
         match accepted {
-            Accepted::Tcp(stream, peer) if over => {
+            Accepted::Tcp(mut stream, peer) if over => {
                 // Boxed: rare, and large; it must not weigh on every task.
                 let opts = opts.clone();
                 opts.tasks.clone().spawn(Box::pin(async move {
                     let _active = active;
-                    if let Some(client) = client_addr(&stream, peer, &opts).await {
+                    if let Some(client) = client_addr(&mut stream, peer, &opts).await {
                         svc.reject(stream, Some(client)).await
                     }
                 }));
             }
-            Accepted::Tcp(stream, peer) if opts.proxy_header.is_some() => {
+            Accepted::Tcp(mut stream, peer) if opts.proxy_header.is_some() => {
                 let opts = opts.clone();
                 opts.tasks.clone().spawn(async move {
                     let _active = active;
-                    let client = Box::pin(client_addr(&stream, peer, &opts)).await;
+                    let client = Box::pin(client_addr(&mut stream, peer, &opts)).await;
                     drop(opts);
                     if let Some(client) = client {
                         svc.serve(stream, Some(client)).await
@@ -303,7 +309,7 @@ pub async fn accept_loop<T: Serve>(svc: watch::Receiver<Arc<T>>, sock: Bound, op
 /// None when the header is bad: the connection is then reset (nothing was sent, and a
 /// refused client keeps no TIME_WAIT) and recorded.
 async fn client_addr(
-    stream: &tokio::net::TcpStream,
+    stream: &mut EagerTcp,
     peer: SocketAddr,
     opts: &AcceptOpts,
 ) -> Option<SocketAddr> {
@@ -315,11 +321,20 @@ async fn client_addr(
         Err(e) => {
             tracing::warn!(listener = %opts.name, peer = %peer, error = %e,
                 "refusing connection: bad PROXY protocol header");
-            let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+            let _ = SockRef::from(&*stream).set_linger(Some(Duration::ZERO));
             opts.ledger.record(Closer::Proxy, How::Rst, Reason::Error);
             None
         }
     }
+}
+
+/// One accept4 on a TCP listener: the socket comes non-blocking, and unregistered.
+fn accept_tcp(l: &std::net::TcpListener) -> io::Result<Accepted> {
+    let (sock, addr) = SockRef::from(l).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let peer = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accepted a TCP connection without an IP address"))?;
+    Ok(Accepted::Tcp(EagerTcp::new(sock.into()), peer))
 }
 
 /// Counts a connection as active for its lifetime.

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use ppp::v2::{Builder, Command, Protocol, Version};
 use ppp::{HeaderResult, PartialResult};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use crate::config::ProxyProtocol;
+use crate::eager::EagerTcp;
 
 /// The longest header accepted: a v1 header is at most 107 bytes; v2 headers carrying TLVs
 /// beyond this are refused rather than buffered.
@@ -45,7 +46,7 @@ pub enum Parsed {
 /// Reads the PROXY header at the start of `stream`, consuming exactly its bytes (what
 /// follows belongs to the protocol). `Ok(None)`: a valid header without addresses (v1
 /// UNKNOWN, v2 LOCAL or a non-IP family): the connection's own addresses stand.
-pub async fn read_header(stream: &TcpStream, within: Duration) -> io::Result<Option<Addresses>> {
+pub async fn read_header(stream: &mut EagerTcp, within: Duration) -> io::Result<Option<Addresses>> {
     let deadline = Instant::now() + within;
     let mut buf = [0u8; MAX_HEADER];
     loop {
@@ -157,15 +158,12 @@ pub fn encode_local() -> Vec<u8> {
 }
 
 /// Reads and drops exactly `len` bytes already seen by peek.
-async fn consume(stream: &TcpStream, mut len: usize) -> io::Result<()> {
+async fn consume(stream: &mut EagerTcp, mut len: usize) -> io::Result<()> {
     let mut sink = [0u8; MAX_HEADER];
     while len > 0 {
-        stream.readable().await?;
-        match stream.try_read(&mut sink[..len.min(MAX_HEADER)]) {
-            Ok(0) => return Err(invalid("connection closed inside the PROXY header")),
-            Ok(n) => len -= n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        match stream.read(&mut sink[..len.min(MAX_HEADER)]).await? {
+            0 => return Err(invalid("connection closed inside the PROXY header")),
+            n => len -= n,
         }
     }
     Ok(())
@@ -280,12 +278,13 @@ mod tests {
     async fn a_header_that_never_completes_times_out() {
         use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         client.write_all(b"PROXY TCP4 192.0.2.1").await.unwrap();
-        let read = read_header(&server, Duration::from_millis(200));
+        let mut server = EagerTcp::new(server.into_std().unwrap());
+        let read = read_header(&mut server, Duration::from_millis(200));
         let r = tokio::time::timeout(Duration::from_secs(3), read).await;
         assert!(matches!(r, Ok(Err(_))), "{r:?}");
     }

@@ -483,3 +483,30 @@ async fn keepalive_timeout_closes_an_idle_client_connection_as_idle() {
         .sum::<u64>();
     assert_eq!(idle, 1, "ledger: {ledger}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_response() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "", "").await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(b"GET /bytes/7 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    // FIN right behind the request, as `curl --http1.0`-style tools and some load
+    // balancers' health checks do: the response must still come, then the close.
+    s.shutdown().await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(&body[..], &pattern(7)[..]);
+    let mut rest = Vec::new();
+    let eof = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(eof, Ok(Ok(0))),
+        "the connection was not closed after the response: {eof:?}"
+    );
+    assert_eq!(
+        backend.requests.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}

@@ -27,7 +27,11 @@ pub trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send + Sync + 'static 
     const IS_TCP: bool;
 
     /// Ready when there is something to read (or EOF), without reading it.
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Reads what has arrived already, without waiting: Ok(0) at EOF, WouldBlock when
+    /// nothing is there (or the socket cannot tell without waiting).
+    fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize>;
 }
 
 /// `Socket` for a tokio stream type; TCP and unix streams differ only in `IS_TCP`.
@@ -36,7 +40,7 @@ macro_rules! impl_socket {
         impl Socket for $stream {
             const IS_TCP: bool = $tcp;
 
-            fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 loop {
                     std::task::ready!(self.poll_read_ready(cx))?;
                     // A fresh socket can report ready before anything arrived: peek to be
@@ -47,6 +51,10 @@ macro_rules! impl_socket {
                         Ok(_) => return Poll::Ready(Ok(())),
                     }
                 }
+            }
+
+            fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                self.try_read(buf)
             }
         }
     };
@@ -186,6 +194,12 @@ impl<S: Socket> Tracked<S> {
     /// The wrapped socket.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// The wrapped socket, to wait on or read from without the close tracking (bytes only:
+    /// an EOF seen this way is seen again by the next tracked read).
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
     }
 
     /// Ends a client connection whose exchange is over, by the listener's policy.

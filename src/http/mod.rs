@@ -155,18 +155,24 @@ impl HttpListener {
     async fn serve_client<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         let mut io = Tracked::client(stream, self.ledger.clone(), ClientPolicy::of(&self.cfg));
+        // A new client's request has usually arrived by the time it is accepted.
+        let mut arrived = read_arrived(&mut io);
         let mut released = false;
         loop {
-            let reason = match self.await_request(&io, released).await {
-                Waited::Request => None,
-                Waited::Idle => Some(Reason::Idle),
-                Waited::Stopped => Some(Reason::Drain),
+            let reason = if arrived.is_some() {
+                None
+            } else {
+                match self.await_request(&mut io, released).await {
+                    Waited::Request => None,
+                    Waited::Idle => Some(Reason::Idle),
+                    Waited::Stopped => Some(Reason::Drain),
+                }
             };
             if let Some(reason) = reason {
                 // Boxed, like serving below: only the wait itself lives in every idle task.
                 return Box::pin(io.finish_client(reason, false)).await;
             }
-            let mut unread = Bytes::new();
+            let mut unread = arrived.take().unwrap_or_default();
             loop {
                 match Box::pin(self.session(io, unread, peer)).await {
                     Session::Over => return,
@@ -194,7 +200,7 @@ impl HttpListener {
 
     /// Waits for the client's next bytes (or its EOF) for the idle wait, and for no longer
     /// than the listener runs. `released`: hyper was let go on this connection, idle.
-    async fn await_request<S: Socket>(&self, io: &Tracked<S>, released: bool) -> Waited {
+    async fn await_request<S: Socket>(&self, io: &mut Tracked<S>, released: bool) -> Waited {
         let wait = if released {
             // hyper's idle wait began at least a tick before it was let go: the connection
             // closes no earlier than its full idle wait, at most a tick later.
@@ -206,7 +212,7 @@ impl HttpListener {
         let mut stopped = std::pin::pin!(self.stop.cancelled());
         poll_fn(|cx| {
             // A request already there is served (and its connection then drained by hyper).
-            if io.get_ref().poll_readable(cx).is_ready() {
+            if io.get_mut().poll_readable(cx).is_ready() {
                 Poll::Ready(Waited::Request)
             } else if stopped.as_mut().poll(cx).is_ready() {
                 Poll::Ready(Waited::Stopped)
@@ -249,6 +255,10 @@ impl HttpListener {
         let io = Replay::new(io, unread, state.clone());
         let mut conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
+            // Otherwise hyper reads the socket while a response is pending to spot an early
+            // EOF: a read that finds nothing, and makes an `EagerTcp` join epoll for it.
+            // A client that half-closes after its request still gets the response.
+            .half_close(true)
             // A head over the limit gets 431, whether it completes or fills the buffer first.
             .max_header_size(validate::MAX_HEAD)
             .max_buf_size(validate::MAX_HEAD)
@@ -445,7 +455,8 @@ impl HttpListener {
         let up = &self.upstream;
         let mut last = None;
         for server in up.rotation() {
-            while let Some(mut pooled) = reuse.then(|| server.take_idle_or_open(&up.cfg)).flatten() {
+            while let Some(mut pooled) = reuse.then(|| server.take_idle_or_open(&up.cfg)).flatten()
+            {
                 // Ready means the previous exchange fully finished on this connection.
                 if pooled.conn.tx.ready().await.is_ok() {
                     server.stats.reused.fetch_add(1, Ordering::Relaxed);
@@ -577,6 +588,16 @@ impl HttpListener {
             ),
         )
     }
+}
+
+/// What a client sent already, read without waiting (empty at its EOF, which the next read
+/// sees again); None when nothing is there yet. Served from these bytes, a fresh connection
+/// skips the readiness wait, and an `EagerTcp` does not join epoll for the request.
+fn read_arrived<S: Socket>(io: &mut Tracked<S>) -> Option<Bytes> {
+    // Big enough for most request heads; hyper reads the rest from the socket.
+    let mut buf = [0u8; 2048];
+    let n = io.get_mut().read_now(&mut buf).ok()?;
+    Some(Bytes::copy_from_slice(buf.get(..n)?))
 }
 
 /// The request again, without its (empty) body.
