@@ -1,11 +1,14 @@
 //! Accepting sockets: binding with the options a proxy wants, and the accept loop.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -283,9 +286,9 @@ pub async fn accept_loop<T: Serve>(svc: watch::Receiver<Arc<T>>, sock: Bound, op
                 });
             }
             Accepted::Tcp(stream, peer) => {
-                opts.tasks.spawn(async move {
-                    let _active = active;
-                    svc.serve(stream, Some(peer)).await
+                opts.tasks.spawn(Counted {
+                    conn: svc.serve(stream, Some(peer)),
+                    _active: active,
                 });
             }
             Accepted::Unix(stream) if over => {
@@ -295,9 +298,9 @@ pub async fn accept_loop<T: Serve>(svc: watch::Receiver<Arc<T>>, sock: Bound, op
                 }));
             }
             Accepted::Unix(stream) => {
-                opts.tasks.spawn(async move {
-                    let _active = active;
-                    svc.serve(stream, None).await
+                opts.tasks.spawn(Counted {
+                    conn: svc.serve(stream, None),
+                    _active: active,
                 });
             }
         }
@@ -337,6 +340,17 @@ fn accept_tcp(l: &std::net::TcpListener) -> io::Result<Accepted> {
     Ok(Accepted::Tcp(EagerTcp::new(sock.into()), peer))
 }
 
+pin_project_lite::pin_project! {
+    /// A connection's future with its `active` count. Not an async block: one would keep a
+    /// copy of the protocol future's inputs (socket, address, service) beside the future for
+    /// the connection's whole life, in every idle task.
+    struct Counted<F> {
+        #[pin]
+        conn: F,
+        _active: ActiveGuard,
+    }
+}
+
 /// Counts a connection as active for its lifetime.
 struct ActiveGuard {
     stats: Arc<ListenerStats>,
@@ -351,6 +365,14 @@ impl ActiveGuard {
             stats: stats.clone(),
             count,
         }
+    }
+}
+
+impl<F: Future> Future for Counted<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().conn.poll(cx)
     }
 }
 

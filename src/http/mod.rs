@@ -104,7 +104,11 @@ impl Serve for HttpListener {
         stream: S,
         peer: Option<SocketAddr>,
     ) -> impl std::future::Future<Output = ()> + Send {
-        self.serve_client(stream, peer)
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        // Wrapped here, not inside the async fn: its arguments live as long as its future,
+        // and a bare socket beside the wrapped one would be dead weight in every idle task.
+        let io = Tracked::client(stream, self.ledger.clone(), ClientPolicy::of(&self.cfg));
+        self.serve_client(io, peer)
     }
 
     /// At `max_clients`: every request on the connection gets a 503, then it closes.
@@ -152,41 +156,56 @@ impl HttpListener {
     /// future: hyper's buffers and state are allocated (boxed) once there is a request to
     /// read, and let go again when the connection falls idle (`idle`), which keeps idle
     /// client connections cheap whether or not they ever sent a request.
-    async fn serve_client<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
-        self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let mut io = Tracked::client(stream, self.ledger.clone(), ClientPolicy::of(&self.cfg));
-        // A new client's request has usually arrived by the time it is accepted.
-        let mut arrived = read_arrived(&mut io);
+    async fn serve_client<S: Socket>(
+        self: Arc<Self>,
+        mut io: Tracked<S>,
+        peer: Option<SocketAddr>,
+    ) {
+        // A new client's request has usually arrived by the time it is accepted. (Consumed
+        // before the first wait, so that no slot for it stays in the task.)
         let mut released = false;
+        if let Some(arrived) = read_arrived(&mut io) {
+            match Box::pin(self.serve_requests(io, arrived, peer)).await {
+                Some(back) => (io, released) = (back, true),
+                None => return,
+            }
+        }
         loop {
-            let reason = if arrived.is_some() {
-                None
-            } else {
-                match self.await_request(&mut io, released).await {
-                    Waited::Request => None,
-                    Waited::Idle => Some(Reason::Idle),
-                    Waited::Stopped => Some(Reason::Drain),
-                }
+            let reason = match self.await_request(&mut io, released).await {
+                Waited::Request => None,
+                Waited::Idle => Some(Reason::Idle),
+                Waited::Stopped => Some(Reason::Drain),
             };
             if let Some(reason) = reason {
                 // Boxed, like serving below: only the wait itself lives in every idle task.
                 return Box::pin(io.finish_client(reason, false)).await;
             }
-            let mut unread = arrived.take().unwrap_or_default();
-            loop {
-                match Box::pin(self.session(io, unread, peer)).await {
-                    Session::Over => return,
-                    Session::Released(back, rest) if rest.is_empty() => {
-                        io = back;
-                        // hyper's buffers were just freed: give them back while it is idle.
-                        crate::workers::tidy_soon();
-                        break;
-                    }
-                    // A pipelined request hyper had started reading: serve it at once.
-                    Session::Released(back, rest) => (io, unread) = (back, rest),
-                }
+            match Box::pin(self.serve_requests(io, Bytes::new(), peer)).await {
+                Some(back) => (io, released) = (back, true),
+                None => return,
             }
-            released = true;
+        }
+    }
+
+    /// Serves requests (the first starting with `unread`) until the connection ends, or
+    /// falls idle: then hyper is let go and the socket given back.
+    async fn serve_requests<S: Socket>(
+        self: &Arc<Self>,
+        mut io: Tracked<S>,
+        mut unread: Bytes,
+        peer: Option<SocketAddr>,
+    ) -> Option<Tracked<S>> {
+        loop {
+            match self.session(io, unread, peer).await {
+                Session::Over => return None,
+                Session::Released(back, rest) if rest.is_empty() => {
+                    // hyper's buffers were just freed: give them back while it is idle.
+                    crate::workers::tidy_soon();
+                    return Some(back);
+                }
+                // A pipelined request hyper had started reading: serve it at once.
+                Session::Released(back, rest) => (io, unread) = (back, rest),
+            }
         }
     }
 
