@@ -20,10 +20,8 @@
 //! - `demo`: `waitless demo`, where TIME_WAIT lands under each policy, measured.
 //! - `server`: wires one config into a running proxy.
 //! - `workers`: thread-per-core runtimes; listeners and pools are spread over them.
-//! - `alloc`: the global allocator (mimalloc), placing tokio's aligned blocks without waste.
 
 pub mod admin;
-pub mod alloc;
 pub mod close;
 pub mod config;
 pub mod demo;

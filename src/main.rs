@@ -287,6 +287,6 @@ impl Signals {
 }
 
 // mimalloc: per-request allocations are small and short-lived; with it a short request costs
-// 12% fewer instructions than with glibc's malloc (callgrind). `Allocator` says what it adds.
+// 12% fewer instructions than with glibc's malloc (callgrind).
 #[global_allocator]
-static GLOBAL: waitless::alloc::Allocator = waitless::alloc::Allocator;
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
