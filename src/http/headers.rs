@@ -21,23 +21,41 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes hop-by-hop headers, including those the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over their few names beats nine removals.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // Most messages carry none, or only `Connection: close` / `keep-alive` (every nginx
+    // response does): find which of the list are present in one pass over the few names and
+    // remove just those, rather than look each of the nine up.
+    let mut present = 0u16;
+    // A header literally named `close` (which `Connection: close` would name too).
+    let mut close_header = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+        close_header |= name.as_str() == "close";
+    }
+    if present == 0 {
         return;
     }
-    let mut values = headers.get_all(header::CONNECTION).iter().cloned();
-    if let Some(first) = values.next() {
-        // Cheap clones (shared bytes); `rest` allocates only for a repeated Connection header.
-        let rest: Vec<HeaderValue> = values.collect();
-        for value in std::iter::once(&first).chain(&rest) {
-            let tokens = value.to_str().unwrap_or("").split(',');
-            for name in tokens.filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok()) {
-                headers.remove(name);
-            }
+    // Index 0 is Connection: the headers it names go too. `keep-alive` is on the list
+    // already, and `close` names a header only in a hostile message; anything else is rare.
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("").split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
+            .filter(|t| close_header || !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -119,6 +137,27 @@ mod tests {
         assert!(h.get("x-two").is_none());
         assert!(h.get(header::CONNECTION).is_none());
         assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn connection_close_and_keep_alive_remove_what_they_name_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Keep-Alive, CLOSE"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let mut named = h.clone();
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+        // A header that is really named `close` goes too, as Connection names it.
+        named.insert("close", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut named);
+        let left: Vec<&str> = named.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
     }
 
     #[test]
