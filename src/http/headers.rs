@@ -19,6 +19,10 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::PROXY_AUTHORIZATION,
 ];
 
+/// Built at compile time: `from_static` at run time validates the name on every request.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
 /// Removes hop-by-hop headers, including those the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none, or only `Connection: close` / `keep-alive` (every nginx
@@ -85,8 +89,7 @@ pub fn forwarded_for(client: Option<IpAddr>) -> Option<HeaderValue> {
 /// X-Forwarded-Proto if absent (a load balancer in front that terminated TLS knows better).
 pub fn add_forwarded(headers: &mut HeaderMap, client: Option<&HeaderValue>) {
     if let Some(ip) = client {
-        let xff = HeaderName::from_static("x-forwarded-for");
-        let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(prior) if !prior.trim().is_empty() => {
                 let joined = format!("{prior}, {}", ip.to_str().unwrap_or(""));
                 HeaderValue::from_str(&joined).ok()
@@ -94,12 +97,11 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: Option<&HeaderValue>) {
             _ => Some(ip.clone()),
         };
         if let Some(v) = value {
-            headers.insert(xff, v);
+            headers.insert(X_FORWARDED_FOR, v);
         }
     }
-    let xfp = HeaderName::from_static("x-forwarded-proto");
-    if !headers.contains_key(&xfp) {
-        headers.insert(xfp, HeaderValue::from_static("http"));
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
 }
 
