@@ -42,7 +42,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // Index 0 is Connection: the headers it names go too. `keep-alive` is on the list
     // already, and `close` names a header only in a hostile message; anything else is rare.
-    if present & 1 != 0 {
+    if present & 1 != 0 && !only_close_or_keep_alive(headers) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -60,6 +60,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         if present & (1 << i) != 0 {
             headers.remove(name);
         }
+    }
+}
+
+/// True when the one Connection header is `close` or `keep-alive`, as nearly always: then it
+/// names no header beyond the list (checked without splitting it into tokens).
+fn only_close_or_keep_alive(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => {
+            let v = v.as_bytes();
+            v.eq_ignore_ascii_case(b"keep-alive")
+                || (v.eq_ignore_ascii_case(b"close") && !headers.contains_key("close"))
+        }
+        _ => false,
     }
 }
 
@@ -82,7 +96,27 @@ pub fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
 /// The client's address as a header value, made once per connection: cloning it for each
 /// request costs no formatting and no allocation.
 pub fn forwarded_for(client: Option<IpAddr>) -> Option<HeaderValue> {
-    client.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok())
+    match client? {
+        // Digits by hand: `to_string` goes through the formatting machinery, a thousand
+        // instructions, once per short connection.
+        IpAddr::V4(ip) => {
+            let mut text = Vec::with_capacity(15);
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push(b'.');
+                }
+                if octet >= 100 {
+                    text.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    text.push(b'0' + octet / 10 % 10);
+                }
+                text.push(b'0' + octet % 10);
+            }
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
+        }
+        ip @ IpAddr::V6(_) => HeaderValue::from_str(&ip.to_string()).ok(),
+    }
 }
 
 /// Appends the client's address (`forwarded_for`) to X-Forwarded-For and sets
@@ -160,6 +194,23 @@ mod tests {
         strip_hop_by_hop(&mut named);
         let left: Vec<&str> = named.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn forwarded_for_writes_every_address_as_its_text() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "192.168.100.255",
+            "9.99.100.199",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let v = forwarded_for(Some(ip.parse().unwrap())).unwrap();
+            assert_eq!(v.to_str().unwrap(), ip);
+        }
+        assert!(forwarded_for(None).is_none());
     }
 
     #[test]
