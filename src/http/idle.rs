@@ -99,6 +99,11 @@ impl Activity {
 // === impl Snapshot ===
 
 impl Snapshot {
+    /// At least one exchange started.
+    pub fn any_started(&self) -> bool {
+        self.started > 0
+    }
+
     /// At least one exchange ended.
     pub fn any_ended(&self) -> bool {
         self.ended > 0

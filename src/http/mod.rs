@@ -281,11 +281,15 @@ impl HttpListener {
             // A head over the limit gets 431, whether it completes or fills the buffer first.
             .max_header_size(validate::MAX_HEAD)
             .max_buf_size(validate::MAX_HEAD)
-            .header_read_timeout(self.idle_wait())
+            // Its head timer would be one more timer per request; the tick below bounds the
+            // wait for a head instead.
+            .header_read_timeout(None)
             .serve_connection(TokioIo::new(io), svc);
         let mut ending = None;
+        // No request head completed within the idle wait (a slow or stalled head).
+        let mut head_late = false;
         let mut stopped = std::pin::pin!(self.stop.cancelled());
-        let mut tick = std::pin::pin!(tokio::time::sleep(idle::TICK));
+        let mut tick = std::pin::pin!(tokio::time::sleep(self.idle_wait()));
         let mut last = idle::Snapshot::default();
         let mut armed = false;
         let result = poll_fn(|cx| {
@@ -301,6 +305,16 @@ impl HttpListener {
             if !armed {
                 // The tick starts once an exchange ended: a short connection never arms it.
                 last = state.activity.snapshot();
+                if !last.any_started() {
+                    // hyper waits for this session's first head: the tick, unarmed, is that
+                    // wait's deadline (its first poll starts it; a head that arrived whole
+                    // was handed to the service before this point, and never starts it).
+                    if tick.is_elapsed() || tick.as_mut().poll(cx).is_ready() {
+                        head_late = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    return poll;
+                }
                 if !last.any_ended() {
                     return poll;
                 }
@@ -334,6 +348,7 @@ impl HttpListener {
                 };
                 return Session::Released(io, rest);
             }
+            Ok(()) if head_late => Reason::Idle,
             Ok(()) if ending == Some(Reason::Drain) => Reason::Drain,
             Ok(()) => Reason::Done,
             Err(e) if e.is_timeout() => Reason::Idle,
