@@ -209,8 +209,8 @@ impl HttpListener {
         }
     }
 
-    /// How long a connection may stay idle (before a request, or between two): hyper's one
-    /// timer covers both the idle wait and the slow arrival of a head; the shorter bound wins.
+    /// How long a connection may stay idle (before a request, or between two), and how long a
+    /// head may take to arrive once it began: one bound for both, the shorter one.
     fn idle_wait(&self) -> Duration {
         self.cfg
             .keepalive_timeout
