@@ -170,18 +170,7 @@ impl<C: PoolConn> Server<C> {
     /// worker's own if it has one, else another worker's (which wakes that worker's thread
     /// on every exchange, but opening one more connection would exceed `pool_size`).
     pub fn take_idle(&self, cfg: &config::Upstream) -> Option<Pooled<C>> {
-        let now = Instant::now();
-        loop {
-            let mut pooled = self.take_where(|idle| idle.pop())?;
-            if now.duration_since(pooled.since) >= cfg.idle_timeout {
-                pooled.ctl.retire(Reason::Idle);
-                continue;
-            }
-            if pooled.conn.is_usable() {
-                return Some(pooled);
-            }
-            // Dropped: the close mechanism sees the server's FIN and answers it.
-        }
+        self.first_usable(cfg, || self.take_where(self.idle.len(), |idle| idle.pop()))
     }
 
     /// Takes this worker's own idle connection; another worker's only once `pool_size`
@@ -189,21 +178,14 @@ impl<C: PoolConn> Server<C> {
     /// borrowed one wakes its owner's thread on every exchange, for as long as it is lent.
     /// The count comes from `open_slot`, which the caller's connections must hold.
     pub fn take_idle_or_open(&self, cfg: &config::Upstream) -> Option<Pooled<C>> {
-        let now = Instant::now();
-        loop {
-            let mut pooled = match self.take_own(|idle| idle.pop()) {
-                Some(p) => p,
-                None if self.open.load(Ordering::Acquire) < cfg.pool_size => return None,
-                None => self.take_where(|idle| idle.pop())?,
+        self.first_usable(cfg, || {
+            let reach = if self.open.load(Ordering::Acquire) < cfg.pool_size {
+                1
+            } else {
+                self.idle.len()
             };
-            if now.duration_since(pooled.since) >= cfg.idle_timeout {
-                pooled.ctl.retire(Reason::Idle);
-                continue;
-            }
-            if pooled.conn.is_usable() {
-                return Some(pooled);
-            }
-        }
+            self.take_where(reach, |idle| idle.pop())
+        })
     }
 
     /// Counts a connection about to be opened until the slot is dropped with it.
@@ -220,12 +202,24 @@ impl<C: PoolConn> Server<C> {
         cfg: &config::Upstream,
         mut wanted: impl FnMut(&C) -> bool,
     ) -> Option<Pooled<C>> {
-        let now = Instant::now();
-        loop {
-            let mut pooled = self.take_where(|idle| {
+        self.first_usable(cfg, || {
+            self.take_where(self.idle.len(), |idle| {
                 let at = idle.iter().rposition(|p| wanted(&p.conn))?;
                 Some(idle.remove(at))
-            })?;
+            })
+        })
+    }
+
+    /// The first connection `next` gives that is still usable, retiring expired and dropping
+    /// dead ones on the way; None once `next` has none.
+    fn first_usable(
+        &self,
+        cfg: &config::Upstream,
+        mut next: impl FnMut() -> Option<Pooled<C>>,
+    ) -> Option<Pooled<C>> {
+        let now = Instant::now();
+        loop {
+            let mut pooled = next()?;
             if now.duration_since(pooled.since) >= cfg.idle_timeout {
                 pooled.ctl.retire(Reason::Idle);
                 continue;
@@ -233,6 +227,7 @@ impl<C: PoolConn> Server<C> {
             if pooled.conn.is_usable() {
                 return Some(pooled);
             }
+            // Dropped: the close mechanism sees the server's FIN and answers it.
         }
     }
 
@@ -268,24 +263,16 @@ impl<C: PoolConn> Server<C> {
         self.lock_idle(pooled.home).push(pooled);
     }
 
-    /// What `pick` takes from this worker's idle list.
-    fn take_own(
-        &self,
-        pick: impl FnOnce(&mut Vec<Pooled<C>>) -> Option<Pooled<C>>,
-    ) -> Option<Pooled<C>> {
-        let taken = pick(&mut self.lock_idle(workers::current()))?;
-        self.idle_total.fetch_sub(1, Ordering::AcqRel);
-        Some(taken)
-    }
-
-    /// The first connection `pick` takes from the idle lists, the caller's worker's first.
+    /// The first connection `pick` takes from the idle lists of `reach` workers, the
+    /// caller's first (1: its own only).
     fn take_where(
         &self,
+        reach: usize,
         mut pick: impl FnMut(&mut Vec<Pooled<C>>) -> Option<Pooled<C>>,
     ) -> Option<Pooled<C>> {
         let n = self.idle.len();
         let me = workers::current();
-        (0..n).find_map(|i| {
+        (0..reach.min(n)).find_map(|i| {
             let taken = pick(&mut self.lock_idle((me + i) % n))?;
             self.idle_total.fetch_sub(1, Ordering::AcqRel);
             Some(taken)

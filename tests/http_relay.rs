@@ -513,7 +513,7 @@ async fn a_client_that_half_closes_after_its_request_still_gets_the_response() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_request_head_dribbled_on_a_kept_alive_connection_is_cut_at_the_header_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let backend = Backend::start(BackendMode::Echo).await;
     let proxy = Waitless::start(&[backend.addr], "header_timeout = \"1s\"", "").await;
     let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
@@ -524,21 +524,7 @@ async fn a_second_request_head_dribbled_on_a_kept_alive_connection_is_cut_at_the
     assert!(head.starts_with("http/1.1 200"), "{head}");
     // The next head never completes: a byte every 200 ms for up to 8 s.
     s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").await.unwrap();
-    let started = std::time::Instant::now();
-    let mut cut = false;
-    while started.elapsed() < Duration::from_secs(8) {
-        if s.write_all(b"X").await.is_err() {
-            cut = true;
-            break;
-        }
-        let mut probe = [0u8; 1];
-        if let Ok(Ok(0) | Err(_)) =
-            tokio::time::timeout(Duration::from_millis(200), s.read(&mut probe)).await
-        {
-            cut = true;
-            break;
-        }
-    }
+    let cut = dribbled_until_cut(&mut s, 40, Duration::from_millis(200)).await;
     assert!(
         cut,
         "a head dribbled for 8 s after a served request was never cut"

@@ -126,20 +126,7 @@ async fn slowloris_is_cut_at_the_header_timeout_while_others_are_served() {
     slow.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")
         .await
         .unwrap();
-    let dribble = async {
-        for _ in 0..40 {
-            if slow.write_all(b"X").await.is_err() {
-                return true;
-            }
-            let mut probe = [0u8; 1];
-            if let Ok(Ok(0)) =
-                tokio::time::timeout(Duration::from_millis(250), slow.read(&mut probe)).await
-            {
-                return true; // closed by waitless
-            }
-        }
-        false
-    };
+    let dribble = dribbled_until_cut(&mut slow, 40, Duration::from_millis(250));
     let served = async {
         for _ in 0..20 {
             assert_eq!(get(proxy.addr(), "/", true).await.unwrap().0, 200);

@@ -36,6 +36,23 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Dribbles a never-ending request head into `s`, a byte a round, each followed by up to
+/// `pause` of waiting; true once waitless cut the connection (EOF or an error), false if it
+/// was still open after `rounds`.
+pub async fn dribbled_until_cut(s: &mut TcpStream, rounds: usize, pause: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for _ in 0..rounds {
+        if s.write_all(b"X").await.is_err() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(pause, s.read(&mut probe)).await {
+            return true;
+        }
+    }
+    false
+}
+
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
