@@ -14,6 +14,7 @@ mod headers;
 mod idle;
 mod upstream;
 mod validate;
+mod wire;
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
@@ -26,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Empty, Full};
+use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -35,8 +36,9 @@ use tokio_util::sync::CancellationToken;
 use crate::close::{ClientPolicy, Reason, SideLedger, Socket, Tracked};
 use crate::config;
 use crate::listener::{ListenerStats, Serve};
+use crate::pool::Server;
 use idle::{ExchangeBody, Replay};
-use upstream::{ClientBody, ConnectError, Lease, Progress, UpstreamBody};
+use upstream::{ClientBody, ConnectError, Lease, UpstreamBody};
 pub use upstream::{HttpConn, HttpUpstream};
 
 /// What a client receives: the upstream's body, or a short one of ours.
@@ -402,18 +404,16 @@ impl HttpListener {
         headers::add_forwarded(&mut parts.headers, state.forwarded_for.as_ref());
         parts.version = Version::HTTP_11;
 
-        // A bodyless idempotent request can be replayed if a reused connection turns out to
-        // have been closed by the server under our feet (the keep-alive race).
-        let replayable = is_idempotent(&parts.method) && body.is_end_stream();
-        let (body, sent) = ClientBody::new(body);
-        let req = Request::from_parts(parts, Either::Left(body));
-
-        let resp = match self.send(req, replayable, &sent, client_ip).await {
-            Ok(resp) => resp,
+        let resp = if body.is_end_stream() {
+            self.send_bodyless(&parts).await
+        } else {
+            self.send_with_body(Request::from_parts(parts, body), client_ip)
+                .await
+        };
+        let (mut parts, body) = match resp {
+            Ok(resp) => resp.into_parts(),
             Err(resp) => return resp,
         };
-
-        let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         if version == Version::HTTP_10
             && !parts.headers.contains_key(header::CONTENT_LENGTH)
@@ -425,56 +425,87 @@ impl HttpListener {
         Response::from_parts(parts, Either::Left(body))
     }
 
-    /// Sends the request on a pooled connection; on failure, the error response.
+    /// Sends a request without a body on a pooled connection and reads the response head
+    /// (`wire`); on failure, the error response.
     // Both outcomes are responses; the error one is rare, so its size costs nothing.
     #[allow(clippy::result_large_err)]
-    async fn send(
+    async fn send_bodyless(
         self: &Arc<Self>,
-        req: Request<upstream::ReqBody>,
-        replayable: bool,
-        sent: &Arc<Progress>,
-        client_ip: Option<IpAddr>,
+        parts: &http::request::Parts,
     ) -> Result<Response<UpstreamBody>, Response<RespBody>> {
-        let up = &self.upstream;
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut head = Vec::with_capacity(512);
+        wire::encode_request(&mut head, &parts.method, target, &parts.headers);
+        let head_request = parts.method == Method::HEAD;
+        let timeout = self.upstream.cfg.response_timeout;
+
         let mut lease = self.checkout().await?;
         lease.pooled.mark_used();
         let reused = lease.pooled.is_reused();
-        // The copy for a replay is made only where a replay can happen: on a reused connection.
-        let replay = (replayable && reused).then(|| bodyless_copy(&req));
-        let first = tokio::time::timeout(
-            up.cfg.response_timeout,
-            lease.pooled.conn.tx.send_request(req),
-        )
-        .await;
-        let err = match first {
-            Ok(Ok(resp)) => return self.wrap(resp, lease, sent),
-            Ok(Err(e)) => e,
-            Err(_) => return Err(self.timed_out(&lease)),
+        let failed = match tokio::time::timeout(timeout, lease.exchange(&head, head_request)).await
+        {
+            Ok(Ok(resp)) => return Ok(wire_response(resp, lease)),
+            Ok(Err(failed)) => failed,
+            Err(_) => return Err(self.timed_out(&lease.server)),
         };
         let server = lease.server.clone();
         drop(lease);
-        let replay = match replay {
-            Some(r) if reused => r,
-            // The client's body broke (bad chunk, or it went away mid-body), not the server.
-            _ if sent.is_failed() => return Err(self.refuse(validate::BROKEN_BODY, client_ip)),
-            _ => return Err(self.upstream_failed(&server.label, &err.to_string())),
-        };
-        tracing::debug!(listener = %self.cfg.name, server = %server.label, error = %err,
+        // An idempotent request that got nothing back on a reused connection met the
+        // keep-alive race (the server closed it idle just as the request went out): it is
+        // sent again, as the same bytes, on a fresh connection.
+        if !(failed.untouched && reused && is_idempotent(&parts.method)) {
+            return Err(self.upstream_failed(&server.label, &failed.why));
+        }
+        tracing::debug!(listener = %self.cfg.name, server = %server.label, error = %failed.why,
             "reused upstream connection failed before a response; retrying on a fresh one");
         server.stats.retries.fetch_add(1, Ordering::Relaxed);
-        // A fresh connection, to whichever server answers: the one that failed may be gone.
+        // To whichever server answers: the one that failed may be gone.
         let mut lease = self.checkout_with(false).await?;
         lease.pooled.mark_used();
-        match tokio::time::timeout(
-            up.cfg.response_timeout,
-            lease.pooled.conn.tx.send_request(replay),
-        )
-        .await
-        {
-            Ok(Ok(resp)) => self.wrap(resp, lease, sent),
-            Ok(Err(e)) => Err(self.upstream_failed(&lease.server.label, &e.to_string())),
-            Err(_) => Err(self.timed_out(&lease)),
+        match tokio::time::timeout(timeout, lease.exchange(&head, head_request)).await {
+            Ok(Ok(resp)) => Ok(wire_response(resp, lease)),
+            Ok(Err(failed)) => Err(self.upstream_failed(&lease.server.label, &failed.why)),
+            Err(_) => Err(self.timed_out(&lease.server)),
         }
+    }
+
+    /// Sends a request with a body through hyper's client on a pooled connection; on
+    /// failure, the error response. Never replayed: the body is gone once sent.
+    #[allow(clippy::result_large_err)]
+    async fn send_with_body(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        client_ip: Option<IpAddr>,
+    ) -> Result<Response<UpstreamBody>, Response<RespBody>> {
+        let (parts, body) = req.into_parts();
+        let (body, sent) = ClientBody::new(body);
+        let req = Request::from_parts(parts, body);
+        let mut lease = self.checkout().await?;
+        lease.pooled.mark_used();
+        let server = lease.server.clone();
+        let (mut tx, verdict) = match lease.hand_to_hyper().await {
+            Ok(handed) => handed,
+            Err(e) => return Err(self.upstream_failed(&server.label, &e.to_string())),
+        };
+        let timeout = self.upstream.cfg.response_timeout;
+        let err = match tokio::time::timeout(timeout, tx.send_request(req)).await {
+            Ok(Ok(resp)) => {
+                if let Err(why) = validate::response(resp.status(), resp.headers()) {
+                    return Err(self.upstream_failed(&server.label, why));
+                }
+                let keep_alive = headers::wants_keep_alive(resp.version(), resp.headers());
+                let (parts, body) = resp.into_parts();
+                let body = UpstreamBody::hyper(body, verdict, keep_alive, sent);
+                return Ok(Response::from_parts(parts, body));
+            }
+            Ok(Err(e)) => e,
+            Err(_) => return Err(self.timed_out(&server)),
+        };
+        if sent.is_failed() {
+            // The client's body broke (bad chunk, or it went away mid-body), not the server.
+            return Err(self.refuse(validate::BROKEN_BODY, client_ip));
+        }
+        Err(self.upstream_failed(&server.label, &err.to_string()))
     }
 
     /// An idle pooled connection, or a new one; servers that refuse are skipped.
@@ -489,17 +520,13 @@ impl HttpListener {
         let up = &self.upstream;
         let mut last = None;
         for server in up.rotation() {
-            while let Some(mut pooled) = reuse.then(|| server.take_idle_or_open(&up.cfg)).flatten()
-            {
-                // Ready means the previous exchange fully finished on this connection.
-                if pooled.conn.tx.ready().await.is_ok() {
-                    server.stats.reused.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Lease {
-                        pooled,
-                        server: server.clone(),
-                        upstream: up.clone(),
-                    });
-                }
+            if let Some(pooled) = reuse.then(|| server.take_idle_or_open(&up.cfg)).flatten() {
+                server.stats.reused.fetch_add(1, Ordering::Relaxed);
+                return Ok(Lease {
+                    pooled,
+                    server: server.clone(),
+                    upstream: up.clone(),
+                });
             }
             match upstream::connect(up, server).await {
                 Ok(pooled) => {
@@ -537,25 +564,6 @@ impl HttpListener {
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("upstream {}: no server is up", self.upstream.cfg.name),
         )
-    }
-
-    /// The client's response; a response whose framing cannot be relayed safely becomes a
-    /// 502 and its connection is closed.
-    // The error type of `send` and `checkout`, whose async bodies the lint does not look at.
-    #[allow(clippy::result_large_err)]
-    fn wrap(
-        &self,
-        resp: Response<Incoming>,
-        lease: Lease,
-        sent: &Arc<Progress>,
-    ) -> Result<Response<UpstreamBody>, Response<RespBody>> {
-        if let Err(why) = validate::response(resp.status(), resp.headers()) {
-            lease.pooled.ctl.retire(Reason::Error);
-            return Err(self.upstream_failed(&lease.server.label, why));
-        }
-        let (parts, body) = resp.into_parts();
-        let body = UpstreamBody::new(body, lease, sent.clone());
-        Ok(Response::from_parts(parts, body))
     }
 
     /// A request refused by waitless itself: nothing was forwarded (or, for a broken body,
@@ -608,10 +616,10 @@ impl HttpListener {
         )
     }
 
-    fn timed_out(&self, lease: &Lease) -> Response<RespBody> {
+    fn timed_out(&self, server: &Server<HttpConn>) -> Response<RespBody> {
         self.stats.errors_timeout.fetch_add(1, Ordering::Relaxed);
-        lease.server.health.failed(&self.upstream.cfg);
-        let label = &lease.server.label;
+        server.health.failed(&self.upstream.cfg);
+        let label = &server.label;
         tracing::warn!(listener = %self.cfg.name, upstream = %self.upstream.cfg.name,
             server = %label, "upstream response timed out");
         error_response(
@@ -634,14 +642,10 @@ fn read_arrived<S: Socket>(io: &mut Tracked<S>) -> Option<Bytes> {
     Some(Bytes::copy_from_slice(buf.get(..n)?))
 }
 
-/// The request again, without its (empty) body.
-fn bodyless_copy(req: &Request<upstream::ReqBody>) -> Request<upstream::ReqBody> {
-    let mut r = Request::new(Either::Right(Empty::new()));
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.version_mut() = req.version();
-    *r.headers_mut() = req.headers().clone();
-    r
+/// The client's response for a response head read by `wire`.
+fn wire_response(head: wire::Head, lease: Lease) -> Response<UpstreamBody> {
+    let body = UpstreamBody::wire(lease, head.framing, head.keep_alive);
+    Response::from_parts(head.parts, body)
 }
 
 fn is_idempotent(m: &Method) -> bool {

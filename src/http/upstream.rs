@@ -1,6 +1,10 @@
-//! The upstream half of the HTTP relay: pooled keep-alive HTTP/1.1 connections built on
-//! hyper's connection-level client, so waitless — not a library pool — decides when a
-//! connection is reused, retired and how it is closed.
+//! The upstream half of the HTTP relay: pooled keep-alive HTTP/1.1 connections that
+//! waitless, not a library pool, reuses, retires and closes.
+//!
+//! A request without a body (nearly all of them) is written and its response read right
+//! here, in the request's task (`wire`); one with a body is handed to hyper's client for that
+//! exchange, which sends the body while it reads the response, and the socket comes back
+//! to the pool when hyper is done with it.
 
 use std::io;
 use std::pin::Pin;
@@ -8,24 +12,38 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use http_body_util::{Either, Empty};
+use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
-use crate::close::{CloseCtl, Socket, Tracked};
+use super::wire::{self, Decoded, Framing};
+use crate::close::{CloseCtl, Reason, Socket, Tracked};
 use crate::config::Address;
 use crate::pool::{self, OpenSlot, PoolConn, Pooled, Server};
 
-/// The body of a request sent upstream: the client's, or empty for a replay.
-pub type ReqBody = Either<ClientBody, Empty<Bytes>>;
+/// The error of a response body.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A pooled HTTP/1.1 connection: the sending half; hyper's connection task owns the socket.
+/// A pooled HTTP/1.1 connection.
 #[derive(Debug)]
 pub struct HttpConn {
-    pub tx: SendRequest<ReqBody>,
+    /// The socket; None while hyper's client has it for a request with a body.
+    io: Option<UpIo>,
+    /// Bytes read past the response decoded last (a usable idle connection has none).
+    buf: BytesMut,
+    /// The `max_connections` permit and the open count, held as long as the socket.
+    _counted: (Option<OwnedSemaphorePermit>, OpenSlot),
+}
+
+/// An upstream socket, TCP or unix, under the close mechanism.
+#[derive(Debug)]
+pub enum UpIo {
+    Tcp(Tracked<TcpStream>),
+    Unix(Tracked<UnixStream>),
 }
 
 /// An upstream of HTTP connections.
@@ -36,20 +54,45 @@ pub type HttpUpstream = pool::Upstream<HttpConn>;
 pub enum ConnectError {
     /// max_connections reached and none freed in time.
     Busy,
-    /// connect() failed or timed out, or the handshake failed.
+    /// connect() failed or timed out.
     Io(io::Error),
 }
 
+/// A bodyless exchange that failed before a response head came back whole.
+#[derive(Debug)]
+pub struct Failed {
+    /// Nothing at all came back: the server may have closed the idle connection just as the
+    /// request went out (the keep-alive race), and an idempotent request can be sent again.
+    pub untouched: bool,
+    /// What went wrong, for the 502 and the log.
+    pub why: String,
+}
+
 /// A response body that gives its connection back to the pool once it was read to the end
-/// by its framing and the request went out whole; dropped early, or after a request body
-/// that was cut short, it takes the connection down with it.
+/// by its framing, the server keeps the connection open, and the request went out whole;
+/// dropped early, or after a request body that was cut short, it takes the connection down
+/// with it.
 pub struct UpstreamBody {
-    /// The upstream response body.
-    inner: Incoming,
-    /// The connection and where it returns; None once returned.
-    lease: Option<Lease>,
+    /// Where the bytes come from.
+    source: Source,
+    /// The server keeps the connection open after this response.
+    keep_alive: bool,
     /// How far the request body got.
     sent: Arc<Progress>,
+}
+
+/// The two ways a response body is read.
+enum Source {
+    /// Decoded here from the connection's bytes; the lease is None once given back.
+    Wire {
+        lease: Option<Lease>,
+        framing: Framing,
+    },
+    /// Decoded by hyper's client, whose task pools the connection when told it may.
+    Hyper {
+        inner: Incoming,
+        verdict: Option<oneshot::Sender<bool>>,
+    },
 }
 
 /// The client's request body on its way upstream. It records how far it got: a server may
@@ -89,7 +132,68 @@ impl std::fmt::Display for ConnectError {
 
 impl PoolConn for HttpConn {
     fn is_usable(&mut self) -> bool {
-        !self.tx.is_closed()
+        // Anything readable on an idle connection (its EOF, or bytes nobody asked for) puts
+        // it out of step; the readiness flag tells without a syscall in the common case.
+        self.buf.is_empty() && self.io.as_mut().is_some_and(UpIo::is_quiet)
+    }
+}
+
+// === impl UpIo ===
+
+impl UpIo {
+    /// Nothing to read: no byte and no EOF arrived since the last read.
+    fn is_quiet(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let poll = match self {
+            UpIo::Tcp(t) => t.get_mut().poll_readable(&mut cx),
+            UpIo::Unix(t) => t.get_mut().poll_readable(&mut cx),
+        };
+        poll.is_pending()
+    }
+}
+
+macro_rules! each_io {
+    ($self:ident, $io:ident => $e:expr) => {
+        match $self.get_mut() {
+            UpIo::Tcp($io) => $e,
+            UpIo::Unix($io) => $e,
+        }
+    };
+}
+
+impl AsyncRead for UpIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        each_io!(self, io => Pin::new(io).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for UpIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        each_io!(self, io => Pin::new(io).poll_write(cx, b))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each_io!(self, io => Pin::new(io).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_io!(self, io => Pin::new(io).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_io!(self, io => Pin::new(io).poll_shutdown(cx))
     }
 }
 
@@ -171,7 +275,96 @@ impl Progress {
 // === impl Lease ===
 
 impl Lease {
-    fn give_back(self) {
+    /// Writes a request without a body and reads the response head; the body is then read
+    /// through `UpstreamBody::wire`.
+    pub async fn exchange(
+        &mut self,
+        request: &[u8],
+        head_request: bool,
+    ) -> Result<wire::Head, Failed> {
+        let conn = &mut self.pooled.conn;
+        let io = conn.io.as_mut().ok_or_else(|| Failed {
+            untouched: true,
+            why: "connection lost".into(),
+        })?;
+        if let Err(e) = io.write_all(request).await {
+            return Err(Failed {
+                untouched: true,
+                why: format!("sending the request: {e}"),
+            });
+        }
+        let mut got_any = false;
+        loop {
+            if got_any {
+                let parsed = wire::parse_response(&mut conn.buf, head_request);
+                if let Some(head) = parsed.map_err(|why| Failed {
+                    untouched: false,
+                    why,
+                })? {
+                    return Ok(head);
+                }
+            }
+            if conn.buf.capacity() - conn.buf.len() < 1024 {
+                conn.buf.reserve(8 * 1024);
+            }
+            match tokio_util::io::read_buf(io, &mut conn.buf).await {
+                Ok(0) => {
+                    return Err(Failed {
+                        untouched: !got_any,
+                        why: "connection closed before the response head".into(),
+                    })
+                }
+                Ok(_) => got_any = true,
+                Err(e) => {
+                    return Err(Failed {
+                        untouched: !got_any,
+                        why: format!("reading the response: {e}"),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Hands the connection to hyper's client for one request with a body. When hyper is
+    /// done with it, the connection comes back to the pool if the verdict sent by the
+    /// response body says so; otherwise it is closed.
+    pub async fn hand_to_hyper(
+        mut self,
+    ) -> io::Result<(SendRequest<ClientBody>, oneshot::Sender<bool>)> {
+        let io = self
+            .pooled
+            .conn
+            .io
+            .take()
+            .ok_or_else(|| io::Error::other("connection lost"))?;
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(io::Error::other)?;
+        let (verdict, heard) = oneshot::channel();
+        tokio::spawn(async move {
+            let parts = conn.without_shutdown().await;
+            let reusable = heard.await.unwrap_or(false);
+            match parts {
+                Ok(parts) => {
+                    self.pooled.conn.io = Some(parts.io.into_inner());
+                    if reusable && parts.read_buf.is_empty() {
+                        self.give_back();
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(server = %self.server.label, error = %e,
+                        "upstream connection ended with an error");
+                }
+            }
+        });
+        Ok((tx, verdict))
+    }
+
+    fn give_back(mut self) {
+        // A big body grew the buffer; an idle connection keeps a small one.
+        if self.pooled.conn.buf.capacity() > 16 * 1024 {
+            self.pooled.conn.buf = BytesMut::new();
+        }
         self.server.put(&self.upstream.cfg, self.pooled);
     }
 }
@@ -179,59 +372,183 @@ impl Lease {
 // === impl UpstreamBody ===
 
 impl UpstreamBody {
-    /// `sent` is the progress of the request this body answers.
-    pub fn new(inner: Incoming, lease: Lease, sent: Arc<Progress>) -> UpstreamBody {
+    /// The body of a response read by `Lease::exchange` on `lease`.
+    pub fn wire(lease: Lease, framing: Framing, keep_alive: bool) -> UpstreamBody {
         UpstreamBody {
-            inner,
-            lease: Some(lease),
+            source: Source::Wire {
+                lease: Some(lease),
+                framing,
+            },
+            keep_alive,
+            // A bodyless request went out whole with its head.
+            sent: Arc::new(Progress(AtomicU8::new(Progress::SENT))),
+        }
+    }
+
+    /// The body of a response hyper's client read; `verdict` goes to its connection task.
+    pub fn hyper(
+        inner: Incoming,
+        verdict: oneshot::Sender<bool>,
+        keep_alive: bool,
+        sent: Arc<Progress>,
+    ) -> UpstreamBody {
+        UpstreamBody {
+            source: Source::Hyper {
+                inner,
+                verdict: Some(verdict),
+            },
+            keep_alive,
             sent,
         }
     }
 
-    /// Pools the connection if the request also went out whole; otherwise drops it.
+    /// The body ended by its framing: pools the connection if the server keeps it and the
+    /// request also went out whole; otherwise closes it.
     fn release(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            if self.sent.is_sent() {
-                lease.give_back();
+        let reusable = self.keep_alive && self.sent.is_sent();
+        match &mut self.source {
+            Source::Wire { lease, .. } => {
+                let Some(lease) = lease.take() else { return };
+                if reusable && lease.pooled.conn.buf.is_empty() {
+                    lease.give_back();
+                } else if !self.keep_alive {
+                    // The server said it closes: its FIN is answered with RST on drop.
+                    lease.pooled.ctl.retire(Reason::PeerClosed);
+                }
+            }
+            Source::Hyper { verdict, .. } => {
+                if let Some(v) = verdict.take() {
+                    let _ = v.send(reusable);
+                }
             }
         }
+    }
+
+    /// The next piece of a body read here.
+    fn poll_wire(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let Source::Wire { lease, framing } = &mut self.source else {
+            return Poll::Ready(None);
+        };
+        loop {
+            let Some(held) = lease.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let conn = &mut held.pooled.conn;
+            let step = match framing.decode(&mut conn.buf) {
+                Ok(step) => step,
+                Err(why) => return Poll::Ready(Some(Err(self.fail(why)))),
+            };
+            match step {
+                Decoded::Data(bytes) => {
+                    if framing.is_done() {
+                        self.release();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(bytes))));
+                }
+                Decoded::End => {
+                    self.release();
+                    return Poll::Ready(None);
+                }
+                Decoded::NeedMore => {}
+            }
+            let Some(io) = conn.io.as_mut() else {
+                return Poll::Ready(Some(Err(self.fail("connection lost"))));
+            };
+            // Small bodies in a small buffer; big ones in big reads.
+            let want = match framing.remaining() {
+                Some(n) if n < 8 * 1024 => 8 * 1024,
+                _ => 64 * 1024,
+            };
+            if conn.buf.capacity() - conn.buf.len() < want / 2 {
+                conn.buf.reserve(want);
+            }
+            match std::task::ready!(tokio_util::io::poll_read_buf(
+                Pin::new(io),
+                cx,
+                &mut conn.buf
+            )) {
+                Ok(0) if matches!(framing, Framing::UntilClose) => {
+                    // The close ends this body: the server closed first, as it meant to.
+                    held.pooled.ctl.retire(Reason::PeerClosed);
+                    *lease = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    return Poll::Ready(Some(Err(
+                        self.fail("upstream closed the connection mid-body")
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let why = format!("reading the response body: {e}");
+                    return Poll::Ready(Some(Err(self.fail_owned(why))));
+                }
+            }
+        }
+    }
+
+    /// Drops the connection (closed by the drop path) and makes the body's error.
+    fn fail(&mut self, why: &'static str) -> BodyError {
+        self.fail_owned(why.to_string())
+    }
+
+    fn fail_owned(&mut self, why: String) -> BodyError {
+        if let Source::Wire { lease, .. } = &mut self.source {
+            if let Some(lease) = lease.take() {
+                lease.pooled.ctl.retire(Reason::Error);
+            }
+        }
+        why.into()
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let Source::Hyper { inner, .. } = &mut this.source else {
+            return this.poll_wire(cx);
+        };
+        let poll = Pin::new(inner).poll_frame(cx);
         if let Poll::Ready(None) = poll {
-            self.release();
+            this.release();
         }
-        poll
+        poll.map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.source {
+            Source::Wire { lease, framing } => lease.is_none() || framing.is_done(),
+            Source::Hyper { inner, .. } => inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.source {
+            Source::Wire { framing, .. } => match framing.remaining() {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
+            Source::Hyper { inner, .. } => inner.size_hint(),
+        }
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // A body with nothing left (HEAD, 204, 304, Content-Length: 0) may never be polled.
-        if self.inner.is_end_stream() {
+        if self.is_end_stream() {
             self.release();
         }
     }
 }
 
-/// Opens a new connection to `server` and performs the HTTP/1.1 handshake.
+/// Opens a new connection to `server`.
 pub async fn connect(
     upstream: &HttpUpstream,
     server: &Server<HttpConn>,
@@ -244,20 +561,27 @@ pub async fn connect(
     let slot = server.open_slot();
     let ctl = CloseCtl::new();
     let connecting = async {
-        match &server.addr {
+        io::Result::Ok(match &server.addr {
             Address::Tcp(addr) => {
                 let stream = TcpStream::connect(addr).await?;
                 stream.set_nodelay(true)?;
-                handshake(stream, server, upstream, ctl.clone(), (permit, slot)).await
+                UpIo::Tcp(Tracked::upstream(
+                    stream,
+                    server.ledger.clone(),
+                    cfg.time_wait,
+                    ctl.clone(),
+                ))
             }
-            Address::Unix(path) => {
-                let stream = UnixStream::connect(path).await?;
-                handshake(stream, server, upstream, ctl.clone(), (permit, slot)).await
-            }
-        }
+            Address::Unix(path) => UpIo::Unix(Tracked::upstream(
+                UnixStream::connect(path).await?,
+                server.ledger.clone(),
+                cfg.time_wait,
+                ctl.clone(),
+            )),
+        })
     };
-    let tx = match tokio::time::timeout(cfg.connect_timeout, connecting).await {
-        Ok(Ok(tx)) => tx,
+    let io = match tokio::time::timeout(cfg.connect_timeout, connecting).await {
+        Ok(Ok(io)) => io,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
         Err(_) => {
             return Err(ConnectError::Io(io::Error::new(
@@ -270,28 +594,10 @@ pub async fn connect(
         .stats
         .opened
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Ok(Pooled::new(HttpConn { tx }, ctl))
-}
-
-async fn handshake<S: Socket>(
-    stream: S,
-    server: &Server<HttpConn>,
-    upstream: &HttpUpstream,
-    ctl: Arc<CloseCtl>,
-    counted: (Option<tokio::sync::OwnedSemaphorePermit>, OpenSlot),
-) -> io::Result<SendRequest<ReqBody>> {
-    let io = Tracked::upstream(stream, server.ledger.clone(), upstream.cfg.time_wait, ctl);
-    let (tx, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(io::Error::other)?;
-    let label = server.label.clone();
-    tokio::spawn(async move {
-        // The permit and the slot count this connection as open until its socket is gone.
-        let _counted = counted;
-        if let Err(e) = conn.await {
-            tracing::debug!(server = %label, error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(tx)
+    let conn = HttpConn {
+        io: Some(io),
+        buf: BytesMut::new(),
+        _counted: (permit, slot),
+    };
+    Ok(Pooled::new(conn, ctl))
 }

@@ -1,0 +1,402 @@
+//! HTTP/1.1 on the upstream connection's own bytes, for requests without a body: the
+//! rewritten request head is written straight from its parts, the response head is parsed
+//! with httparse, and the response body is decoded by its framing as the client reads it.
+//!
+//! hyper's client needs a task per connection and a channel hop each way per request; a
+//! bodyless keep-alive exchange done here runs in the request's own task and costs about a
+//! third fewer instructions. Requests with a body still go through hyper's client, which
+//! sends the body while it reads the response.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+
+use super::validate;
+
+/// Response heads larger than this are refused (hyper's client allows about as much).
+pub const MAX_HEAD: usize = 64 * 1024;
+
+/// Most headers a response head may carry.
+const MAX_HEADERS: usize = 100;
+
+/// A chunk-size line or a trailer line longer than this is refused.
+const MAX_LINE: usize = 4096;
+
+/// A parsed response head and how its body is delimited.
+#[derive(Debug)]
+pub struct Head {
+    /// Status, version and headers (hop-by-hop ones still there).
+    pub parts: http::response::Parts,
+    /// How the body ends.
+    pub framing: Framing,
+    /// The server keeps the connection open after this response.
+    pub keep_alive: bool,
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+#[derive(Debug)]
+pub enum Framing {
+    /// Content-Length, or none at all (HEAD, 1xx, 204, 304): the bytes still to come.
+    Length(u64),
+    /// Transfer-Encoding: chunked.
+    Chunked(Chunk),
+    /// Neither: the body ends when the server closes.
+    UntilClose,
+}
+
+/// Where a chunked decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data: the bytes left.
+    Data(u64),
+    /// Expecting the CRLF that ends a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until the empty one.
+    Trailer,
+    /// The empty line after the trailers was read.
+    Done,
+}
+
+/// One step of decoding a body.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// Body bytes.
+    Data(Bytes),
+    /// Nothing to give until more bytes are read.
+    NeedMore,
+    /// The body ended by its framing.
+    End,
+}
+
+// === impl Framing ===
+
+impl Framing {
+    /// True once the body ended by its framing (a close-delimited one never does).
+    pub fn is_done(&self) -> bool {
+        matches!(self, Framing::Length(0) | Framing::Chunked(Chunk::Done))
+    }
+
+    /// Bytes still to come, when the framing says.
+    pub fn remaining(&self) -> Option<u64> {
+        match self {
+            Framing::Length(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// Takes the next piece of body out of `buf`; `Err` names a framing error.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, &'static str> {
+        match self {
+            Framing::Length(0) => Ok(Decoded::End),
+            Framing::Length(left) => Ok(take(buf, left)),
+            Framing::UntilClose if buf.is_empty() => Ok(Decoded::NeedMore),
+            Framing::UntilClose => Ok(Decoded::Data(buf.split().freeze())),
+            Framing::Chunked(state) => decode_chunked(state, buf),
+        }
+    }
+}
+
+// === request ===
+
+/// Writes a request head: `target` is the origin-form path and query.
+pub fn encode_request(out: &mut Vec<u8>, method: &Method, target: &str, headers: &HeaderMap) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+// === response ===
+
+/// Parses a response head at the start of `buf` and takes it out; Ok(None) while it is
+/// incomplete. Interim 1xx responses are skipped. `head_request`: the request was HEAD, so
+/// the response has no body whatever its headers say.
+pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, String> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut slots);
+        let len = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                return Err(format!("response head over {MAX_HEAD} bytes"))
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(format!("invalid response head: {e}")),
+        };
+        let code = resp.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code).map_err(|_| format!("invalid status {code}"))?;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            // 100 Continue, 103 Early Hints: the final response follows.
+            buf.advance(len);
+            continue;
+        }
+        let version = match resp.version {
+            Some(0) => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        // Where each name and value lies in the head, to slice them out of it once frozen
+        // (values share the head's allocation instead of being copied one by one).
+        let base = buf.as_ptr() as usize;
+        let span = |s: &[u8]| {
+            let at = (s.as_ptr() as usize).wrapping_sub(base);
+            at..at.saturating_add(s.len())
+        };
+        let spans: Vec<_> = resp
+            .headers
+            .iter()
+            .map(|h| (span(h.name.as_bytes()), span(h.value)))
+            .collect();
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for (name, value) in spans {
+            let (Some(name), Some(_)) = (head.get(name), head.get(value.clone())) else {
+                return Err("header outside the head".into());
+            };
+            let name = HeaderName::from_bytes(name).map_err(|_| "invalid header name")?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value))
+                .map_err(|_| format!("invalid value of header {name}"))?;
+            headers.append(name, value);
+        }
+        validate::response(status, &headers)?;
+        let framing = framing(status, &headers, head_request)?;
+        let keep_alive = !matches!(framing, Framing::UntilClose)
+            && super::headers::wants_keep_alive(version, &headers);
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        parts.headers = headers;
+        return Ok(Some(Head {
+            parts,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+/// The body's framing from the head (`validate::response` already refused the conflicts).
+fn framing(status: StatusCode, headers: &HeaderMap, head_request: bool) -> Result<Framing, String> {
+    if head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Length(0));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(Framing::Chunked(Chunk::Size));
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        // Repeated values (or a list) must all agree, as hyper's client requires.
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_length(part.trim_ascii()).ok_or("invalid Content-Length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting Content-Length values".into());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length.map_or(Framing::UntilClose, Framing::Length))
+}
+
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
+}
+
+/// Up to `left` bytes of `buf`.
+fn take(buf: &mut BytesMut, left: &mut u64) -> Decoded {
+    if buf.is_empty() {
+        return Decoded::NeedMore;
+    }
+    let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+    *left -= n as u64;
+    Decoded::Data(buf.split_to(n).freeze())
+}
+
+fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, &'static str> {
+    loop {
+        match state {
+            Chunk::Size => match httparse::parse_chunk_size(buf) {
+                Ok(httparse::Status::Complete((len, size))) => {
+                    buf.advance(len);
+                    *state = if size == 0 {
+                        Chunk::Trailer
+                    } else {
+                        Chunk::Data(size)
+                    };
+                }
+                Ok(httparse::Status::Partial) if buf.len() > MAX_LINE => {
+                    return Err("chunk size line too long")
+                }
+                Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
+                Err(_) => return Err("invalid chunk size line"),
+            },
+            Chunk::Data(left) => {
+                let got = take(buf, left);
+                if *left == 0 {
+                    *state = Chunk::DataEnd;
+                }
+                return Ok(got);
+            }
+            Chunk::DataEnd => match buf.get(..2) {
+                None => return Ok(Decoded::NeedMore),
+                Some(b"\r\n") => {
+                    buf.advance(2);
+                    *state = Chunk::Size;
+                }
+                Some(_) => return Err("chunk data longer than its size"),
+            },
+            Chunk::Trailer => match buf.windows(2).position(|w| w == b"\r\n") {
+                // Trailers are dropped: hyper's server would not send them to an HTTP/1.1
+                // client that did not ask with `TE: trailers` anyway.
+                Some(0) => {
+                    buf.advance(2);
+                    *state = Chunk::Done;
+                }
+                Some(at) => buf.advance(at + 2),
+                None if buf.len() > MAX_LINE => return Err("trailer line too long"),
+                None => return Ok(Decoded::NeedMore),
+            },
+            Chunk::Done => return Ok(Decoded::End),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, head_request: bool) -> (Head, BytesMut) {
+        let mut buf = BytesMut::from(text);
+        let head = parse_response(&mut buf, head_request).unwrap().unwrap();
+        (head, buf)
+    }
+
+    fn body(framing: &mut Framing, buf: &mut BytesMut) -> Result<Vec<u8>, &'static str> {
+        let mut out = Vec::new();
+        loop {
+            match framing.decode(buf)? {
+                Decoded::Data(b) => out.extend_from_slice(&b),
+                Decoded::NeedMore => return Err("incomplete"),
+                Decoded::End => return Ok(out),
+            }
+        }
+    }
+
+    #[test]
+    fn a_sized_response_leaves_the_next_bytes_in_the_buffer() {
+        let (mut head, mut buf) = parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhelloHTTP/1.1",
+            false,
+        );
+        assert_eq!(head.parts.headers["x-a"], "1");
+        assert!(head.keep_alive);
+        let mut out = Vec::new();
+        while let Decoded::Data(b) = head.framing.decode(&mut buf).unwrap() {
+            out.extend_from_slice(&b);
+        }
+        assert_eq!(out, b"hello");
+        assert!(head.framing.is_done());
+        assert_eq!(&buf[..], b"HTTP/1.1");
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded_and_trailers_dropped() {
+        let (mut head, mut buf) = parse(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\nX-T: 1\r\n\r\nnext",
+            false,
+        );
+        assert_eq!(body(&mut head.framing, &mut buf).unwrap(), b"hello!");
+        assert_eq!(&buf[..], b"next");
+    }
+
+    #[test]
+    fn a_chunk_longer_than_its_size_is_an_error() {
+        let (mut head, mut buf) = parse(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n",
+            false,
+        );
+        assert!(body(&mut head.framing, &mut buf).is_err());
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_and_bodyless_statuses_have_no_body() {
+        let (head, buf) = parse(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            false,
+        );
+        assert_eq!(head.parts.status, 304);
+        assert!(head.framing.is_done());
+        assert!(buf.is_empty());
+        let (head, _) = parse("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true);
+        assert!(head.framing.is_done());
+    }
+
+    #[test]
+    fn close_delimited_and_http10_responses_end_the_connection() {
+        let (head, _) = parse("HTTP/1.1 200 OK\r\n\r\n", false);
+        assert!(matches!(head.framing, Framing::UntilClose));
+        assert!(!head.keep_alive);
+        let (head, _) = parse("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false);
+        assert!(!head.keep_alive);
+        let (head, _) = parse(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert!(!head.keep_alive);
+    }
+
+    #[test]
+    fn conflicting_or_invalid_lengths_are_refused() {
+        for text in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(text);
+            assert!(parse_response(&mut buf, false).is_err(), "{text}");
+        }
+        let (head, _) = parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            false,
+        );
+        assert_eq!(head.framing.remaining(), Some(5));
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_for_more() {
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Le");
+        assert!(parse_response(&mut buf, false).unwrap().is_none());
+        assert_eq!(buf.len(), 27);
+    }
+
+    #[test]
+    fn the_request_head_is_written_from_its_parts() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.append("x-b", HeaderValue::from_static("1"));
+        h.append("x-b", HeaderValue::from_static("2"));
+        let mut out = Vec::new();
+        encode_request(&mut out, &Method::GET, "/p?q", &h);
+        assert_eq!(
+            out,
+            b"GET /p?q HTTP/1.1\r\nhost: a\r\nx-b: 1\r\nx-b: 2\r\n\r\n"
+        );
+    }
+}
