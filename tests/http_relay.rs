@@ -530,3 +530,130 @@ async fn a_second_request_head_dribbled_on_a_kept_alive_connection_is_cut_at_the
         "a head dribbled for 8 s after a served request was never cut"
     );
 }
+
+/// A backend that answers scripted raw responses, in order, over whatever connections it is
+/// given; it returns the request heads it read and how many connections it accepted.
+async fn scripted_backend(
+    listener: tokio::net::TcpListener,
+    script: Vec<&'static [u8]>,
+) -> (Vec<String>, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut heads = Vec::new();
+    let mut accepted = 0;
+    let mut script = script.into_iter().peekable();
+    while script.peek().is_some() {
+        let (mut s, _) = listener.accept().await.unwrap();
+        accepted += 1;
+        let mut buf = Vec::new();
+        while let Some(&response) = script.peek() {
+            // One request: the head, then a Content-Length body if it has one.
+            let head_end = loop {
+                if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break Some(at + 4);
+                }
+                let mut chunk = [0u8; 4096];
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break None,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let Some(head_end) = head_end else { break };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < head_end + len {
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "backend: request body cut short");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            buf.drain(..head_end + len);
+            heads.push(head);
+            script.next();
+            // In small pieces with pauses: heads and chunks arrive split across reads.
+            for piece in response.chunks(7) {
+                s.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if !response
+                .windows(14)
+                .any(|w| w.eq_ignore_ascii_case(b"content-length"))
+                && !response.windows(7).any(|w| w == b"chunked")
+            {
+                break; // A close-delimited body ends with the connection.
+            }
+        }
+    }
+    (heads, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_framing_is_relayed_whole_over_one_pooled_connection() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    let script: Vec<&'static [u8]> = vec![
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n\
+          HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+        b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone",
+        b"HTTP/1.1 200 OK\r\n\r\nuntil the close",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nf",
+    ];
+    let backend = tokio::spawn(scripted_backend(listener, script));
+    // One worker, so every request finds the one pooled connection.
+    let port = free_port();
+    let admin = free_port();
+    let config = format!(
+        "workers = 1\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+         [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"http\"\n\
+         upstream = \"web\"\n\n[[upstream]]\nname = \"web\"\nservers = [\"{backend_addr}\"]\n"
+    );
+    let proxy = Waitless::launch(&config, port, admin).await;
+
+    let (status, body) = get(proxy.addr(), "/chunked", false).await.unwrap();
+    assert_eq!((status, &body[..]), (200, &b"hello world"[..]));
+    let (status, body) = get(proxy.addr(), "/early-hints", false).await.unwrap();
+    assert_eq!((status, &body[..]), (200, &b"abc"[..]));
+    // A request with a body, on the same connection, and the bodyless one after it.
+    let posted = request(proxy.addr(), "POST", "/post", Bytes::from("xyz"), false).await;
+    assert_eq!(posted.unwrap(), (201, Bytes::from("ok")));
+    let (status, body) = get(proxy.addr(), "/after-post", false).await.unwrap();
+    assert_eq!((status, &body[..]), (200, &b"done"[..]));
+    let (status, body) = get(proxy.addr(), "/close-delimited", false).await.unwrap();
+    assert_eq!((status, &body[..]), (200, &b"until the close"[..]));
+    let (status, body) = get(proxy.addr(), "/fresh", false).await.unwrap();
+    assert_eq!((status, &body[..]), (200, &b"f"[..]));
+
+    let (heads, accepted) = tokio::time::timeout(Duration::from_secs(5), backend)
+        .await
+        .expect("backend script finished")
+        .unwrap();
+    // Five exchanges on the first connection; only the close-delimited body ended it.
+    assert_eq!(accepted, 2, "{heads:?}");
+    let paths: Vec<&str> = heads
+        .iter()
+        .map(|h| h.split(' ').nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/chunked",
+            "/early-hints",
+            "/post",
+            "/after-post",
+            "/close-delimited",
+            "/fresh"
+        ]
+    );
+    assert!(
+        heads
+            .iter()
+            .all(|h| h.contains("x-forwarded-for: 127.0.0.1")),
+        "{heads:?}"
+    );
+    assert!(heads[2].contains("content-length: 3"), "{}", heads[2]);
+}
