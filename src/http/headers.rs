@@ -7,7 +7,7 @@ use http::Version;
 
 /// Headers that describe one hop, never the message (RFC 9110 §7.6.1, plus the
 /// Proxy-Connection and Proxy-Auth* headers of older proxies).
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -20,60 +20,97 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Built at compile time: `from_static` at run time validates the name on every request.
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static CLOSE: HeaderName = HeaderName::from_static("close");
 
-/// Removes hop-by-hop headers, including those the Connection header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none, or only `Connection: close` / `keep-alive` (every nginx
-    // response does): find which of the list are present in one pass over the few names and
-    // remove just those, rather than look each of the nine up.
-    let mut present = 0u16;
-    // A header literally named `close` (which `Connection: close` would name too).
-    let mut close_header = false;
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present |= 1 << i;
+/// The headers a message's Connection header names, beyond `keep-alive` (hop-by-hop too).
+#[derive(Debug, Default)]
+struct Named {
+    /// `close`: it names a header only in a hostile message, but then that header goes too.
+    close: bool,
+    /// Any other; nearly always none.
+    others: Vec<HeaderName>,
+}
+
+// === impl Named ===
+
+impl Named {
+    /// What the Connection headers name, in one lookup.
+    fn of(headers: &HeaderMap) -> Named {
+        let mut named = Named::default();
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    named.close = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    if let Ok(name) = HeaderName::from_bytes(token) {
+                        named.others.push(name);
+                    }
+                }
+            }
         }
-        close_header |= name.as_str() == "close";
+        named
     }
-    if present == 0 {
-        return;
-    }
-    // Index 0 is Connection: the headers it names go too. `keep-alive` is on the list
-    // already, and `close` names a header only in a hostile message; anything else is rare.
-    if present & 1 != 0 && !only_close_or_keep_alive(headers) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or("").split(','))
-            .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
-            .filter(|t| close_header || !t.eq_ignore_ascii_case("close"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(name);
-        }
+
+    fn contains(&self, name: &HeaderName) -> bool {
+        (self.close && *name == CLOSE) || self.others.contains(name)
     }
 }
 
-/// True when the one Connection header is `close` or `keep-alive`, as nearly always: then it
-/// names no header beyond the list (checked without splitting it into tokens).
-fn only_close_or_keep_alive(headers: &HeaderMap) -> bool {
-    let mut values = headers.get_all(header::CONNECTION).iter();
-    match (values.next(), values.next()) {
-        (Some(v), None) => {
-            let v = v.as_bytes();
-            v.eq_ignore_ascii_case(b"keep-alive")
-                || (v.eq_ignore_ascii_case(b"close") && !headers.contains_key("close"))
+/// True for the headers that describe one hop (not counting those Connection names).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// Removes hop-by-hop headers, including those the Connection header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named = Named::of(headers);
+    for name in HOP_BY_HOP.iter().chain(&named.others) {
+        headers.remove(name);
+    }
+    if named.close {
+        headers.remove(&CLOSE);
+    }
+}
+
+/// The request's headers as they go upstream, each given to `emit`: hop-by-hop headers, the
+/// ones Connection names and Expect (hyper's server answered it) are left out; the client's
+/// address (`forwarded_for`) is appended to X-Forwarded-For, and X-Forwarded-Proto is added
+/// if absent (a load balancer in front that terminated TLS knows better).
+pub fn forward_request(
+    headers: &HeaderMap,
+    client: Option<&HeaderValue>,
+    mut emit: impl FnMut(&HeaderName, &HeaderValue),
+) {
+    let named = Named::of(headers);
+    let mut prior_for = None;
+    let mut has_proto = false;
+    for (name, value) in headers {
+        if is_hop_by_hop(name) || *name == header::EXPECT || named.contains(name) {
+            continue;
         }
-        _ => false,
+        if client.is_some() && *name == X_FORWARDED_FOR {
+            // The first one counts, as a single-valued header.
+            prior_for.get_or_insert(value);
+            continue;
+        }
+        has_proto |= *name == X_FORWARDED_PROTO;
+        emit(name, value);
+    }
+    if let Some(ip) = client {
+        let joined = prior_for.and_then(|prior| match prior.to_str() {
+            Ok(text) if !text.trim().is_empty() => Some(
+                HeaderValue::from_str(&format!("{text}, {}", ip.to_str().unwrap_or("")))
+                    .unwrap_or_else(|_| prior.clone()),
+            ),
+            _ => None,
+        });
+        emit(&X_FORWARDED_FOR, joined.as_ref().unwrap_or(ip));
+    }
+    if !has_proto {
+        emit(&X_FORWARDED_PROTO, &HeaderValue::from_static("http"));
     }
 }
 
@@ -116,26 +153,6 @@ pub fn forwarded_for(client: Option<IpAddr>) -> Option<HeaderValue> {
             HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
         }
         ip @ IpAddr::V6(_) => HeaderValue::from_str(&ip.to_string()).ok(),
-    }
-}
-
-/// Appends the client's address (`forwarded_for`) to X-Forwarded-For and sets
-/// X-Forwarded-Proto if absent (a load balancer in front that terminated TLS knows better).
-pub fn add_forwarded(headers: &mut HeaderMap, client: Option<&HeaderValue>) {
-    if let Some(ip) = client {
-        let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prior) if !prior.trim().is_empty() => {
-                let joined = format!("{prior}, {}", ip.to_str().unwrap_or(""));
-                HeaderValue::from_str(&joined).ok()
-            }
-            _ => Some(ip.clone()),
-        };
-        if let Some(v) = value {
-            headers.insert(X_FORWARDED_FOR, v);
-        }
-    }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
 }
 
@@ -213,14 +230,53 @@ mod tests {
         assert!(forwarded_for(None).is_none());
     }
 
+    fn forwarded(h: &HeaderMap, ip: Option<&str>) -> Vec<(String, String)> {
+        let ip = forwarded_for(ip.map(|ip| ip.parse().unwrap()));
+        let mut out = Vec::new();
+        forward_request(h, ip.as_ref(), |name, value| {
+            out.push((name.to_string(), value.to_str().unwrap().to_string()))
+        });
+        out
+    }
+
     #[test]
-    fn forwarded_for_appends() {
+    fn forwarded_for_appends_and_proto_is_added_once() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        let ip = forwarded_for(Some("127.0.0.1".parse().unwrap()));
-        add_forwarded(&mut h, ip.as_ref());
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
-        assert_eq!(h["x-forwarded-proto"], "http");
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        let out = forwarded(&h, Some("127.0.0.1"));
+        let want = [
+            ("host", "a"),
+            ("x-forwarded-for", "10.0.0.1, 127.0.0.1"),
+            ("x-forwarded-proto", "http"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(out, want);
+        // A proto set in front stays; without a client address the chain is left alone.
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        let out = forwarded(&h, None);
+        assert!(out.contains(&("x-forwarded-for".into(), "10.0.0.1".into())));
+        assert!(out.contains(&("x-forwarded-proto".into(), "https".into())));
+        assert_eq!(out.len(), 3);
+    }
+
+    #[test]
+    fn forwarded_requests_lose_hop_by_hop_named_and_expect_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("close", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let names: Vec<String> = forwarded(&h, None).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["x-kept", "x-forwarded-proto"]);
     }
 
     #[test]

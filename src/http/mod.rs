@@ -398,23 +398,18 @@ impl HttpListener {
                 .parse::<Uri>()
                 .unwrap_or_else(|_| Uri::from_static("/"));
         }
-        headers::strip_hop_by_hop(&mut parts.headers);
-        // hyper's server already answered `Expect: 100-continue` when the body was polled.
-        parts.headers.remove(header::EXPECT);
-        headers::add_forwarded(&mut parts.headers, state.forwarded_for.as_ref());
-        parts.version = Version::HTTP_11;
-
+        // The headers are rewritten for upstream as the request goes out
+        // (`headers::forward_request`).
+        let client = state.forwarded_for.as_ref();
         let resp = if body.is_end_stream() {
-            self.send_bodyless(&parts).await
+            self.send_bodyless(&parts, client).await
         } else {
-            self.send_with_body(Request::from_parts(parts, body), client_ip)
-                .await
+            self.send_with_body(parts, body, client, client_ip).await
         };
-        let (mut parts, body) = match resp {
+        let (parts, body) = match resp {
             Ok(resp) => resp.into_parts(),
             Err(resp) => return resp,
         };
-        headers::strip_hop_by_hop(&mut parts.headers);
         if version == Version::HTTP_10
             && !parts.headers.contains_key(header::CONTENT_LENGTH)
             && !body.is_end_stream()
@@ -432,10 +427,11 @@ impl HttpListener {
     async fn send_bodyless(
         self: &Arc<Self>,
         parts: &http::request::Parts,
+        client: Option<&HeaderValue>,
     ) -> Result<Response<UpstreamBody>, Response<RespBody>> {
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut head = Vec::with_capacity(512);
-        wire::encode_request(&mut head, &parts.method, target, &parts.headers);
+        wire::encode_request(&mut head, &parts.method, target, &parts.headers, client);
         let head_request = parts.method == Method::HEAD;
         let timeout = self.upstream.cfg.response_timeout;
 
@@ -474,10 +470,17 @@ impl HttpListener {
     #[allow(clippy::result_large_err)]
     async fn send_with_body(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        client: Option<&HeaderValue>,
         client_ip: Option<IpAddr>,
     ) -> Result<Response<UpstreamBody>, Response<RespBody>> {
-        let (parts, body) = req.into_parts();
+        let mut forwarded = http::HeaderMap::with_capacity(parts.headers.len() + 2);
+        headers::forward_request(&parts.headers, client, |name, value| {
+            forwarded.append(name.clone(), value.clone());
+        });
+        parts.headers = forwarded;
+        parts.version = Version::HTTP_11;
         let (body, sent) = ClientBody::new(body);
         let req = Request::from_parts(parts, body);
         let mut lease = self.checkout().await?;
@@ -494,7 +497,8 @@ impl HttpListener {
                     return Err(self.upstream_failed(&server.label, why));
                 }
                 let keep_alive = headers::wants_keep_alive(resp.version(), resp.headers());
-                let (parts, body) = resp.into_parts();
+                let (mut parts, body) = resp.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers);
                 let body = UpstreamBody::hyper(body, verdict, keep_alive, sent);
                 return Ok(Response::from_parts(parts, body));
             }

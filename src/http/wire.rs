@@ -7,6 +7,8 @@
 //! third fewer instructions. Requests with a body still go through hyper's client, which
 //! sends the body while it reads the response.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
@@ -70,6 +72,22 @@ pub enum Decoded {
     End,
 }
 
+/// What the framing and the connection's fate depend on, gathered as the headers are read,
+/// so none has to be looked up again.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Connection: close.
+    close: bool,
+    /// Connection: keep-alive.
+    keep_alive: bool,
+    /// Transfer-Encoding is present (`validate::response` allows only `chunked`).
+    chunked: bool,
+    /// The Content-Length all values agree on.
+    length: Option<u64>,
+    /// A hop-by-hop header was kept in the map and must be stripped.
+    strip: bool,
+}
+
 // === impl Framing ===
 
 impl Framing {
@@ -100,18 +118,25 @@ impl Framing {
 
 // === request ===
 
-/// Writes a request head: `target` is the origin-form path and query.
-pub fn encode_request(out: &mut Vec<u8>, method: &Method, target: &str, headers: &HeaderMap) {
+/// Writes a request head as it goes upstream (`headers::forward_request`): `target` is the
+/// origin-form path and query, `client` the X-Forwarded-For address.
+pub fn encode_request(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    client: Option<&HeaderValue>,
+) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    super::headers::forward_request(headers, client, |name, value| {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
-    }
+    });
     out.extend_from_slice(b"\r\n");
 }
 
@@ -122,9 +147,12 @@ pub fn encode_request(out: &mut Vec<u8>, method: &Method, target: &str, headers:
 /// the response has no body whatever its headers say.
 pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, String> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut slots);
-        let len = match resp.parse(buf) {
+        // Uninitialised: zeroing a hundred slots would cost more than parsing a short head.
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
                 return Err(format!("response head over {MAX_HEAD} bytes"))
@@ -157,6 +185,7 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<H
             .collect();
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
+        let mut seen = Seen::default();
         for (name, value) in spans {
             let (Some(name), Some(_)) = (head.get(name), head.get(value.clone())) else {
                 return Err("header outside the head".into());
@@ -164,12 +193,23 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<H
             let name = HeaderName::from_bytes(name).map_err(|_| "invalid header name")?;
             let value = HeaderValue::from_maybe_shared(head.slice(value))
                 .map_err(|_| format!("invalid value of header {name}"))?;
-            headers.append(name, value);
+            if seen.note(&name, &value)? {
+                headers.append(name, value);
+            }
         }
-        validate::response(status, &headers)?;
-        let framing = framing(status, &headers, head_request)?;
+        if seen.chunked || status == StatusCode::SWITCHING_PROTOCOLS {
+            validate::response(status, &headers)?;
+        }
+        if seen.strip {
+            // Transfer-Encoding was kept for the check above, or Connection names headers.
+            super::headers::strip_hop_by_hop(&mut headers);
+        }
+        let framing = seen.framing(status, head_request);
         let keep_alive = !matches!(framing, Framing::UntilClose)
-            && super::headers::wants_keep_alive(version, &headers);
+            && match version {
+                Version::HTTP_10 => seen.keep_alive,
+                _ => !seen.close,
+            };
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
@@ -182,30 +222,63 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<H
     }
 }
 
-/// The body's framing from the head (`validate::response` already refused the conflicts).
-fn framing(status: StatusCode, headers: &HeaderMap, head_request: bool) -> Result<Framing, String> {
-    if head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Framing::Length(0));
-    }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        return Ok(Framing::Chunked(Chunk::Size));
-    }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        // Repeated values (or a list) must all agree, as hyper's client requires.
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let n = parse_length(part.trim_ascii()).ok_or("invalid Content-Length")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("conflicting Content-Length values".into());
+// === impl Seen ===
+
+impl Seen {
+    /// Notes one header; true when it goes into the map (hop-by-hop ones do not, unless the
+    /// generic strip must see them).
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<bool, String> {
+        if *name == header::CONTENT_LENGTH {
+            // Repeated values (or a list) must all agree, as hyper's client requires.
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let n = parse_length(part.trim_ascii()).ok_or("invalid Content-Length")?;
+                if self.length.is_some_and(|l| l != n) {
+                    return Err("conflicting Content-Length values".into());
+                }
+                self.length = Some(n);
             }
-            length = Some(n);
+            return Ok(true);
+        }
+        if !super::headers::is_hop_by_hop(name) {
+            return Ok(true);
+        }
+        if *name == header::TRANSFER_ENCODING {
+            self.chunked = true;
+            self.strip = true;
+            return Ok(true);
+        }
+        if *name == header::CONNECTION {
+            let mut names_others = false;
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if !token.is_empty() {
+                    names_others = true;
+                }
+            }
+            self.strip |= names_others;
+            return Ok(names_others);
+        }
+        Ok(false)
+    }
+
+    /// How the body ends (`validate::response` refused the conflicting heads).
+    fn framing(&self, status: StatusCode, head_request: bool) -> Framing {
+        if head_request
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Framing::Length(0)
+        } else if self.chunked {
+            Framing::Chunked(Chunk::Size)
+        } else {
+            self.length.map_or(Framing::UntilClose, Framing::Length)
         }
     }
-    Ok(length.map_or(Framing::UntilClose, Framing::Length))
 }
 
 fn parse_length(digits: &[u8]) -> Option<u64> {
@@ -392,11 +465,11 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("a"));
         h.append("x-b", HeaderValue::from_static("1"));
         h.append("x-b", HeaderValue::from_static("2"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
         let mut out = Vec::new();
-        encode_request(&mut out, &Method::GET, "/p?q", &h);
-        assert_eq!(
-            out,
-            b"GET /p?q HTTP/1.1\r\nhost: a\r\nx-b: 1\r\nx-b: 2\r\n\r\n"
-        );
+        encode_request(&mut out, &Method::GET, "/p?q", &h, None);
+        let want = "GET /p?q HTTP/1.1\r\nhost: a\r\nx-b: 1\r\nx-b: 2\r\n\
+                    x-forwarded-proto: http\r\n\r\n";
+        assert_eq!(String::from_utf8(out).unwrap(), want);
     }
 }
