@@ -12,7 +12,8 @@
 //! - `pool`: per-server pools of persistent upstream connections, protocol-neutral, with
 //!   balancing (weighted round-robin, least connections).
 //! - `health`: servers marked down by failures or active checks, skipped for a back-off.
-//! - `http`: the HTTP/1.1 relay on hyper's connection-level server and client.
+//! - `http`: the HTTP/1.1 relay: hyper's connection-level server for clients; upstream, its
+//!   own HTTP/1.1 exchange for bodyless requests and hyper's client for those with a body.
 //! - `mysql`: the MySQL front: logins checked here, server connections lent per session.
 //! - `tcp`: the byte relay for any protocol, with half-close and preconnected servers.
 //! - `proxy_protocol`: PROXY v1/v2 headers read from load balancers and sent to servers.

@@ -12,7 +12,6 @@
 
 use std::future::{poll_fn, Future};
 use std::io;
-use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -26,7 +25,9 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
-use crate::close::{is_established, ClientPolicy, CloseCtl, Reason, SideLedger, Socket, Tracked};
+use crate::close::{
+    is_established, peek_one, ClientPolicy, CloseCtl, Reason, SideLedger, Socket, Tracked,
+};
 use crate::config::{self, Address, ClientTimeWait, LingerFallback, ProxyProtocol};
 use crate::listener::{ListenerStats, Serve};
 use crate::pool::{self, PoolConn, Pooled, Server};
@@ -92,8 +93,7 @@ impl PoolConn for TcpConn {
         if !is_established(sock) {
             return false;
         }
-        let mut probe = [MaybeUninit::<u8>::uninit(); 1];
-        match SockRef::from(sock).peek(&mut probe) {
+        match peek_one(sock) {
             Ok(0) => false,
             Ok(_) => true,
             Err(e) => e.kind() == io::ErrorKind::WouldBlock,

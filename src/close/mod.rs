@@ -11,4 +11,4 @@ pub mod ledger;
 mod stream;
 
 pub use ledger::{Closer, How, Ledger, Reason, SideId, SideLedger, TimeWaitAt};
-pub use stream::{is_established, ClientPolicy, CloseCtl, Socket, Tracked};
+pub use stream::{is_established, peek_one, ClientPolicy, CloseCtl, Socket, Tracked};

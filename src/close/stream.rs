@@ -64,7 +64,7 @@ impl_socket!(tokio::net::TcpStream, true);
 impl_socket!(tokio::net::UnixStream, false);
 
 /// Peeks one byte without blocking: Ok(0) at EOF, WouldBlock when nothing is there.
-fn peek_one<S: AsFd>(sock: &S) -> io::Result<usize> {
+pub fn peek_one<S: AsFd>(sock: &S) -> io::Result<usize> {
     let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
     SockRef::from(sock).peek(&mut probe)
 }

@@ -16,12 +16,12 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use super::wire::{self, Decoded, Framing};
-use crate::close::{CloseCtl, Reason, Socket, Tracked};
+use crate::close::{peek_one, CloseCtl, Reason, Tracked};
 use crate::config::Address;
 use crate::pool::{self, OpenSlot, PoolConn, Pooled, Server};
 
@@ -143,12 +143,20 @@ impl PoolConn for HttpConn {
 impl UpIo {
     /// Nothing to read: no byte and no EOF arrived since the last read.
     fn is_quiet(&mut self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let poll = match self {
-            UpIo::Tcp(t) => t.get_mut().poll_readable(&mut cx),
-            UpIo::Unix(t) => t.get_mut().poll_readable(&mut cx),
+        // `try_io` looks at tokio's readiness first, so there is no syscall unless an event
+        // came in since the last read; then a peek tells data or EOF from nothing (and
+        // nothing clears the readiness).
+        let probe = match self {
+            UpIo::Tcp(t) => {
+                let s = t.get_ref();
+                s.try_io(Interest::READABLE, || peek_one(s))
+            }
+            UpIo::Unix(t) => {
+                let s = t.get_ref();
+                s.try_io(Interest::READABLE, || peek_one(s))
+            }
         };
-        poll.is_pending()
+        matches!(probe, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 

@@ -57,9 +57,9 @@ pub fn request(parts: &Parts, max_uri: usize) -> Result<(), Refusal> {
     transfer_encoding(&parts.headers)
 }
 
-/// Checks the framing of an upstream response head beyond what hyper's client enforces (it
-/// refuses conflicting or invalid Content-Length itself). `Err` names the problem; the
-/// response becomes a 502 and its connection is dropped.
+/// Checks the framing of an upstream response head beyond what its reader enforces (hyper's
+/// client and `wire` refuse conflicting or invalid Content-Length themselves). `Err` names
+/// the problem; the response becomes a 502 and its connection is dropped.
 pub fn response(status: StatusCode, headers: &HeaderMap) -> Result<(), &'static str> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
         // No upgrade is ever asked for (Upgrade is hop-by-hop and removed).

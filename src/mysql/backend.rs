@@ -2,7 +2,7 @@
 //! at a time, and reset before the next one (session pooling).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::packet::{describe_err, Packet, PacketIo, MAX_HANDSHAKE_PACKET, MAX_PACKET};
-use crate::close::{CloseCtl, Socket, Tracked};
+use crate::close::{peek_one, CloseCtl, Socket, Tracked};
 use crate::config::{self, Address, MysqlUser};
 use crate::pool::{PoolConn, Pooled, Server};
 
@@ -131,21 +131,11 @@ impl ServerStream {
     /// True while the server has neither closed nor sent anything unasked: a pooled
     /// connection with pending bytes (an ERR for a killed session) or an EOF is not lent.
     fn is_quiet(&self) -> bool {
-        let fd = match self {
-            ServerStream::Tcp(t) => t.get_ref().as_fd().as_raw_fd(),
-            ServerStream::Unix(t) => t.get_ref().as_fd().as_raw_fd(),
+        let probe = match self {
+            ServerStream::Tcp(t) => peek_one(t.get_ref()),
+            ServerStream::Unix(t) => peek_one(t.get_ref()),
         };
-        let mut byte = 0u8;
-        // SAFETY: reads at most one byte into a valid one-byte buffer; MSG_PEEK leaves it queued.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+        matches!(probe, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
