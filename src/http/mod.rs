@@ -158,33 +158,37 @@ impl HttpListener {
     /// future: hyper's buffers and state are allocated (boxed) once there is a request to
     /// read, and let go again when the connection falls idle (`idle`), which keeps idle
     /// client connections cheap whether or not they ever sent a request.
-    async fn serve_client<S: Socket>(
+    // Not an `async fn`: its arguments would be kept twice in every idle task (once as
+    // arguments, once as the body's variables); the block below holds them once.
+    fn serve_client<S: Socket>(
         self: Arc<Self>,
         mut io: Tracked<S>,
         peer: Option<SocketAddr>,
-    ) {
-        // A new client's request has usually arrived by the time it is accepted. (Consumed
-        // before the first wait, so that no slot for it stays in the task.)
-        let mut released = false;
-        if let Some(arrived) = read_arrived(&mut io) {
-            match Box::pin(self.serve_requests(io, arrived, peer)).await {
-                Some(back) => (io, released) = (back, true),
-                None => return,
+    ) -> impl Future<Output = ()> + Send {
+        async move {
+            // A new client's request has usually arrived by the time it is accepted.
+            // (Consumed before the first wait, so that no slot for it stays in the task.)
+            let mut released = false;
+            if let Some(arrived) = read_arrived(&mut io) {
+                match Box::pin(self.serve_requests(io, arrived, peer)).await {
+                    Some(back) => (io, released) = (back, true),
+                    None => return,
+                }
             }
-        }
-        loop {
-            let reason = match self.await_request(&mut io, released).await {
-                Waited::Request => None,
-                Waited::Idle => Some(Reason::Idle),
-                Waited::Stopped => Some(Reason::Drain),
-            };
-            if let Some(reason) = reason {
-                // Boxed, like serving below: only the wait itself lives in every idle task.
-                return Box::pin(io.finish_client(reason, false)).await;
-            }
-            match Box::pin(self.serve_requests(io, Bytes::new(), peer)).await {
-                Some(back) => (io, released) = (back, true),
-                None => return,
+            loop {
+                let reason = match self.await_request(&mut io, released).await {
+                    Waited::Request => None,
+                    Waited::Idle => Some(Reason::Idle),
+                    Waited::Stopped => Some(Reason::Drain),
+                };
+                if let Some(reason) = reason {
+                    // Boxed, like serving below: only the wait itself lives in every idle task.
+                    return Box::pin(io.finish_client(reason, false)).await;
+                }
+                match Box::pin(self.serve_requests(io, Bytes::new(), peer)).await {
+                    Some(back) => (io, released) = (back, true),
+                    None => return,
+                }
             }
         }
     }
