@@ -38,7 +38,7 @@ use crate::config;
 use crate::listener::{ListenerStats, Serve};
 use crate::pool::Server;
 use idle::{ExchangeBody, Replay};
-use upstream::{ClientBody, ConnectError, Lease, UpstreamBody};
+use upstream::{ClientBody, ConnectError, Failed, Lease, UpstreamBody};
 pub use upstream::{HttpConn, HttpUpstream};
 
 /// What a client receives: the upstream's body, or a short one of ours.
@@ -442,30 +442,29 @@ impl HttpListener {
         let mut lease = self.checkout().await?;
         lease.pooled.mark_used();
         let reused = lease.pooled.is_reused();
-        let failed = match tokio::time::timeout(timeout, lease.exchange(&head, head_request)).await
-        {
-            Ok(Ok(resp)) => return Ok(wire_response(resp, lease)),
-            Ok(Err(failed)) => failed,
-            Err(_) => return Err(self.timed_out(&lease.server)),
+        let (untouched, why) = match lease.exchange(&head, head_request, timeout).await {
+            Ok(resp) => return Ok(wire_response(resp, lease)),
+            Err(Failed::TimedOut) => return Err(self.timed_out(&lease.server)),
+            Err(Failed::Broken { untouched, why }) => (untouched, why),
         };
         let server = lease.server.clone();
         drop(lease);
         // An idempotent request that got nothing back on a reused connection met the
         // keep-alive race (the server closed it idle just as the request went out): it is
         // sent again, as the same bytes, on a fresh connection.
-        if !(failed.untouched && reused && is_idempotent(&parts.method)) {
-            return Err(self.upstream_failed(&server.label, &failed.why));
+        if !(untouched && reused && is_idempotent(&parts.method)) {
+            return Err(self.upstream_failed(&server.label, &why));
         }
-        tracing::debug!(listener = %self.cfg.name, server = %server.label, error = %failed.why,
+        tracing::debug!(listener = %self.cfg.name, server = %server.label, error = %why,
             "reused upstream connection failed before a response; retrying on a fresh one");
         server.stats.retries.fetch_add(1, Ordering::Relaxed);
         // To whichever server answers: the one that failed may be gone.
         let mut lease = self.checkout_with(false).await?;
         lease.pooled.mark_used();
-        match tokio::time::timeout(timeout, lease.exchange(&head, head_request)).await {
-            Ok(Ok(resp)) => Ok(wire_response(resp, lease)),
-            Ok(Err(failed)) => Err(self.upstream_failed(&lease.server.label, &failed.why)),
-            Err(_) => Err(self.timed_out(&lease.server)),
+        match lease.exchange(&head, head_request, timeout).await {
+            Ok(resp) => Ok(wire_response(resp, lease)),
+            Err(Failed::TimedOut) => Err(self.timed_out(&lease.server)),
+            Err(Failed::Broken { why, .. }) => Err(self.upstream_failed(&lease.server.label, &why)),
         }
     }
 

@@ -6,11 +6,13 @@
 //! exchange, which sends the body while it reads the response, and the socket comes back
 //! to the pool when hyper is done with it.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -19,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::time::{Instant, Sleep};
 
 use super::wire::{self, Decoded, Framing};
 use crate::close::{peek_one, CloseCtl, Reason, Tracked};
@@ -35,6 +38,8 @@ pub struct HttpConn {
     io: Option<UpIo>,
     /// Bytes read past the response decoded last (a usable idle connection has none).
     buf: BytesMut,
+    /// Bounds the wait for each response head; kept, and moved on, from one to the next.
+    timer: Pin<Box<Sleep>>,
     /// The `max_connections` permit and the open count, held as long as the socket.
     _counted: (Option<OwnedSemaphorePermit>, OpenSlot),
 }
@@ -58,14 +63,20 @@ pub enum ConnectError {
     Io(io::Error),
 }
 
-/// A bodyless exchange that failed before a response head came back whole.
+/// Why a bodyless exchange got no response head.
 #[derive(Debug)]
-pub struct Failed {
-    /// Nothing at all came back: the server may have closed the idle connection just as the
-    /// request went out (the keep-alive race), and an idempotent request can be sent again.
-    pub untouched: bool,
-    /// What went wrong, for the 502 and the log.
-    pub why: String,
+pub enum Failed {
+    /// None came within `response_timeout`.
+    TimedOut,
+    /// The connection broke first.
+    Broken {
+        /// Nothing at all came back: the server may have closed the idle connection just as
+        /// the request went out (the keep-alive race), and an idempotent request can be
+        /// sent again.
+        untouched: bool,
+        /// What went wrong, for the 502 and the log.
+        why: String,
+    },
 }
 
 /// A response body that gives its connection back to the pool once it was read to the end
@@ -283,54 +294,27 @@ impl Progress {
 // === impl Lease ===
 
 impl Lease {
-    /// Writes a request without a body and reads the response head; the body is then read
-    /// through `UpstreamBody::wire`.
+    /// Writes a request without a body and reads the response head, for at most `within`;
+    /// the body is then read through `UpstreamBody::wire`.
     pub async fn exchange(
         &mut self,
         request: &[u8],
         head_request: bool,
+        within: Duration,
     ) -> Result<wire::Head, Failed> {
         let conn = &mut self.pooled.conn;
-        let io = conn.io.as_mut().ok_or_else(|| Failed {
-            untouched: true,
-            why: "connection lost".into(),
-        })?;
-        if let Err(e) = io.write_all(request).await {
-            return Err(Failed {
-                untouched: true,
-                why: format!("sending the request: {e}"),
-            });
-        }
-        let mut got_any = false;
-        loop {
-            if got_any {
-                let parsed = wire::parse_response(&mut conn.buf, head_request);
-                if let Some(head) = parsed.map_err(|why| Failed {
-                    untouched: false,
-                    why,
-                })? {
-                    return Ok(head);
-                }
-            }
-            if conn.buf.capacity() - conn.buf.len() < 1024 {
-                conn.buf.reserve(8 * 1024);
-            }
-            match tokio_util::io::read_buf(io, &mut conn.buf).await {
-                Ok(0) => {
-                    return Err(Failed {
-                        untouched: !got_any,
-                        why: "connection closed before the response head".into(),
-                    })
-                }
-                Ok(_) => got_any = true,
-                Err(e) => {
-                    return Err(Failed {
-                        untouched: !got_any,
-                        why: format!("reading the response: {e}"),
-                    })
-                }
-            }
-        }
+        let Some(io) = conn.io.as_mut() else {
+            return Err(broken(true, "connection lost".into()));
+        };
+        // The connection's own timer, moved on: a later deadline costs no timer-wheel work.
+        conn.timer.as_mut().reset(Instant::now() + within);
+        let mut work = std::pin::pin!(write_then_read_head(io, &mut conn.buf, request, head_request));
+        let timer = &mut conn.timer;
+        std::future::poll_fn(|cx| match work.as_mut().poll(cx) {
+            Poll::Ready(done) => Poll::Ready(done),
+            Poll::Pending => timer.as_mut().poll(cx).map(|()| Err(Failed::TimedOut)),
+        })
+        .await
     }
 
     /// Hands the connection to hyper's client for one request with a body. When hyper is
@@ -605,7 +589,44 @@ pub async fn connect(
     let conn = HttpConn {
         io: Some(io),
         buf: BytesMut::new(),
+        timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         _counted: (permit, slot),
     };
     Ok(Pooled::new(conn, ctl))
+}
+
+/// Sends a bodyless request and reads until a response head is whole.
+async fn write_then_read_head(
+    io: &mut UpIo,
+    buf: &mut BytesMut,
+    request: &[u8],
+    head_request: bool,
+) -> Result<wire::Head, Failed> {
+    if let Err(e) = io.write_all(request).await {
+        return Err(broken(true, format!("sending the request: {e}")));
+    }
+    let mut got_any = false;
+    loop {
+        if got_any {
+            let parsed = wire::parse_response(buf, head_request);
+            if let Some(head) = parsed.map_err(|why| broken(false, why))? {
+                return Ok(head);
+            }
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(8 * 1024);
+        }
+        match tokio_util::io::read_buf(io, buf).await {
+            Ok(0) => {
+                let why = "connection closed before the response head".into();
+                return Err(broken(!got_any, why));
+            }
+            Ok(_) => got_any = true,
+            Err(e) => return Err(broken(!got_any, format!("reading the response: {e}"))),
+        }
+    }
+}
+
+fn broken(untouched: bool, why: String) -> Failed {
+    Failed::Broken { untouched, why }
 }
