@@ -61,7 +61,20 @@ impl Named {
 
 /// True for the headers that describe one hop (not counting those Connection names).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
+    // By text, which the compiler sorts by length first: cheaper than nine name compares,
+    // for every header of every message.
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+    )
 }
 
 /// Removes hop-by-hop headers, including those the Connection header names.
@@ -277,6 +290,12 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("1"));
         let names: Vec<String> = forwarded(&h, None).into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["x-kept", "x-forwarded-proto"]);
+    }
+
+    #[test]
+    fn the_hop_by_hop_list_and_its_fast_check_agree() {
+        assert!(HOP_BY_HOP.iter().all(is_hop_by_hop));
+        assert!(!is_hop_by_hop(&header::HOST) && !is_hop_by_hop(&header::CONTENT_LENGTH));
     }
 
     #[test]

@@ -31,9 +31,14 @@ use crate::pool::{self, OpenSlot, PoolConn, Pooled, Server};
 /// The error of a response body.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A pooled HTTP/1.1 connection.
+/// A pooled HTTP/1.1 connection, boxed: leases, response bodies and the responses that
+/// carry them move several times per request, and a pointer moves for less than the socket,
+/// buffer and timer.
+pub type HttpConn = Box<Conn>;
+
+/// What a pooled HTTP/1.1 connection holds.
 #[derive(Debug)]
-pub struct HttpConn {
+pub struct Conn {
     /// The socket; None while hyper's client has it for a request with a body.
     io: Option<UpIo>,
     /// Bytes read past the response decoded last (a usable idle connection has none).
@@ -302,7 +307,7 @@ impl Lease {
         head_request: bool,
         within: Duration,
     ) -> Result<wire::Head, Failed> {
-        let conn = &mut self.pooled.conn;
+        let conn = &mut *self.pooled.conn;
         let Some(io) = conn.io.as_mut() else {
             return Err(broken(true, "connection lost".into()));
         };
@@ -586,12 +591,12 @@ pub async fn connect(
         .stats
         .opened
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let conn = HttpConn {
+    let conn = Box::new(Conn {
         io: Some(io),
         buf: BytesMut::new(),
         timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         _counted: (permit, slot),
-    };
+    });
     Ok(Pooled::new(conn, ctl))
 }
 
