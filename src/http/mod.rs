@@ -72,8 +72,29 @@ pub struct ConnState {
     forwarded_for: Option<HeaderValue>,
     /// The client reads the response to EOF (HTTP/1.0 without keep-alive, or no length).
     eof_reader: AtomicBool,
+    /// The request being served is HTTP/1.0.
+    http10: AtomicBool,
     /// Exchanges started and ended, for the idle check.
     activity: idle::Activity,
+}
+
+/// A request checked and made ready to go upstream.
+enum Prepared {
+    /// Answered by waitless itself (refused).
+    Refused(Box<Response<RespBody>>),
+    /// Without a body: the head as written upstream.
+    Bodyless { head: Vec<u8>, flags: Bodyless },
+    /// With a body, for hyper's client.
+    WithBody(Box<Request<Incoming>>),
+}
+
+/// What the exchange of a bodyless request needs to know of it.
+#[derive(Debug, Clone, Copy)]
+struct Bodyless {
+    /// HEAD: the response has no body whatever its headers say.
+    head_request: bool,
+    /// Safe to send again after the keep-alive race.
+    idempotent: bool,
 }
 
 /// How the wait for a client's next request ended.
@@ -160,6 +181,7 @@ impl HttpListener {
     /// client connections cheap whether or not they ever sent a request.
     // Not an `async fn`: its arguments would be kept twice in every idle task (once as
     // arguments, once as the body's variables); the block below holds them once.
+    #[allow(clippy::manual_async_fn)]
     fn serve_client<S: Socket>(
         self: Arc<Self>,
         mut io: Tracked<S>,
@@ -263,18 +285,15 @@ impl HttpListener {
             client_ip: peer.map(|p| p.ip()),
             forwarded_for: headers::forwarded_for(peer.map(|p| p.ip())),
             eof_reader: AtomicBool::new(false),
+            http10: AtomicBool::new(false),
             activity: idle::Activity::default(),
         });
         let svc = {
             let state = state.clone();
             service_fn(move |req| {
                 state.activity.start();
-                let state = state.clone();
                 // Boxed: polling the connection without its shutdown needs an Unpin future.
-                Box::pin(async move {
-                    let resp = state.listener.handle(req, state.client_ip, &state).await;
-                    Ok::<_, Infallible>(resp.map(|body| ExchangeBody::new(body, state)))
-                })
+                Box::pin(HttpListener::handle(state.clone(), req))
             })
         };
         let io = Replay::new(io, unread, state.clone());
@@ -370,21 +389,57 @@ impl HttpListener {
         Session::Over
     }
 
-    /// Forwards one request and builds the client's response.
-    async fn handle(
-        self: &Arc<Self>,
+    /// Forwards one request and builds the client's response. Everything that needs no
+    /// waiting (checks, rewriting, the upstream head) is done before the future is made:
+    /// hyper boxes that future once per request, and it holds only what the exchange needs.
+    fn handle(
+        state: Arc<ConnState>,
         req: Request<Incoming>,
-        client_ip: Option<IpAddr>,
-        state: &ConnState,
-    ) -> Response<RespBody> {
+    ) -> impl Future<Output = Result<Response<ExchangeBody>, Infallible>> + Send + 'static {
+        let prepared = state.listener.prepare(req, &state);
+        async move {
+            let this = &state.listener;
+            let resp = match prepared {
+                Prepared::Refused(resp) => Err(*resp),
+                Prepared::Bodyless { head, flags } => this.send_bodyless(head, flags).await,
+                Prepared::WithBody(req) => {
+                    // Boxed, as connecting is: the rare path's large future (hyper's
+                    // handshake) would otherwise size every request's future.
+                    let sending = Box::pin(this.send_with_body(*req, state.client_ip));
+                    sending.await
+                }
+            };
+            let resp = match resp {
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    if state.http10.load(Ordering::Relaxed)
+                        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+                        && !body.is_end_stream()
+                    {
+                        // hyper can only delimit this by closing the connection.
+                        state.eof_reader.store(true, Ordering::Relaxed);
+                    }
+                    Response::from_parts(parts, Either::Left(body))
+                }
+                Err(resp) => resp,
+            };
+            Ok(resp.map(|body| ExchangeBody::new(body, state)))
+        }
+    }
+
+    /// Checks a request and makes it ready to go upstream: a bodyless one as the bytes of
+    /// its head (`wire`), one with a body as a request for hyper's client.
+    fn prepare(&self, req: Request<Incoming>, state: &ConnState) -> Prepared {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let (mut parts, body) = req.into_parts();
         if let Err(refusal) = validate::request(&parts, validate::MAX_URI) {
-            return self.refuse(refusal, client_ip);
+            return Prepared::Refused(Box::new(self.refuse(refusal, state.client_ip)));
         }
         let version = parts.version;
-        let keep_alive = headers::wants_keep_alive(version, &parts.headers);
-        if version == Version::HTTP_10 && !keep_alive {
+        state
+            .http10
+            .store(version == Version::HTTP_10, Ordering::Relaxed);
+        if version == Version::HTTP_10 && !headers::wants_keep_alive(version, &parts.headers) {
             state.eof_reader.store(true, Ordering::Relaxed);
         }
 
@@ -402,47 +457,41 @@ impl HttpListener {
                 .parse::<Uri>()
                 .unwrap_or_else(|_| Uri::from_static("/"));
         }
-        // The headers are rewritten for upstream as the request goes out
-        // (`headers::forward_request`).
+        // The headers are rewritten for upstream as the request goes out.
         let client = state.forwarded_for.as_ref();
-        let resp = if body.is_end_stream() {
-            self.send_bodyless(&parts, client).await
-        } else {
-            self.send_with_body(parts, body, client, client_ip).await
-        };
-        let (parts, body) = match resp {
-            Ok(resp) => resp.into_parts(),
-            Err(resp) => return resp,
-        };
-        if version == Version::HTTP_10
-            && !parts.headers.contains_key(header::CONTENT_LENGTH)
-            && !body.is_end_stream()
-        {
-            // hyper can only delimit this by closing the connection.
-            state.eof_reader.store(true, Ordering::Relaxed);
+        if body.is_end_stream() {
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut head = Vec::with_capacity(512);
+            wire::encode_request(&mut head, &parts.method, target, &parts.headers, client);
+            let flags = Bodyless {
+                head_request: parts.method == Method::HEAD,
+                idempotent: is_idempotent(&parts.method),
+            };
+            return Prepared::Bodyless { head, flags };
         }
-        Response::from_parts(parts, Either::Left(body))
+        let mut forwarded = http::HeaderMap::with_capacity(parts.headers.len() + 2);
+        headers::forward_request(&parts.headers, client, |name, value| {
+            forwarded.append(name.clone(), value.clone());
+        });
+        parts.headers = forwarded;
+        parts.version = Version::HTTP_11;
+        Prepared::WithBody(Box::new(Request::from_parts(parts, body)))
     }
 
-    /// Sends a request without a body on a pooled connection and reads the response head
-    /// (`wire`); on failure, the error response.
+    /// Sends a request without a body (`head`, as written upstream) on a pooled connection
+    /// and reads the response head; on failure, the error response.
     // Both outcomes are responses; the error one is rare, so its size costs nothing.
     #[allow(clippy::result_large_err)]
     async fn send_bodyless(
         self: &Arc<Self>,
-        parts: &http::request::Parts,
-        client: Option<&HeaderValue>,
+        head: Vec<u8>,
+        flags: Bodyless,
     ) -> Result<Response<UpstreamBody>, Response<RespBody>> {
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut head = Vec::with_capacity(512);
-        wire::encode_request(&mut head, &parts.method, target, &parts.headers, client);
-        let head_request = parts.method == Method::HEAD;
         let timeout = self.upstream.cfg.response_timeout;
-
         let mut lease = self.checkout().await?;
         lease.pooled.mark_used();
         let reused = lease.pooled.is_reused();
-        let (untouched, why) = match lease.exchange(&head, head_request, timeout).await {
+        let (untouched, why) = match lease.exchange(&head, flags.head_request, timeout).await {
             Ok(resp) => return Ok(wire_response(resp, lease)),
             Err(Failed::TimedOut) => return Err(self.timed_out(&lease.server)),
             Err(Failed::Broken { untouched, why }) => (untouched, why),
@@ -452,7 +501,7 @@ impl HttpListener {
         // An idempotent request that got nothing back on a reused connection met the
         // keep-alive race (the server closed it idle just as the request went out): it is
         // sent again, as the same bytes, on a fresh connection.
-        if !(untouched && reused && is_idempotent(&parts.method)) {
+        if !(untouched && reused && flags.idempotent) {
             return Err(self.upstream_failed(&server.label, &why));
         }
         tracing::debug!(listener = %self.cfg.name, server = %server.label, error = %why,
@@ -461,29 +510,23 @@ impl HttpListener {
         // To whichever server answers: the one that failed may be gone.
         let mut lease = self.checkout_with(false).await?;
         lease.pooled.mark_used();
-        match lease.exchange(&head, head_request, timeout).await {
+        match lease.exchange(&head, flags.head_request, timeout).await {
             Ok(resp) => Ok(wire_response(resp, lease)),
             Err(Failed::TimedOut) => Err(self.timed_out(&lease.server)),
             Err(Failed::Broken { why, .. }) => Err(self.upstream_failed(&lease.server.label, &why)),
         }
     }
 
-    /// Sends a request with a body through hyper's client on a pooled connection; on
-    /// failure, the error response. Never replayed: the body is gone once sent.
+    /// Sends a request with a body (its headers already rewritten) through hyper's client on
+    /// a pooled connection; on failure, the error response. Never replayed: the body is gone
+    /// once sent.
     #[allow(clippy::result_large_err)]
     async fn send_with_body(
         self: &Arc<Self>,
-        mut parts: http::request::Parts,
-        body: Incoming,
-        client: Option<&HeaderValue>,
+        req: Request<Incoming>,
         client_ip: Option<IpAddr>,
     ) -> Result<Response<UpstreamBody>, Response<RespBody>> {
-        let mut forwarded = http::HeaderMap::with_capacity(parts.headers.len() + 2);
-        headers::forward_request(&parts.headers, client, |name, value| {
-            forwarded.append(name.clone(), value.clone());
-        });
-        parts.headers = forwarded;
-        parts.version = Version::HTTP_11;
+        let (parts, body) = req.into_parts();
         let (body, sent) = ClientBody::new(body);
         let req = Request::from_parts(parts, body);
         let mut lease = self.checkout().await?;
@@ -535,7 +578,9 @@ impl HttpListener {
                     upstream: up.clone(),
                 });
             }
-            match upstream::connect(up, server).await {
+            // Boxed: connecting is rare, and its future would size every request's.
+            let connecting = Box::pin(upstream::connect(up, server));
+            match connecting.await {
                 Ok(pooled) => {
                     server.health.succeeded();
                     return Ok(Lease {

@@ -313,7 +313,12 @@ impl Lease {
         };
         // The connection's own timer, moved on: a later deadline costs no timer-wheel work.
         conn.timer.as_mut().reset(Instant::now() + within);
-        let mut work = std::pin::pin!(write_then_read_head(io, &mut conn.buf, request, head_request));
+        let mut work = std::pin::pin!(write_then_read_head(
+            io,
+            &mut conn.buf,
+            request,
+            head_request
+        ));
         let timer = &mut conn.timer;
         std::future::poll_fn(|cx| match work.as_mut().poll(cx) {
             Poll::Ready(done) => Poll::Ready(done),
