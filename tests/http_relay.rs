@@ -657,3 +657,64 @@ async fn every_response_framing_is_relayed_whole_over_one_pooled_connection() {
     );
     assert!(heads[2].contains("content-length: 3"), "{}", heads[2]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_a_unix_socket_is_pooled_for_requests_with_and_without_bodies() {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = TempDir::new("unix-upstream");
+    let path = dir.0.join("app.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let accepts = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = accepts.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // Answers with the method, the path and the body it got.
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let head = format!("{} {} ", req.method(), req.uri().path());
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let mut out = head.into_bytes();
+                        out.extend_from_slice(&body);
+                        Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
+                            Bytes::from(out),
+                        )))
+                    },
+                );
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
+            });
+        }
+    });
+    let port = free_port();
+    let admin = free_port();
+    let config = format!(
+        "workers = 1\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+         [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"http\"\n\
+         upstream = \"app\"\n\n[[upstream]]\nname = \"app\"\nservers = [\"unix:{}\"]\n",
+        path.display()
+    );
+    let proxy = Waitless::launch(&config, port, admin).await;
+    for i in 0..3 {
+        let (status, body) = get(proxy.addr(), &format!("/get/{i}"), true).await.unwrap();
+        assert_eq!((status, body), (200, Bytes::from(format!("GET /get/{i} "))));
+        let sent = Bytes::from(format!("body {i}"));
+        let (status, body) = request(proxy.addr(), "POST", "/post", sent, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, body),
+            (200, Bytes::from(format!("POST /post body {i}")))
+        );
+    }
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        1,
+        "one pooled connection for all six"
+    );
+    server.abort();
+}
