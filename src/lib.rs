@@ -21,8 +21,10 @@
 //! - `demo`: `waitless demo`, where TIME_WAIT lands under each policy, measured.
 //! - `server`: wires one config into a running proxy.
 //! - `workers`: thread-per-core runtimes; listeners and pools are spread over them.
+//! - `alloc`: mimalloc as the global allocator, on its plain entry points.
 
 pub mod admin;
+pub mod alloc;
 pub mod close;
 pub mod config;
 pub mod demo;

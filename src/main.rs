@@ -60,12 +60,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // No transparent huge pages: mimalloc asks for them on its arenas, and then RSS grows in
-    // 2 MiB steps that a few live blocks keep resident. In 4 KiB pages the idle proxy holds
-    // 7 MB instead of 15, and 9,400 idle clients cost 1.1-1.2 KB each, run after run, where
-    // huge pages gave 0.8-2.1 KB. Checked at each page fault, so it holds for what is mapped.
-    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and touches no memory of ours.
-    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     let cli = Cli::parse();
     // The demo prints a table; its embedded proxies' info lines would only clutter it.
     let default_level = match cli.command {
@@ -292,7 +286,5 @@ impl Signals {
     }
 }
 
-// mimalloc: per-request allocations are small and short-lived; with it a short request costs
-// 12% fewer instructions than with glibc's malloc (callgrind).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: waitless::alloc::Mimalloc = waitless::alloc::Mimalloc;
