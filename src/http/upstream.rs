@@ -93,8 +93,9 @@ pub struct UpstreamBody {
     source: Source,
     /// The server keeps the connection open after this response.
     keep_alive: bool,
-    /// How far the request body got.
-    sent: Arc<Progress>,
+    /// How far the request body got; None for a request without one (it went out whole
+    /// with its head).
+    sent: Option<Arc<Progress>>,
 }
 
 /// The two ways a response body is read.
@@ -382,8 +383,7 @@ impl UpstreamBody {
                 framing,
             },
             keep_alive,
-            // A bodyless request went out whole with its head.
-            sent: Arc::new(Progress(AtomicU8::new(Progress::SENT))),
+            sent: None,
         }
     }
 
@@ -400,14 +400,14 @@ impl UpstreamBody {
                 verdict: Some(verdict),
             },
             keep_alive,
-            sent,
+            sent: Some(sent),
         }
     }
 
     /// The body ended by its framing: pools the connection if the server keeps it and the
     /// request also went out whole; otherwise closes it.
     fn release(&mut self) {
-        let reusable = self.keep_alive && self.sent.is_sent();
+        let reusable = self.keep_alive && self.sent.as_ref().is_none_or(|s| s.is_sent());
         match &mut self.source {
             Source::Wire { lease, .. } => {
                 let Some(lease) = lease.take() else { return };
