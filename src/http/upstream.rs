@@ -18,14 +18,12 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 
 use super::wire::{self, Decoded, Framing};
-use crate::close::{peek_one, CloseCtl, Reason, Tracked};
-use crate::config::Address;
+use crate::close::{CloseCtl, Reason, ServerSocket};
 use crate::pool::{self, OpenSlot, PoolConn, Pooled, Server};
 
 /// The error of a response body.
@@ -40,20 +38,13 @@ pub type HttpConn = Box<Conn>;
 #[derive(Debug)]
 pub struct Conn {
     /// The socket; None while hyper's client has it for a request with a body.
-    io: Option<UpIo>,
+    io: Option<ServerSocket>,
     /// Bytes read past the response decoded last (a usable idle connection has none).
     buf: BytesMut,
     /// Bounds the wait for each response head; kept, and moved on, from one to the next.
     timer: Pin<Box<Sleep>>,
     /// The `max_connections` permit and the open count, held as long as the socket.
     _counted: (Option<OwnedSemaphorePermit>, OpenSlot),
-}
-
-/// An upstream socket, TCP or unix, under the close mechanism.
-#[derive(Debug)]
-pub enum UpIo {
-    Tcp(Tracked<TcpStream>),
-    Unix(Tracked<UnixStream>),
 }
 
 /// An upstream of HTTP connections.
@@ -151,74 +142,7 @@ impl PoolConn for HttpConn {
     fn is_usable(&mut self) -> bool {
         // Anything readable on an idle connection (its EOF, or bytes nobody asked for) puts
         // it out of step; the readiness flag tells without a syscall in the common case.
-        self.buf.is_empty() && self.io.as_mut().is_some_and(UpIo::is_quiet)
-    }
-}
-
-// === impl UpIo ===
-
-impl UpIo {
-    /// Nothing to read: no byte and no EOF arrived since the last read.
-    fn is_quiet(&mut self) -> bool {
-        // `try_io` looks at tokio's readiness first, so there is no syscall unless an event
-        // came in since the last read; then a peek tells data or EOF from nothing (and
-        // nothing clears the readiness).
-        let probe = match self {
-            UpIo::Tcp(t) => {
-                let s = t.get_ref();
-                s.try_io(Interest::READABLE, || peek_one(s))
-            }
-            UpIo::Unix(t) => {
-                let s = t.get_ref();
-                s.try_io(Interest::READABLE, || peek_one(s))
-            }
-        };
-        matches!(probe, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-    }
-}
-
-macro_rules! each_io {
-    ($self:ident, $io:ident => $e:expr) => {
-        match $self.get_mut() {
-            UpIo::Tcp($io) => $e,
-            UpIo::Unix($io) => $e,
-        }
-    };
-}
-
-impl AsyncRead for UpIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        each_io!(self, io => Pin::new(io).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for UpIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
-        each_io!(self, io => Pin::new(io).poll_write(cx, b))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        each_io!(self, io => Pin::new(io).poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each_io!(self, io => Pin::new(io).poll_flush(cx))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each_io!(self, io => Pin::new(io).poll_shutdown(cx))
+        self.buf.is_empty() && self.io.as_ref().is_some_and(ServerSocket::looks_quiet)
     }
 }
 
@@ -562,26 +486,12 @@ pub async fn connect(
         .map_err(|_| ConnectError::Busy)?;
     let slot = server.open_slot();
     let ctl = CloseCtl::new();
-    let connecting = async {
-        io::Result::Ok(match &server.addr {
-            Address::Tcp(addr) => {
-                let stream = TcpStream::connect(addr).await?;
-                stream.set_nodelay(true)?;
-                UpIo::Tcp(Tracked::upstream(
-                    stream,
-                    server.ledger.clone(),
-                    cfg.time_wait,
-                    ctl.clone(),
-                ))
-            }
-            Address::Unix(path) => UpIo::Unix(Tracked::upstream(
-                UnixStream::connect(path).await?,
-                server.ledger.clone(),
-                cfg.time_wait,
-                ctl.clone(),
-            )),
-        })
-    };
+    let connecting = ServerSocket::connect(
+        &server.addr,
+        server.ledger.clone(),
+        cfg.time_wait,
+        ctl.clone(),
+    );
     let io = match tokio::time::timeout(cfg.connect_timeout, connecting).await {
         Ok(Ok(io)) => io,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
@@ -607,7 +517,7 @@ pub async fn connect(
 
 /// Sends a bodyless request and reads until a response head is whole.
 async fn write_then_read_head(
-    io: &mut UpIo,
+    io: &mut ServerSocket,
     buf: &mut BytesMut,
     request: &[u8],
     head_request: bool,

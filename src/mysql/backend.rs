@@ -3,10 +3,8 @@
 
 use std::io;
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use mysql_common::constants::{CapabilityFlags, StatusFlags};
@@ -17,21 +15,13 @@ use mysql_common::packets::{
 };
 use mysql_common::proto::MySerialize;
 use mysql_common::scramble::scramble_native;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::packet::{describe_err, Packet, PacketIo, MAX_HANDSHAKE_PACKET, MAX_PACKET};
-use crate::close::{peek_one, CloseCtl, Socket, Tracked};
-use crate::config::{self, Address, MysqlUser};
+use crate::close::{CloseCtl, ServerSocket};
+use crate::config::{self, MysqlUser};
 use crate::pool::{PoolConn, Pooled, Server};
-
-/// A socket to a server, TCP or unix, under the upstream's close policy.
-#[derive(Debug)]
-pub enum ServerStream {
-    Tcp(Tracked<TcpStream>),
-    Unix(Tracked<UnixStream>),
-}
 
 /// What a server says about itself in its greeting; clients are greeted alike.
 #[derive(Debug, Clone)]
@@ -61,7 +51,7 @@ pub struct SessionKey {
 #[derive(Debug)]
 pub struct MysqlConn {
     /// The connection, framed.
-    pub io: PacketIo<ServerStream>,
+    pub io: PacketIo<ServerSocket>,
     /// What it was opened for.
     pub key: SessionKey,
     /// The current database as far as waitless knows: None once a statement may have
@@ -124,57 +114,6 @@ const ER_UNKNOWN_COM_ERROR: u16 = 1047;
 
 const COM_INIT_DB: u8 = 0x02;
 const COM_RESET_CONNECTION: u8 = 0x1F;
-
-// === impl ServerStream ===
-
-impl ServerStream {
-    /// True while the server has neither closed nor sent anything unasked: a pooled
-    /// connection with pending bytes (an ERR for a killed session) or an EOF is not lent.
-    fn is_quiet(&self) -> bool {
-        let probe = match self {
-            ServerStream::Tcp(t) => peek_one(t.get_ref()),
-            ServerStream::Unix(t) => peek_one(t.get_ref()),
-        };
-        matches!(probe, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-    }
-}
-
-macro_rules! delegate {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            ServerStream::Tcp($s) => $e,
-            ServerStream::Unix($s) => $e,
-        }
-    };
-}
-
-impl AsyncRead for ServerStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for ServerStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        delegate!(self, s => Pin::new(s).poll_write(cx, buf))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_flush(cx))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_shutdown(cx))
-    }
-}
 
 // === impl BackendError ===
 
@@ -341,17 +280,7 @@ pub async fn connect(
 ) -> Result<Pooled<MysqlConn>, BackendError> {
     let ctl = CloseCtl::new();
     let opening = async {
-        let stream = match &server.addr {
-            Address::Tcp(addr) => {
-                let s = TcpStream::connect(addr).await?;
-                s.set_nodelay(true)?;
-                ServerStream::Tcp(track(s, server, cfg, ctl.clone()))
-            }
-            Address::Unix(path) => {
-                let s = UnixStream::connect(path).await?;
-                ServerStream::Unix(track(s, server, cfg, ctl.clone()))
-            }
-        };
+        let stream = open_socket(server, cfg, &ctl).await?;
         let mut io = PacketIo::new(stream);
         let nonce = login(&mut io, facts, user, key, db).await?;
         Ok::<_, BackendError>((io, nonce))
@@ -385,16 +314,7 @@ pub async fn probe(
     // Not a pooled connection: waitless lets it go on purpose once the greeting is read.
     ctl.retire(crate::close::Reason::Done);
     let reading = async {
-        let mut io = match &server.addr {
-            Address::Tcp(addr) => {
-                let s = TcpStream::connect(addr).await?;
-                PacketIo::new(ServerStream::Tcp(track(s, server, cfg, ctl.clone())))
-            }
-            Address::Unix(path) => {
-                let s = UnixStream::connect(path).await?;
-                PacketIo::new(ServerStream::Unix(track(s, server, cfg, ctl.clone())))
-            }
-        };
+        let mut io = PacketIo::new(open_socket(server, cfg, &ctl).await?);
         let (profile, _) = read_greeting(&mut io).await?;
         facts.set_profile(profile.clone());
         Ok::<_, BackendError>(profile)
@@ -406,13 +326,19 @@ pub async fn probe(
     result
 }
 
-fn track<S: Socket>(
-    s: S,
+/// A connection to `server`, closed by the upstream's policy for the reason `ctl` is given.
+async fn open_socket(
     server: &Server<MysqlConn>,
     cfg: &config::Upstream,
-    ctl: Arc<CloseCtl>,
-) -> Tracked<S> {
-    Tracked::upstream(s, server.ledger.clone(), cfg.time_wait, ctl)
+    ctl: &Arc<CloseCtl>,
+) -> io::Result<ServerSocket> {
+    ServerSocket::connect(
+        &server.addr,
+        server.ledger.clone(),
+        cfg.time_wait,
+        ctl.clone(),
+    )
+    .await
 }
 
 /// The server's greeting: its profile and nonce. A greeting that is an ERR (too many
@@ -448,7 +374,7 @@ where
 /// Greeting, HandshakeResponse41 with mysql_native_password, and the server's verdict;
 /// returns the nonce the login answered.
 async fn login(
-    io: &mut PacketIo<ServerStream>,
+    io: &mut PacketIo<ServerSocket>,
     facts: &ServerFacts,
     user: &MysqlUser,
     key: &SessionKey,
@@ -490,7 +416,7 @@ async fn login(
 /// Reads the server's verdict on a login (HandshakeResponse or COM_CHANGE_USER), answering
 /// an AuthSwitchRequest to mysql_native_password; `nonce` follows a switch.
 async fn finish_login(
-    io: &mut PacketIo<ServerStream>,
+    io: &mut PacketIo<ServerSocket>,
     user: &MysqlUser,
     nonce: &mut Vec<u8>,
 ) -> Result<(), BackendError> {

@@ -1,0 +1,118 @@
+//! A socket to an upstream server, TCP or unix, under the upstream's close policy: what the
+//! HTTP and MySQL pools keep.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+use super::stream::{peek_one, CloseCtl, Tracked};
+use super::SideLedger;
+use crate::config::{Address, UpstreamTimeWait};
+
+/// A connection to a server, tracked by the close mechanism.
+#[derive(Debug)]
+pub enum ServerSocket {
+    Tcp(Tracked<TcpStream>),
+    Unix(Tracked<UnixStream>),
+}
+
+// === impl ServerSocket ===
+
+impl ServerSocket {
+    /// Connects to `addr` (TCP without Nagle's delay: requests go out whole); its close is
+    /// recorded in `ledger` and carried out by `policy`, with the reason `ctl` is given.
+    pub async fn connect(
+        addr: &Address,
+        ledger: Arc<SideLedger>,
+        policy: UpstreamTimeWait,
+        ctl: Arc<CloseCtl>,
+    ) -> io::Result<ServerSocket> {
+        Ok(match addr {
+            Address::Tcp(addr) => {
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                ServerSocket::Tcp(Tracked::upstream(s, ledger, policy, ctl))
+            }
+            Address::Unix(path) => {
+                let s = UnixStream::connect(path).await?;
+                ServerSocket::Unix(Tracked::upstream(s, ledger, policy, ctl))
+            }
+        })
+    }
+
+    /// Nothing to read, asked of the kernel (a peek): the server has neither closed nor sent
+    /// anything unasked.
+    pub fn is_quiet(&self) -> bool {
+        let probe = match self {
+            ServerSocket::Tcp(t) => peek_one(t.get_ref()),
+            ServerSocket::Unix(t) => peek_one(t.get_ref()),
+        };
+        matches!(probe, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// As `is_quiet`, but tokio's readiness is looked at first, so there is no syscall unless
+    /// an event came in since the last read; an event the reactor has not taken yet goes
+    /// unseen, so a caller must cope with a server that closed just now.
+    pub fn looks_quiet(&self) -> bool {
+        let probe = match self {
+            ServerSocket::Tcp(t) => {
+                let s = t.get_ref();
+                s.try_io(Interest::READABLE, || peek_one(s))
+            }
+            ServerSocket::Unix(t) => {
+                let s = t.get_ref();
+                s.try_io(Interest::READABLE, || peek_one(s))
+            }
+        };
+        matches!(probe, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            ServerSocket::Tcp($s) => $e,
+            ServerSocket::Unix($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for ServerSocket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for ServerSocket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        each!(self, s => Pin::new(s).poll_write(cx, b))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
