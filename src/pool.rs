@@ -550,8 +550,11 @@ fn spawn_checks<C: PoolConn>(up: Weak<Upstream<C>>, hc: HealthCheck) {
     });
 }
 
+/// How often idle connections are looked over. Also how long one that its server closed may
+/// sit in CLOSE_WAIT before it is answered (nobody reads an idle HTTP connection): at most a
+/// second. A round costs a readiness check or a peek per idle connection.
 fn reap_interval(idle_timeout: Duration) -> Duration {
-    (idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+    (idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
 fn spawn_reaper<C: PoolConn>(up: Weak<Upstream<C>>, every: Duration) {

@@ -718,3 +718,25 @@ async fn a_server_on_a_unix_socket_is_pooled_for_requests_with_and_without_bodie
     );
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_its_server_closed_idle_is_answered_within_seconds() {
+    // The server closes idle connections after 300 ms; nobody reads an idle pooled
+    // connection, so waitless must notice the FIN on its own and answer it.
+    let backend = Backend::start(BackendMode::CloseIdleAfter(Duration::from_millis(300))).await;
+    let proxy = Waitless::start(&[backend.addr], "", "idle_timeout = \"60s\"").await;
+    for _ in 0..4 {
+        let (status, _) = get(proxy.addr(), "/bytes/10", true).await.unwrap();
+        assert_eq!(status, 200);
+    }
+    assert!(
+        sockets_to_port("established", backend.port()) > 0,
+        "nothing was pooled"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // waitless's side of each closed connection is gone (not left in CLOSE_WAIT), and the
+    // server's side went without TIME_WAIT (answered with RST).
+    assert_eq!(sockets_to_port("close-wait", backend.port()), 0);
+    assert_eq!(sockets_to_port("established", backend.port()), 0);
+    assert_eq!(time_wait_on_port(backend.port()), 0);
+}
