@@ -13,6 +13,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
+use super::headers::Named;
 use super::validate;
 
 /// Response heads larger than this are refused (hyper's client allows about as much).
@@ -76,16 +77,13 @@ pub enum Decoded {
 /// so none has to be looked up again.
 #[derive(Debug, Default)]
 struct Seen {
-    /// Connection: close.
-    close: bool,
-    /// Connection: keep-alive.
-    keep_alive: bool,
-    /// Transfer-Encoding is present (`validate::response` allows only `chunked`).
+    /// What the Connection headers say (they are not kept in the map).
+    conn: Named,
+    /// Transfer-Encoding is present, kept in the map for `validate::response` (which allows
+    /// only `chunked`) and removed after.
     chunked: bool,
     /// The Content-Length all values agree on.
     length: Option<u64>,
-    /// A hop-by-hop header was kept in the map and must be stripped.
-    strip: bool,
 }
 
 // === impl Framing ===
@@ -200,16 +198,12 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<H
         if seen.chunked || status == StatusCode::SWITCHING_PROTOCOLS {
             validate::response(status, &headers)?;
         }
-        if seen.strip {
-            // Transfer-Encoding was kept for the check above, or Connection names headers.
-            super::headers::strip_hop_by_hop(&mut headers);
+        if seen.chunked {
+            headers.remove(header::TRANSFER_ENCODING);
         }
+        seen.conn.remove_from(&mut headers);
         let framing = seen.framing(status, head_request);
-        let keep_alive = !matches!(framing, Framing::UntilClose)
-            && match version {
-                Version::HTTP_10 => seen.keep_alive,
-                _ => !seen.close,
-            };
+        let keep_alive = !matches!(framing, Framing::UntilClose) && seen.conn.keeps_alive(version);
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
@@ -225,8 +219,8 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<H
 // === impl Seen ===
 
 impl Seen {
-    /// Notes one header; true when it goes into the map (hop-by-hop ones do not, unless the
-    /// generic strip must see them).
+    /// Notes one header; true when it goes into the map (hop-by-hop ones do not, but for
+    /// Transfer-Encoding until it is checked).
     fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<bool, String> {
         if *name == header::CONTENT_LENGTH {
             // Repeated values (or a list) must all agree, as hyper's client requires.
@@ -244,23 +238,10 @@ impl Seen {
         }
         if *name == header::TRANSFER_ENCODING {
             self.chunked = true;
-            self.strip = true;
             return Ok(true);
         }
         if *name == header::CONNECTION {
-            let mut names_others = false;
-            for token in value.as_bytes().split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    self.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    self.keep_alive = true;
-                } else if !token.is_empty() {
-                    names_others = true;
-                }
-            }
-            self.strip |= names_others;
-            return Ok(names_others);
+            self.conn.note(value);
         }
         Ok(false)
     }
@@ -432,6 +413,19 @@ mod tests {
             false,
         );
         assert!(!head.keep_alive);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_left_out() {
+        let (head, _) = parse(
+            "HTTP/1.1 200 OK\r\nX-Hop: 1\r\nConnection: x-hop, Keep-Alive\r\n\
+             Keep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-Kept: 1\r\n\r\n",
+            false,
+        );
+        let names: Vec<&str> = head.parts.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        assert!(head.keep_alive);
+        assert!(matches!(head.framing, Framing::Chunked(_)));
     }
 
     #[test]
