@@ -129,6 +129,10 @@ pub struct Listener {
     pub max_clients: usize,
     /// Bound on receiving a request head once its first byte arrived (slow-header clients).
     pub header_timeout: Duration,
+    /// TCP_DEFER_ACCEPT: a client connection is accepted when its first bytes arrive, so
+    /// serving it starts with a read that finds the request (no wait for readiness). Only for
+    /// protocols whose client speaks first; default on for http over TCP.
+    pub defer_accept: bool,
 }
 
 /// How an upstream picks a server.
@@ -301,6 +305,7 @@ struct RawListener {
     accept_proxy_protocol: Option<bool>,
     max_clients: Option<usize>,
     header_timeout: Option<RawDuration>,
+    defer_accept: Option<bool>,
 }
 
 /// `[[upstream]]` as written; the fields mirror [`Upstream`], None where the key is absent.
@@ -526,6 +531,22 @@ impl Config {
                     ));
                 }
             }
+            if listener.defer_accept {
+                let why = match (&listener.listen, listener.protocol) {
+                    (Address::Unix(_), _) => {
+                        Some("defer_accept applies to TCP listeners; a unix socket has no TCP_DEFER_ACCEPT")
+                    }
+                    (_, Protocol::Mysql) => Some(
+                        "defer_accept cannot serve a mysql listener: a MySQL client sends \
+                         nothing before the server's greeting, so every login would wait out \
+                         the kernel's deferral",
+                    ),
+                    _ => None,
+                };
+                if let Some(why) = why {
+                    return Err(at.error(key("defer_accept"), why));
+                }
+            }
             if listener.mode.is_some() && !matches!(listener.listen, Address::Unix(_)) {
                 return Err(at.error(
                     key("mode"),
@@ -736,6 +757,7 @@ impl fmt::Display for Config {
             writeln!(f, "max_clients = {}", listener.max_clients)?;
             let header = format_duration(listener.header_timeout);
             writeln!(f, "header_timeout = \"{header}\"")?;
+            writeln!(f, "defer_accept = {}", listener.defer_accept)?;
         }
         for upstream in &self.upstreams {
             writeln!(f)?;
@@ -1039,10 +1061,13 @@ impl RawMysqlUser {
 
 impl RawListener {
     fn into_listener(self) -> Listener {
+        let protocol = self.protocol.map(|w| w.0).unwrap_or_default();
+        // Clients of HTTP speak first; of tcp, perhaps not; of mysql, never.
+        let defer_default = protocol == Protocol::Http && matches!(self.listen.0, Address::Tcp(_));
         Listener {
             name: self.name,
             listen: self.listen.0,
-            protocol: self.protocol.map(|w| w.0).unwrap_or_default(),
+            protocol,
             upstream: self.upstream,
             time_wait: self.time_wait.map(|w| w.0).unwrap_or_default(),
             linger: self.linger.map_or(DEFAULT_LINGER, |d| d.0),
@@ -1054,6 +1079,7 @@ impl RawListener {
             accept_proxy_protocol: self.accept_proxy_protocol.unwrap_or(false),
             max_clients: self.max_clients.unwrap_or(DEFAULT_MAX_CLIENTS),
             header_timeout: self.header_timeout.map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
+            defer_accept: self.defer_accept.unwrap_or(defer_default),
         }
     }
 }
@@ -1649,6 +1675,7 @@ servers = ["127.0.0.1:8081"]
         assert_eq!(db.protocol, Protocol::Mysql);
         assert_eq!(db.time_wait, ClientTimeWait::None);
         assert_eq!(db.mode, Some(0o660));
+        assert!(!db.defer_accept, "mysql on a unix socket does not defer");
 
         let up = config.upstream("web").unwrap();
         assert_eq!(
@@ -1682,6 +1709,7 @@ servers = ["127.0.0.1:8081"]
         assert_eq!(listener.linger_fallback, LingerFallback::Fin);
         assert_eq!(listener.keepalive_timeout, Duration::from_secs(60));
         assert_eq!(listener.mode, None);
+        assert!(listener.defer_accept, "http over TCP defers accept");
         let upstream = &config.upstreams[0];
         assert_eq!(upstream.pool_size, 64);
         assert_eq!(upstream.max_connections, 0);
@@ -2092,6 +2120,39 @@ servers = ["127.0.0.1:8081"]
                 Config::parse(MINIMAL, Path::new("config/waitless.toml")).unwrap()
             )
         );
+    }
+
+    #[test]
+    fn defer_accept_is_refused_where_the_client_does_not_speak_first_or_there_is_no_tcp() {
+        let tcp = parse(&with_listener_key("protocol = \"tcp\"")).unwrap();
+        assert!(
+            !tcp.listeners[0].defer_accept,
+            "tcp clients may wait for the server"
+        );
+        let asked = parse(&with_listener_key(
+            "protocol = \"tcp\"\ndefer_accept = true",
+        ))
+        .unwrap();
+        assert!(asked.listeners[0].defer_accept);
+
+        let mysql = with_mysql_users("").replace(
+            "protocol = \"mysql\"\n",
+            "protocol = \"mysql\"\ndefer_accept = true\n",
+        );
+        let message = error(&mysql);
+        assert!(
+            message.starts_with("test.toml:7: key `listener[0].defer_accept`:"),
+            "{message}"
+        );
+        assert!(message.contains("greeting"), "{message}");
+
+        let unix = with_listener_key("defer_accept = true")
+            .replace("\"127.0.0.1:8080\"", "\"unix:/run/w.sock\"");
+        let message = error(&unix);
+        assert!(message.contains("listener[0].defer_accept"), "{message}");
+        assert!(message.contains("unix socket"), "{message}");
+        let unix = MINIMAL.replace("\"127.0.0.1:8080\"", "\"unix:/run/w.sock\"");
+        assert!(!parse(&unix).unwrap().listeners[0].defer_accept);
     }
 
     /// MINIMAL with a mysql listener and the given `[[mysql_user]]` lines appended.

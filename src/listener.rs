@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -96,6 +97,9 @@ pub enum Accepted {
 /// Listen backlog: short-connection load arrives in bursts; a small backlog turns them into
 /// SYN retries (a second of latency each).
 const BACKLOG: i32 = 4096;
+/// TCP_DEFER_ACCEPT's wait for a silent client, in seconds (the kernel rounds it to SYN-ACK
+/// retransmissions: one, a second after the handshake).
+const DEFER_ACCEPT_SECS: libc::c_int = 1;
 
 // === impl Listening ===
 
@@ -103,9 +107,19 @@ impl Listening {
     /// Binds `addr` for `workers` workers. A unix socket file left by a dead process is
     /// replaced; one that a live process still accepts on is not stolen, and neither is a
     /// TCP port another process listens on (SO_REUSEPORT alone would share it).
-    pub fn bind(addr: &Address, mode: Option<u32>, workers: usize) -> io::Result<Listening> {
+    pub fn bind(
+        addr: &Address,
+        mode: Option<u32>,
+        defer_accept: bool,
+        workers: usize,
+    ) -> io::Result<Listening> {
         match addr {
             Address::Tcp(sa) => {
+                let tcp_socket = |at, shared| {
+                    let sock = tcp_socket(at, shared)?;
+                    set_defer_accept(&sock, defer_accept)?;
+                    Ok::<_, io::Error>(sock)
+                };
                 if workers <= 1 {
                     return Ok(Listening::Tcp(vec![tcp_socket(*sa, false)?]));
                 }
@@ -128,6 +142,17 @@ impl Listening {
                 }
                 Ok(Listening::Unix(listener, path.clone()))
             }
+        }
+    }
+
+    /// Second descriptors of the TCP sockets, through which a reload changes their options.
+    pub fn tcp_handles(&self) -> io::Result<Vec<OwnedFd>> {
+        match self {
+            Listening::Tcp(socks) => socks
+                .iter()
+                .map(|s| s.as_fd().try_clone_to_owned())
+                .collect(),
+            Listening::Unix(..) => Ok(Vec::new()),
         }
     }
 
@@ -176,6 +201,30 @@ fn tcp_socket(sa: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener>
     sock.bind(&sa.into())?;
     sock.listen(BACKLOG)?;
     Ok(sock.into())
+}
+
+/// Turns TCP_DEFER_ACCEPT on or off on a listening socket. On, the kernel keeps a handshaken
+/// connection until its first bytes arrive (or a FIN: a client that leaves is still
+/// accepted, and accounted); one that stays silent is handed over after about a second, to
+/// the header timeout. Off, each accept of a client not yet sending is followed by a read that
+/// finds nothing and a wait for readiness.
+pub fn set_defer_accept(sock: &impl AsFd, on: bool) -> io::Result<()> {
+    let secs: libc::c_int = if on { DEFER_ACCEPT_SECS } else { 0 };
+    // SAFETY: a valid descriptor, and an int option passed with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 // === impl Bound ===

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -23,7 +24,9 @@ use crate::admin;
 use crate::close::{Ledger, SideId, SideLedger};
 use crate::config::{self, Config, Protocol};
 use crate::http::{HttpListener, HttpUpstream};
-use crate::listener::{accept_loop, AcceptOpts, Bound, ListenerStats, Listening, Serve};
+use crate::listener::{
+    accept_loop, set_defer_accept, AcceptOpts, Bound, ListenerStats, Listening, Serve,
+};
 use crate::mysql::{MysqlListener, MysqlUpstream};
 use crate::pool::UpstreamInfo;
 use crate::tcp::{TcpRelay, TcpUpstream};
@@ -94,6 +97,8 @@ struct Slot {
     stats: Arc<ListenerStats>,
     /// The address bound.
     addr: Option<SocketAddr>,
+    /// Second descriptors of its TCP sockets, to apply a reloaded `defer_accept`.
+    tcp: Vec<OwnedFd>,
 }
 
 #[derive(Debug)]
@@ -218,7 +223,7 @@ impl Proxy {
         let mut pools = Pools::default();
 
         // Sockets first: a listener that cannot bind refuses the whole config.
-        let mut fresh: Vec<Option<Vec<Listening>>> = Vec::new();
+        let mut fresh: Vec<Option<(Vec<Listening>, Vec<OwnedFd>)>> = Vec::new();
         for l in &config.listeners {
             let key = slot_key(l);
             if slots
@@ -229,14 +234,16 @@ impl Proxy {
                 continue;
             }
             let n = self.workers.len();
-            let socks = Listening::bind(&l.listen, l.mode, n)
-                .and_then(|s| s.split(n))
-                .map_err(|e| {
-                    StartError(format!(
-                        "listener {}: cannot listen on {}: {e}",
-                        l.name, l.listen
-                    ))
-                })?;
+            let bound = Listening::bind(&l.listen, l.mode, l.defer_accept, n).and_then(|s| {
+                let tcp = s.tcp_handles()?;
+                Ok((s.split(n)?, tcp))
+            });
+            let socks = bound.map_err(|e| {
+                StartError(format!(
+                    "listener {}: cannot listen on {}: {e}",
+                    l.name, l.listen
+                ))
+            })?;
             fresh.push(Some(socks));
         }
         // Services next, so that nothing is started until every one could be built.
@@ -313,11 +320,17 @@ impl Proxy {
                         continue;
                     };
                     slot.service.swap(service);
+                    for fd in &slot.tcp {
+                        if let Err(e) = set_defer_accept(fd, l.defer_accept) {
+                            tracing::warn!(listener = %l.name, error = %e,
+                                "reload: defer_accept not changed");
+                        }
+                    }
                     slot.name = l.name.clone();
                     slot.stats = stats.clone();
                     slot.addr
                 }
-                Some(socks) => {
+                Some((socks, tcp)) => {
                     let addr = socks.first().and_then(Listening::local_addr);
                     let opts = AcceptOpts {
                         name: l.name.clone().into(),
@@ -337,6 +350,7 @@ impl Proxy {
                         stop,
                         stats: stats.clone(),
                         addr,
+                        tcp,
                     });
                     addr
                 }

@@ -288,3 +288,52 @@ async fn every_worker_serves_from_one_small_pool_and_a_second_instance_cannot_sh
     assert!(stderr.contains("cannot listen on"), "{stderr}");
     assert!(matches!(get(addr, "/", true).await, Ok((200, _))));
 }
+
+/// HTTP listeners defer accept (TCP_DEFER_ACCEPT): a client that has connected but not yet
+/// spoken waits in the kernel, costing waitless nothing, and is served once it sends; one that
+/// stays silent is still handed over about a second later, and cut at the header timeout.
+/// `defer_accept = false`, here set by a reload, accepts at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_has_not_spoken_waits_in_the_kernel_and_is_still_served_or_cut() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "header_timeout = \"2s\"", "").await;
+    let mut speaker = TcpStream::connect(proxy.addr()).await.unwrap();
+    let mut silent = TcpStream::connect(proxy.addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both clients finished their handshake; the kernel holds both as request sockets.
+    assert_eq!(sockets_on_port("syn-recv", proxy.port), 2);
+    assert_eq!(sockets_on_port("established", proxy.port), 0);
+    assert_eq!(proxy.stats().await["listeners"][0]["connections"], 0);
+
+    speaker
+        .write_all(b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    speaker.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+
+    let mut byte = [0u8; 1];
+    let cut = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut byte)).await;
+    assert!(
+        matches!(cut, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent client was not cut within 10 s: {cut:?}"
+    );
+    assert_eq!(proxy.stats().await["listeners"][0]["connections"], 2);
+
+    // Turned off by a reload, on the same listening sockets.
+    let path = proxy.dir.0.join("waitless.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("header_timeout", "defer_accept = false\nheader_timeout"),
+    )
+    .unwrap();
+    signal(&proxy, libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let _quiet = TcpStream::connect(proxy.addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sockets_on_port("syn-recv", proxy.port), 0);
+    assert_eq!(sockets_on_port("established", proxy.port), 1);
+    assert_eq!(proxy.stats().await["listeners"][0]["connections"], 3);
+}
