@@ -9,6 +9,10 @@
 //! measurement is bounded (`WAITLESS_BENCH_SECS`, default 5 s). `WAITLESS_BENCH_ONLY` names
 //! the parts to run (`short`, `keep-alive`, `rss`, comma-separated; default all).
 //!
+//! HAProxy, nginx and waitless `time_wait = "none"` (the targets' contest) are measured in
+//! `WAITLESS_BENCH_ROUNDS` rounds (default 3), taken in turn; the table and the ratios give
+//! each one's medians, the JSON every run.
+//!
 //! For each proxy and each kind of client (short `Connection: close`, keep-alive):
 //! requests/s, the proxy's CPU per request (utime + stime of all its processes from
 //! /proc/PID/stat, over the run), p50/p99 latency, errors, and TIME_WAIT sockets on the
@@ -45,6 +49,10 @@ const CONCURRENCY: usize = 64;
 const IDLE_CONNS: usize = 10_000;
 /// Default length of one measurement.
 const DEFAULT_SECS: u64 = 5;
+/// Default rounds of the contest (HAProxy, nginx, waitless `none`): the runs of one target
+/// differ by 10-20% on a shared 2-core machine, more than the gaps measured; the median of
+/// rounds taken in turn does not.
+const DEFAULT_ROUNDS: usize = 3;
 /// Ports for backends and proxies come from here up: below the ephemeral range
 /// (32768-60999 by default), so no client socket ever has one as its local port.
 const PORT_BASE: u16 = 20_000;
@@ -159,8 +167,32 @@ struct Run {
     tw_overflow: u64,
     /// Position in the order the runs were taken.
     order: usize,
+    /// Which round of the contest (HAProxy, nginx, waitless `none`) it belongs to; 1 for the
+    /// targets measured once.
+    round: usize,
     /// /proc/loadavg right after the run: others' work on the machine shows here.
     loadavg: String,
+}
+
+/// One target under one kind of client over all its runs: the medians of the rates, times and
+/// CPU; of TIME_WAIT the most any run left; the errors of all runs.
+#[derive(Debug, Serialize)]
+struct Summary {
+    target: String,
+    clients: &'static str,
+    runs: usize,
+    req_per_s: f64,
+    /// Every run's req/s, in the order taken.
+    req_per_s_each: Vec<f64>,
+    proxy_cpu_us_per_req: Option<f64>,
+    proxy_cpu_us_each: Vec<f64>,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+    tw_backend: u64,
+    tw_proxy: Option<u64>,
+    tw_client: u64,
+    tw_overflow: u64,
 }
 
 /// A proxy's memory with idle client connections open.
@@ -185,6 +217,54 @@ struct Machine {
     loadavg_start: String,
     loadavg_end: String,
     tcp_max_tw_buckets: u64,
+}
+
+// === impl Summary ===
+
+impl Summary {
+    /// The runs of `target` with `clients`, if there were any.
+    fn of(runs: &[Run], target: Target, clients: &'static str) -> Option<Summary> {
+        let label = target.label();
+        let mine: Vec<&Run> = runs
+            .iter()
+            .filter(|r| r.target == label && r.clients == clients)
+            .collect();
+        if mine.is_empty() {
+            return None;
+        }
+        let each =
+            |f: fn(&Run) -> Option<f64>| mine.iter().filter_map(|r| f(r)).collect::<Vec<_>>();
+        let req_per_s_each = each(|r| Some(r.req_per_s));
+        let proxy_cpu_us_each = each(|r| r.proxy_cpu_us_per_req);
+        Some(Summary {
+            target: label,
+            clients,
+            runs: mine.len(),
+            req_per_s: median(&req_per_s_each),
+            proxy_cpu_us_per_req: (!proxy_cpu_us_each.is_empty())
+                .then(|| median(&proxy_cpu_us_each)),
+            p50_ms: median(&each(|r| Some(r.p50_ms))),
+            p99_ms: median(&each(|r| Some(r.p99_ms))),
+            errors: mine.iter().map(|r| r.errors).sum(),
+            tw_backend: mine.iter().map(|r| r.tw_backend).max().unwrap_or(0),
+            tw_proxy: mine.iter().filter_map(|r| r.tw_proxy).max(),
+            tw_client: mine.iter().map(|r| r.tw_client).max().unwrap_or(0),
+            tw_overflow: mine.iter().map(|r| r.tw_overflow).sum(),
+            req_per_s_each,
+            proxy_cpu_us_each,
+        })
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count); 0 for none.
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 // === impl Target ===
@@ -580,13 +660,17 @@ struct Bench {
 
 impl Bench {
     /// Loads `target` with `clients` for `secs` and counts what it left behind.
-    fn measure(&mut self, target: Target, clients: Clients) {
+    fn measure(&mut self, target: Target, clients: Clients, round: usize) {
         if clients == Clients::Short {
             self.wait_tw_headroom();
         }
-        eprint!("  {:<28} {:<10} ... ", target.label(), clients.label());
+        eprint!(
+            "  {:<28} {:<10} {round} ... ",
+            target.label(),
+            clients.label()
+        );
         let _ = io::stderr().flush();
-        match self.try_measure(target, clients) {
+        match self.try_measure(target, clients, round) {
             Ok(run) => {
                 eprintln!("{:>9.0} req/s, {} errors", run.req_per_s, run.errors);
                 self.runs.push(run);
@@ -602,7 +686,12 @@ impl Bench {
         }
     }
 
-    fn try_measure(&mut self, target: Target, clients: Clients) -> Result<Run, String> {
+    fn try_measure(
+        &mut self,
+        target: Target,
+        clients: Clients,
+        round: usize,
+    ) -> Result<Run, String> {
         let backend = self.backend.next_addr()?;
         let port = self.ports.take()?;
         let proxy = start_proxy(target, &self.tools, port, backend)?;
@@ -667,6 +756,7 @@ impl Bench {
             tw_client,
             tw_overflow: overflow,
             order: self.runs.len() + 1,
+            round,
             loadavg: loadavg(),
         })
     }
@@ -1215,11 +1305,12 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.prec$}"))
 }
 
-fn render_runs(runs: &[Run], order: &[Target]) -> String {
+fn render_summaries(summaries: &[Summary]) -> String {
     let mut out = format!(
-        "{:<28} {:<10} {:>8} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8} {:>9} {:>6}\n",
+        "{:<28} {:<10} {:>4} {:>8} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8} {:>9} {:>6}\n",
         "target",
         "clients",
+        "runs",
         "req/s",
         "CPU µs/r",
         "p50 ms",
@@ -1230,30 +1321,41 @@ fn render_runs(runs: &[Run], order: &[Target]) -> String {
         "TW overfl",
         "errors"
     );
-    for clients in ["short", "keep-alive"] {
-        for t in order {
-            let label = t.label();
-            let Some(r) = runs
-                .iter()
-                .find(|r| r.target == label && r.clients == clients)
-            else {
-                continue;
-            };
-            out.push_str(&format!(
-                "{:<28} {:<10} {:>8} {:>9} {:>7.2} {:>7.2} {:>8} {:>8} {:>8} {:>9} {:>6}\n",
-                r.target,
-                r.clients,
-                fmt_k(r.req_per_s),
-                fmt_opt(r.proxy_cpu_us_per_req, 1),
-                r.p50_ms,
-                r.p99_ms,
-                r.tw_backend,
-                r.tw_proxy.map_or("-".into(), |n| n.to_string()),
-                r.tw_client,
-                r.tw_overflow,
-                r.errors
-            ));
-        }
+    for r in summaries {
+        out.push_str(&format!(
+            "{:<28} {:<10} {:>4} {:>8} {:>9} {:>7.2} {:>7.2} {:>8} {:>8} {:>8} {:>9} {:>6}\n",
+            r.target,
+            r.clients,
+            r.runs,
+            fmt_k(r.req_per_s),
+            fmt_opt(r.proxy_cpu_us_per_req, 1),
+            r.p50_ms,
+            r.p99_ms,
+            r.tw_backend,
+            r.tw_proxy.map_or("-".into(), |n| n.to_string()),
+            r.tw_client,
+            r.tw_overflow,
+            r.errors
+        ));
+    }
+    let rounds: Vec<&Summary> = summaries.iter().filter(|r| r.runs > 1).collect();
+    if !rounds.is_empty() {
+        out.push_str("\nround by round (req/s; CPU µs/r):\n");
+    }
+    for r in rounds {
+        let rates: Vec<String> = r.req_per_s_each.iter().map(|v| fmt_k(*v)).collect();
+        let cpu: Vec<String> = r
+            .proxy_cpu_us_each
+            .iter()
+            .map(|v| format!("{v:.1}"))
+            .collect();
+        out.push_str(&format!(
+            "  {:<28} {:<10} {}; {}\n",
+            r.target,
+            r.clients,
+            rates.join(" "),
+            cpu.join(" ")
+        ));
     }
     out
 }
@@ -1289,11 +1391,13 @@ struct Ratio {
 }
 
 /// The issue's targets, as ratios of waitless (`none`, `client` for TIME_WAIT) to the better
-/// of HAProxy and nginx in this run.
-fn ratios(runs: &[Run], rss: &[Rss]) -> (Vec<Ratio>, Vec<String>) {
+/// of HAProxy and nginx in this run, each side's median over its rounds.
+fn ratios(summaries: &[Summary], rss: &[Rss]) -> (Vec<Ratio>, Vec<String>) {
     let get = |t: Target, c: &str| {
         let label = t.label();
-        runs.iter().find(|r| r.target == label && r.clients == c)
+        summaries
+            .iter()
+            .find(|r| r.target == label && r.clients == c)
     };
     let rivals = [Target::Haproxy, Target::Nginx];
     let mut out = Vec::new();
@@ -1376,7 +1480,7 @@ fn ratios(runs: &[Run], rss: &[Rss]) -> (Vec<Ratio>, Vec<String>) {
             }
         ));
     }
-    let errors: u64 = runs
+    let errors: u64 = summaries
         .iter()
         .filter(|r| r.target.starts_with("waitless"))
         .map(|r| r.errors)
@@ -1439,6 +1543,11 @@ fn run() -> Result<(), String> {
         .and_then(|s| s.parse::<u64>().ok())
         .filter(|&s| s > 0)
         .unwrap_or(DEFAULT_SECS);
+    let rounds = std::env::var("WAITLESS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(DEFAULT_ROUNDS);
     let nofile = raise_nofile();
     let mut machine = machine();
     // Both this process and the proxy hold one descriptor per idle connection; HAProxy
@@ -1494,13 +1603,13 @@ fn run() -> Result<(), String> {
         }
     };
     let mut ports = Ports::new();
-    // Per run one backend port: 2 per target, one per RSS measurement.
-    let backend = Backend::start(&tools, &mut ports, order.len() * 3, &rt)?;
+    // Per run one backend port: 2 per target and round, one per RSS measurement.
+    let backend = Backend::start(&tools, &mut ports, order.len() * (2 * rounds + 1), &rt)?;
     let haproxy_v = tools.haproxy.as_ref().map(|b| version(b, "-v"));
     let nginx_v = tools.nginx.as_ref().map(|b| version(b, "-v"));
 
     println!(
-        "relay bench: {secs} s per run, {loadgen}, backend {}\n\
+        "relay bench: {secs} s per run, {rounds} rounds of the contest, {loadgen}, backend {}\n\
          machine: {} cores, {}, Linux {}; load average at start {}\n\
          HAProxy {}, nginx {}, waitless {}\n",
         backend.describe,
@@ -1523,8 +1632,6 @@ fn run() -> Result<(), String> {
         rss: Vec::new(),
         notes,
     };
-    // The order keeps the TIME_WAIT table clean for the runs whose TIME_WAIT matters most
-    // (none, client), and lets the table drain during the keep-alive and RSS runs.
     let has = |t: Target| order.contains(&t);
     // WAITLESS_BENCH_ONLY=short,keep-alive,rss (any of them) runs a part of the bench.
     let only = std::env::var("WAITLESS_BENCH_ONLY").ok();
@@ -1532,13 +1639,31 @@ fn run() -> Result<(), String> {
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|p| p.trim() == part))
     };
-    if wants("short") {
-        bench.measure(Target::Waitless("none"), Clients::Short);
-        bench.measure(Target::Waitless("client"), Clients::Short);
-    }
-    if wants("keep-alive") {
-        for t in &order {
-            bench.measure(*t, Clients::KeepAlive);
+    // The contest is taken in rounds, in turn, so that drift on the machine falls on every
+    // side alike; the others once. Every short run starts from a drained TIME_WAIT table.
+    let contest: Vec<Target> = [Target::Haproxy, Target::Nginx, Target::Waitless("none")]
+        .into_iter()
+        .filter(|t| has(*t))
+        .collect();
+    let others: Vec<Target> = order
+        .iter()
+        .copied()
+        .filter(|t| !contest.contains(t))
+        .collect();
+    for (part, clients) in [
+        ("short", Clients::Short),
+        ("keep-alive", Clients::KeepAlive),
+    ] {
+        if !wants(part) {
+            continue;
+        }
+        for round in 1..=rounds {
+            for t in &contest {
+                bench.measure(*t, clients, round);
+            }
+        }
+        for t in &others {
+            bench.measure(*t, clients, 1);
         }
     }
     if wants("rss") {
@@ -1546,21 +1671,16 @@ fn run() -> Result<(), String> {
             bench.measure_rss(*t);
         }
     }
-    for t in [
-        Target::Direct,
-        Target::Haproxy,
-        Target::Nginx,
-        Target::Waitless("proxy"),
-    ] {
-        if has(t) && wants("short") {
-            bench.measure(t, Clients::Short);
-        }
-    }
     machine.loadavg_end = loadavg();
 
-    let (ratio_rows, checks) = ratios(&bench.runs, &bench.rss);
+    let summaries: Vec<Summary> = ["short", "keep-alive"]
+        .into_iter()
+        .flat_map(|c| order.iter().map(move |t| (*t, c)))
+        .filter_map(|(t, c)| Summary::of(&bench.runs, t, c))
+        .collect();
+    let (ratio_rows, checks) = ratios(&summaries, &bench.rss);
     println!();
-    println!("{}", render_runs(&bench.runs, &order));
+    println!("{}", render_summaries(&summaries));
     println!(
         "CPU µs/r: the proxy's user+system CPU per request (all its processes). TW: TIME_WAIT \
          sockets after the run (kernel census) on the backend's port, the proxy's (listener and \
@@ -1586,6 +1706,8 @@ fn run() -> Result<(), String> {
             ("waitless", Some(env!("CARGO_PKG_VERSION").to_string())),
         ]),
         "machine": machine,
+        "rounds": rounds,
+        "summaries": summaries,
         "runs": bench.runs,
         "idle_rss": bench.rss,
         "targets": ratio_rows,
