@@ -71,6 +71,9 @@ struct Tools {
     wrk: Option<PathBuf>,
     /// Idle connections for the RSS measurement, from the open-file limit.
     idle_conns: usize,
+    /// HAProxy and nginx listen with their deferred accept too (`defer-accept`, `deferred`),
+    /// as waitless's HTTP listeners do by default (`WAITLESS_BENCH_ANCHOR_DEFER=1`).
+    anchor_defer: bool,
 }
 
 /// Which clients a run uses.
@@ -598,9 +601,14 @@ fn start_proxy(
                  defaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n\
                  \x20   timeout server 60s\n    timeout http-keep-alive 60s\n\
                  \x20   http-reuse always\n\n\
-                 frontend bench\n    bind 127.0.0.1:{port}\n    default_backend backend\n\n\
+                 frontend bench\n    bind 127.0.0.1:{port}{defer}\n    default_backend backend\n\n\
                  backend backend\n    server s1 {backend}\n",
-                maxconn = tools.idle_conns + 200
+                maxconn = tools.idle_conns + 200,
+                defer = if tools.anchor_defer {
+                    " defer-accept"
+                } else {
+                    ""
+                },
             );
             let path = dir.0.join("haproxy.cfg");
             std::fs::write(&path, conf).map_err(|e| e.to_string())?;
@@ -620,11 +628,12 @@ fn start_proxy(
                  keepalive_timeout 75s;\n{temps}\
                  \x20 upstream backend {{\n    server {backend};\n    keepalive 64;\n\
                  \x20   keepalive_requests 1000000;\n  }}\n\
-                 \x20 server {{\n    listen 127.0.0.1:{port} backlog=4096;\n\
+                 \x20 server {{\n    listen 127.0.0.1:{port} backlog=4096{defer};\n\
                  \x20   location / {{\n      proxy_pass http://backend;\n\
                  \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
                  \x20   }}\n  }}\n}}\n",
-                temps = nginx_temp_paths(&d)
+                temps = nginx_temp_paths(&d),
+                defer = if tools.anchor_defer { " deferred" } else { "" },
             );
             std::fs::write(dir.0.join("nginx.conf"), conf).map_err(|e| e.to_string())?;
             let mut cmd = Command::new(bin);
@@ -1566,6 +1575,7 @@ fn run() -> Result<(), String> {
             .then(|| find(&["/usr/bin/wrk", "/usr/local/bin/wrk"]))
             .flatten(),
         idle_conns,
+        anchor_defer: std::env::var_os("WAITLESS_BENCH_ANCHOR_DEFER").is_some_and(|v| v != "0"),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1611,7 +1621,7 @@ fn run() -> Result<(), String> {
     println!(
         "relay bench: {secs} s per run, {rounds} rounds of the contest, {loadgen}, backend {}\n\
          machine: {} cores, {}, Linux {}; load average at start {}\n\
-         HAProxy {}, nginx {}, waitless {}\n",
+         HAProxy {}, nginx {}, waitless {}; accept deferred: waitless yes, HAProxy and nginx {}\n",
         backend.describe,
         machine.nproc,
         machine.cpu,
@@ -1620,6 +1630,11 @@ fn run() -> Result<(), String> {
         haproxy_v.as_deref().unwrap_or("-"),
         nginx_v.as_deref().unwrap_or("-"),
         env!("CARGO_PKG_VERSION"),
+        if tools.anchor_defer {
+            "yes (WAITLESS_BENCH_ANCHOR_DEFER)"
+        } else {
+            "no (their default)"
+        },
     );
 
     let mut bench = Bench {
@@ -1707,6 +1722,7 @@ fn run() -> Result<(), String> {
         ]),
         "machine": machine,
         "rounds": rounds,
+        "anchors_defer_accept": bench.tools.anchor_defer,
         "summaries": summaries,
         "runs": bench.runs,
         "idle_rss": bench.rss,
