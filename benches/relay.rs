@@ -1394,66 +1394,68 @@ struct Ratio {
     waitless: f64,
     best: f64,
     best_is: String,
+    /// The median of `each`.
     ratio: f64,
+    /// Round by round.
+    each: Vec<f64>,
     target: String,
     met: bool,
 }
 
 /// The issue's targets, as ratios of waitless (`none`, `client` for TIME_WAIT) to the better
-/// of HAProxy and nginx in this run, each side's median over its rounds.
-fn ratios(summaries: &[Summary], rss: &[Rss]) -> (Vec<Ratio>, Vec<String>) {
+/// of HAProxy and nginx in this run: for rates and CPU the median over the rounds of each
+/// round's ratio, since the runs of one round are minutes apart and the machine's drift
+/// between rounds (up to 20%) moves them together.
+fn ratios(summaries: &[Summary], runs: &[Run], rss: &[Rss]) -> (Vec<Ratio>, Vec<String>) {
     let get = |t: Target, c: &str| {
         let label = t.label();
         summaries
             .iter()
             .find(|r| r.target == label && r.clients == c)
     };
-    let rivals = [Target::Haproxy, Target::Nginx];
     let mut out = Vec::new();
     let mut checks = Vec::new();
     let none = Target::Waitless("none");
-    // Higher is better.
-    for (clients, min) in [("short", 1.1), ("keep-alive", 1.0)] {
-        let best = rivals
-            .iter()
-            .filter_map(|t| get(*t, clients).map(|r| (r.req_per_s, t.label())))
-            .max_by(|a, b| a.0.total_cmp(&b.0));
-        if let (Some(w), Some((b, who))) = (get(none, clients), best) {
-            let ratio = w.req_per_s / b;
-            out.push(Ratio {
-                what: format!("{clients} req/s"),
-                waitless: w.req_per_s,
-                best: b,
-                best_is: who,
-                ratio,
-                target: format!(">= {min:.1}x"),
-                met: ratio >= min,
-            });
+    let rate = |r: &Run| Some(r.req_per_s);
+    let cpu = |r: &Run| r.proxy_cpu_us_per_req;
+    let rows = [
+        ("short", "req/s", rate as fn(&Run) -> Option<f64>, true, 1.1),
+        ("keep-alive", "req/s", rate, true, 1.0),
+        ("short", "CPU µs/req", cpu, false, 1.0),
+        ("keep-alive", "CPU µs/req", cpu, false, 1.0),
+    ];
+    for (clients, measure, value, higher, bound) in rows {
+        let rounds = paired(runs, clients, value, higher);
+        if rounds.is_empty() {
+            continue;
         }
-    }
-    // Lower is better.
-    for clients in ["short", "keep-alive"] {
-        let best = rivals
+        let each: Vec<f64> = rounds.iter().map(|(w, b, _)| w / b).collect();
+        let ratio = median(&each);
+        // "HAProxy" or "nginx": the anchor that was the better one in some round.
+        let mut best_is: Vec<String> = rounds
             .iter()
-            .filter_map(|t| {
-                get(*t, clients).and_then(|r| r.proxy_cpu_us_per_req.map(|v| (v, t.label())))
-            })
-            .min_by(|a, b| a.0.total_cmp(&b.0));
-        if let (Some(w), Some((b, who))) = (
-            get(none, clients).and_then(|r| r.proxy_cpu_us_per_req),
-            best,
-        ) {
-            let ratio = w / b;
-            out.push(Ratio {
-                what: format!("{clients} CPU µs/req"),
-                waitless: w,
-                best: b,
-                best_is: who,
-                ratio,
-                target: "<= 1.0x".into(),
-                met: ratio <= 1.0,
-            });
-        }
+            .filter_map(|(_, _, who)| who.split(' ').next().map(String::from))
+            .collect();
+        best_is.sort();
+        best_is.dedup();
+        out.push(Ratio {
+            what: format!("{clients} {measure}"),
+            waitless: median(&rounds.iter().map(|r| r.0).collect::<Vec<_>>()),
+            best: median(&rounds.iter().map(|r| r.1).collect::<Vec<_>>()),
+            best_is: best_is.join(" / "),
+            ratio,
+            each,
+            target: if higher {
+                format!(">= {bound:.1}x")
+            } else {
+                format!("<= {bound:.1}x")
+            },
+            met: if higher {
+                ratio >= bound
+            } else {
+                ratio <= bound
+            },
+        });
     }
     let rss_of = |t: Target| {
         let label = t.label();
@@ -1469,6 +1471,7 @@ fn ratios(summaries: &[Summary], rss: &[Rss]) -> (Vec<Ratio>, Vec<String>) {
             best: h,
             best_is: Target::Haproxy.label(),
             ratio,
+            each: vec![ratio],
             target: "<= 1.0x HAProxy".into(),
             met: ratio <= 1.0,
         });
@@ -1512,18 +1515,54 @@ fn ratios(summaries: &[Summary], rss: &[Rss]) -> (Vec<Ratio>, Vec<String>) {
     (out, checks)
 }
 
+/// Round by round, waitless `none`'s `value` and the better anchor's (`higher` is better)
+/// with its label, for the rounds in which both ran.
+fn paired(
+    runs: &[Run],
+    clients: &str,
+    value: fn(&Run) -> Option<f64>,
+    higher: bool,
+) -> Vec<(f64, f64, String)> {
+    let rivals = [Target::Haproxy.label(), Target::Nginx.label()];
+    let none = Target::Waitless("none").label();
+    runs.iter()
+        .filter(|r| r.target == none && r.clients == clients)
+        .filter_map(|w| {
+            let best = runs
+                .iter()
+                .filter(|r| r.round == w.round && r.clients == clients)
+                .filter(|r| rivals.contains(&r.target))
+                .filter_map(|r| value(r).map(|v| (v, r.target.clone())))
+                .max_by(|a, b| {
+                    if higher {
+                        a.0.total_cmp(&b.0)
+                    } else {
+                        b.0.total_cmp(&a.0)
+                    }
+                })?;
+            Some((value(w)?, best.0, best.1))
+        })
+        .collect()
+}
+
 fn render_ratios(ratios: &[Ratio], checks: &[String]) -> String {
     let mut out = String::new();
     for r in ratios {
+        let each: Vec<String> = r.each.iter().map(|v| format!("{v:.2}")).collect();
         out.push_str(&format!(
-            "  {:<24} waitless {:>9.1}  vs {:>9.1} ({:<26})  {:>5.2}x  target {:<16} {}\n",
+            "  {:<24} waitless {:>9.1}  vs {:>9.1} ({:<15})  {:>5.2}x  target {:<16} {:<6} {}\n",
             r.what,
             r.waitless,
             r.best,
             r.best_is,
             r.ratio,
             r.target,
-            if r.met { "met" } else { "MISSED" }
+            if r.met { "met" } else { "MISSED" },
+            if each.len() > 1 {
+                format!("rounds: {}", each.join(" "))
+            } else {
+                String::new()
+            }
         ));
     }
     for c in checks {
@@ -1693,7 +1732,7 @@ fn run() -> Result<(), String> {
         .flat_map(|c| order.iter().map(move |t| (*t, c)))
         .filter_map(|(t, c)| Summary::of(&bench.runs, t, c))
         .collect();
-    let (ratio_rows, checks) = ratios(&summaries, &bench.rss);
+    let (ratio_rows, checks) = ratios(&summaries, &bench.runs, &bench.rss);
     println!();
     println!("{}", render_summaries(&summaries));
     println!(
@@ -1704,7 +1743,10 @@ fn run() -> Result<(), String> {
         machine.tcp_max_tw_buckets
     );
     println!("{}", render_rss(&bench.rss));
-    println!("targets (waitless time_wait=none against the better of HAProxy and nginx):");
+    println!(
+        "targets (waitless time_wait=none against the better of HAProxy and nginx; rates and \
+         CPU: the median of the ratios taken round by round):"
+    );
     println!("{}", render_ratios(&ratio_rows, &checks));
     println!("load average at end {}", machine.loadavg_end);
     for n in &bench.notes {
