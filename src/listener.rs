@@ -115,21 +115,17 @@ impl Listening {
     ) -> io::Result<Listening> {
         match addr {
             Address::Tcp(sa) => {
-                let tcp_socket = |at, shared| {
-                    let sock = tcp_socket(at, shared)?;
-                    set_defer_accept(&sock, defer_accept)?;
-                    Ok::<_, io::Error>(sock)
-                };
                 if workers <= 1 {
-                    return Ok(Listening::Tcp(vec![tcp_socket(*sa, false)?]));
+                    let sock = tcp_socket(*sa, false, defer_accept)?;
+                    return Ok(Listening::Tcp(vec![sock]));
                 }
                 // Bound without SO_REUSEPORT first: fails if anyone listens on the port.
-                let probe = tcp_socket(*sa, false)?;
+                let probe = tcp_socket(*sa, false, false)?;
                 let port = probe.local_addr()?.port();
                 drop(probe);
                 let at = SocketAddr::new(sa.ip(), port);
                 let socks = (0..workers)
-                    .map(|_| tcp_socket(at, true))
+                    .map(|_| tcp_socket(at, true, defer_accept))
                     .collect::<io::Result<Vec<_>>>()?;
                 Ok(Listening::Tcp(socks))
             }
@@ -183,8 +179,13 @@ impl Listening {
     }
 }
 
-/// A listening TCP socket on `sa`, in SO_REUSEPORT's group when `shared`.
-fn tcp_socket(sa: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener> {
+/// A listening TCP socket on `sa`, in SO_REUSEPORT's group when `shared`, deferring accept when
+/// `defer_accept`.
+fn tcp_socket(
+    sa: SocketAddr,
+    shared: bool,
+    defer_accept: bool,
+) -> io::Result<std::net::TcpListener> {
     let sock = RawSocket::new(Domain::for_address(sa), Type::STREAM, None)?;
     // Rebinding right after a restart must not fail on old TIME_WAIT sockets.
     sock.set_reuse_address(true)?;
@@ -197,6 +198,7 @@ fn tcp_socket(sa: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener>
     // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt per
     // listener instead of one per connection.
     sock.set_tcp_nodelay(true)?;
+    set_defer_accept(&sock, defer_accept)?;
     sock.set_nonblocking(true)?;
     sock.bind(&sa.into())?;
     sock.listen(BACKLOG)?;

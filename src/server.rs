@@ -196,6 +196,16 @@ impl Proxy {
     /// pooled connection (ledger reason `drain`).
     pub async fn shutdown(&self, timeout: Duration) {
         self.stop.cancel();
+        // The reload handles hold the listening sockets open too: closed with the accept
+        // loops' own, new clients are refused at once while the others finish.
+        for slot in self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+        {
+            slot.tcp.clear();
+        }
         self.tasks.close();
         if tokio::time::timeout(timeout, self.tasks.wait())
             .await

@@ -39,6 +39,13 @@ async fn sigterm_lets_every_started_request_finish_then_exits_zero() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     signal(&proxy, libc::SIGTERM);
+    // While they finish, new clients are refused at once (a load balancer moves on), not
+    // left in a backlog nobody accepts from.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        TcpStream::connect(proxy.addr()).await.is_err(),
+        "a client was let in while draining"
+    );
     for r in inflight {
         let (status, body) = r.await.unwrap().expect("a started request must complete");
         assert_eq!((status, &body[..]), (200, &b"slept"[..]));
