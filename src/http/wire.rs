@@ -189,8 +189,9 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<H
                 return Err("header outside the head".into());
             };
             let name = HeaderName::from_bytes(name).map_err(|_| "invalid header name")?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value))
-                .map_err(|_| format!("invalid value of header {name}"))?;
+            // SAFETY: httparse let only HTAB, SP, visible ASCII and obs-text into a value,
+            // the bytes a HeaderValue may hold; checking them again cost 2% of a request.
+            let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(value)) };
             if seen.note(&name, &value)? {
                 headers.append(name, value);
             }
@@ -377,6 +378,26 @@ mod tests {
         );
         assert_eq!(body(&mut head.framing, &mut buf).unwrap(), b"hello!");
         assert_eq!(&buf[..], b"next");
+    }
+
+    #[test]
+    fn header_values_hold_only_the_bytes_a_header_value_may() {
+        // The map takes values unchecked: httparse must have refused every control byte.
+        for bad in [&b"\x01"[..], b"\x7f", b"\x00", b"a\rb"] {
+            let mut raw = b"HTTP/1.1 200 OK\r\nX-A: ".to_vec();
+            raw.extend_from_slice(bad);
+            raw.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
+            let mut buf = BytesMut::from(&raw[..]);
+            assert!(
+                parse_response(&mut buf, false).is_err(),
+                "{bad:?} let through"
+            );
+        }
+        let (head, _) = parse("HTTP/1.1 200 OK\r\nX-A: caf\u{e9}\tx\r\n\r\n", false);
+        assert_eq!(
+            head.parts.headers["x-a"].as_bytes(),
+            "caf\u{e9}\tx".as_bytes()
+        );
     }
 
     #[test]
