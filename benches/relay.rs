@@ -10,8 +10,9 @@
 //! the parts to run (`short`, `keep-alive`, `rss`, comma-separated; default all).
 //!
 //! HAProxy, nginx and waitless `time_wait = "none"` (the targets' contest) are measured in
-//! `WAITLESS_BENCH_ROUNDS` rounds (default 3), taken in turn; the table and the ratios give
-//! each one's medians, the JSON every run.
+//! `WAITLESS_BENCH_ROUNDS` rounds (default 3), taken in turn; the table gives each one's
+//! medians, the target ratios the median of the ratios taken round by round, the JSON every
+//! run.
 //!
 //! For each proxy and each kind of client (short `Connection: close`, keep-alive):
 //! requests/s, the proxy's CPU per request (utime + stime of all its processes from
