@@ -128,18 +128,26 @@ pub fn forward_request(
         emit(name, value);
     }
     if let Some(ip) = client {
-        let joined = prior_for.and_then(|prior| match prior.to_str() {
-            Ok(text) if !text.trim().is_empty() => Some(
-                HeaderValue::from_str(&format!("{text}, {}", ip.to_str().unwrap_or("")))
-                    .unwrap_or_else(|_| prior.clone()),
-            ),
-            _ => None,
-        });
+        let joined = prior_for
+            .and_then(|prior| prior_forwarded_for(prior.as_bytes()))
+            .and_then(|text| {
+                let joined = [text, b", ", ip.as_bytes()].concat();
+                HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)).ok()
+            });
         emit(&X_FORWARDED_FOR, joined.as_ref().unwrap_or(ip));
     }
     if !has_proto {
         emit(&X_FORWARDED_PROTO, &HeaderValue::from_static("http"));
     }
+}
+
+/// The X-Forwarded-For chain a request came with, when it is one to extend: text, not all
+/// blank (an unreadable one is replaced by the client's address alone).
+pub fn prior_forwarded_for(value: &[u8]) -> Option<&[u8]> {
+    let text = value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..0x7f).contains(&b));
+    (text && !value.trim_ascii().is_empty()).then_some(value)
 }
 
 /// True when the peer keeps the connection open after this message.

@@ -5,6 +5,10 @@
 //! so when the exchange is over the socket comes back to us and the listener's close policy
 //! (`close::Tracked::finish_client`) decides who sends the first FIN.
 //!
+//! Plain GET and HEAD requests, nearly all of them, take the simple path (`simple`): parsed,
+//! forwarded and answered on the socket without hyper's server; any other request is served
+//! by hyper, from the bytes the simple path read.
+//!
 //! Each request head is checked (`validate`) before anything is forwarded, on top of what
 //! hyper's parser refuses; a refused request is answered and its connection closed. An
 //! upstream connection goes back to the pool only after a response complete by its framing
@@ -12,6 +16,7 @@
 
 mod headers;
 mod idle;
+mod simple;
 mod upstream;
 mod validate;
 mod wire;
@@ -38,6 +43,7 @@ use crate::config;
 use crate::listener::{ListenerStats, Serve};
 use crate::pool::Server;
 use idle::{ExchangeBody, Replay};
+use simple::Simple;
 use upstream::{ClientBody, ConnectError, Failed, Lease, UpstreamBody};
 pub use upstream::{HttpConn, HttpUpstream};
 
@@ -216,7 +222,9 @@ impl HttpListener {
     }
 
     /// Serves requests (the first starting with `unread`) until the connection ends, or
-    /// falls idle: then hyper is let go and the socket given back.
+    /// falls idle: then the socket is given back, with no buffers held for it. Simple ones
+    /// take the simple path; from the first other one, hyper serves the connection until
+    /// it is idle.
     async fn serve_requests<S: Socket>(
         self: &Arc<Self>,
         mut io: Tracked<S>,
@@ -224,6 +232,14 @@ impl HttpListener {
         peer: Option<SocketAddr>,
     ) -> Option<Tracked<S>> {
         loop {
+            (io, unread) = match self.serve_simple(io, unread, peer).await {
+                Simple::Over => return None,
+                Simple::Idle(back) => {
+                    crate::workers::tidy_soon();
+                    return Some(back);
+                }
+                Simple::Hyper(back, rest) => (back, rest),
+            };
             match self.session(io, unread, peer).await {
                 Session::Over => return None,
                 Session::Released(back, rest) if rest.is_empty() => {

@@ -181,7 +181,7 @@ fn codings(headers: &HeaderMap) -> Option<Codings> {
 }
 
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2), or empty. No userinfo, no whitespace, no path.
-fn is_valid_host(v: &[u8]) -> bool {
+pub fn is_valid_host(v: &[u8]) -> bool {
     if v.is_empty() {
         return true;
     }

@@ -1,0 +1,567 @@
+//! The simple path: plain HTTP/1.1 GET and HEAD requests, served on the client's socket
+//! without hyper's server.
+//!
+//! Nearly every request a load balancer or a web app sends is one of these: a whole head in
+//! one read, a Host, no body, nothing to negotiate. For them hyper's server would parse the
+//! head into a map, box a future, dispatch it to the service and encode the response from
+//! another map: a fifth of a keep-alive request's instructions. Here the head is parsed with
+//! httparse, written upstream straight from its bytes (hop-by-hop headers out, the client's
+//! address in), and the response head written from the upstream one.
+//!
+//! Anything else goes to hyper with the bytes read so far, before anything was sent: a head
+//! not whole in the buffer, another method, HTTP/1.0, a body or its framing headers, Expect,
+//! Upgrade, a Connection header naming other headers, a request target or Host this path
+//! does not vouch for, anything httparse refuses. hyper then serves it, checks and refusals
+//! included, exactly as before; so nothing the checks in `validate` refuse is sent from here.
+
+use std::future::{poll_fn, Future};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::Either;
+use hyper::body::Body;
+use tokio::io::AsyncWriteExt;
+
+use super::upstream::BodyError;
+use super::{headers, idle, validate, Bodyless, HttpListener, RespBody};
+use crate::close::{Reason, Socket, Tracked};
+
+/// Most headers a simple request may carry (as hyper's server).
+const MAX_HEADERS: usize = 100;
+
+/// The longest header name this path tells apart; any longer one is forwarded as it is.
+const MAX_KNOWN_NAME: usize = 24;
+
+/// Body bytes up to this size are copied behind the head and go out in the same write.
+const COPY_BELOW: usize = 16 * 1024;
+
+/// How a run of the simple path ended.
+pub enum Simple<S: Socket> {
+    /// The connection ended and was closed by policy (or dropped on an error).
+    Over,
+    /// No request came for a while: the socket, to wait for its next one cheaply.
+    Idle(Tracked<S>),
+    /// A request this path does not serve: the socket and the bytes read, for hyper.
+    Hyper(Tracked<S>, Bytes),
+}
+
+/// A simple request, ready to go upstream.
+#[derive(Debug)]
+struct Parsed {
+    /// Length of its head in the buffer.
+    len: usize,
+    /// The head as written upstream.
+    upstream: Vec<u8>,
+    /// HEAD or GET.
+    flags: Bodyless,
+    /// The client asked to close after the response.
+    close: bool,
+}
+
+/// How the wait for the next request on a kept-alive connection ended.
+enum Next {
+    /// Bytes are in the buffer.
+    Read,
+    /// The client closed.
+    Eof,
+    /// Nothing came for a while.
+    Idle,
+    /// The listener drains.
+    Stopped,
+    /// The socket failed.
+    Failed,
+}
+
+// === impl HttpListener ===
+
+impl HttpListener {
+    /// Serves simple requests, the first from `unread` (or the socket, when it is empty),
+    /// until the connection ends, falls idle, or sends a request for hyper.
+    pub(super) async fn serve_simple<S: Socket>(
+        self: &Arc<Self>,
+        mut io: Tracked<S>,
+        unread: Bytes,
+        peer: Option<SocketAddr>,
+    ) -> Simple<S> {
+        let mut buf = BytesMut::from(unread);
+        let client = headers::forwarded_for(peer.map(|p| p.ip()));
+        let mut out = Vec::new();
+        // One timer for the whole run, moved on once per period rather than per request:
+        // the connection is idle once a full period passed without a request.
+        let period = self.idle_wait().min(idle::TICK);
+        let mut tick = std::pin::pin!(tokio::time::sleep(period));
+        let mut stopped = std::pin::pin!(self.stop.cancelled());
+        let (mut served, mut at_tick) = (0u32, 0u32);
+        loop {
+            if buf.is_empty() {
+                let next = poll_fn(|cx| {
+                    if buf.capacity() < 1024 {
+                        buf.reserve(4096);
+                    }
+                    match tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut buf) {
+                        Poll::Ready(Ok(0)) => return Poll::Ready(Next::Eof),
+                        Poll::Ready(Ok(_)) => return Poll::Ready(Next::Read),
+                        Poll::Ready(Err(_)) => return Poll::Ready(Next::Failed),
+                        Poll::Pending => {}
+                    }
+                    if stopped.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Next::Stopped);
+                    }
+                    while tick.as_mut().poll(cx).is_ready() {
+                        if served == at_tick {
+                            return Poll::Ready(Next::Idle);
+                        }
+                        at_tick = served;
+                        let now = tokio::time::Instant::now();
+                        tick.as_mut().reset(now + period);
+                    }
+                    Poll::Pending
+                })
+                .await;
+                match next {
+                    Next::Read => {}
+                    Next::Eof => return self.finish(io, Reason::Done).await,
+                    // An idle wait shorter than a tick is over; a longer one goes on without
+                    // this run's buffers.
+                    Next::Idle if self.idle_wait() <= idle::TICK => {
+                        return self.finish(io, Reason::Idle).await
+                    }
+                    Next::Idle => return Simple::Idle(io),
+                    Next::Stopped => return self.finish(io, Reason::Drain).await,
+                    // Dropped: the close mechanism records the error.
+                    Next::Failed => return Simple::Over,
+                }
+            }
+            let Some(req) = parse_request(&buf, client.as_ref()) else {
+                return Simple::Hyper(io, buf.freeze());
+            };
+            buf.advance(req.len);
+            served = served.wrapping_add(1);
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let resp = match self.send_bodyless(req.upstream, req.flags).await {
+                Ok(resp) => resp.map(Either::Left),
+                Err(resp) => resp,
+            };
+            // A draining listener finishes the response in flight and closes after it.
+            let draining = self.stop.is_cancelled();
+            let close = req.close || draining;
+            if let Err(e) = write_response(&mut io, resp, req.flags, close, &mut out).await {
+                tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e,
+                    "client connection error");
+                return Simple::Over;
+            }
+            if close {
+                let reason = if draining {
+                    Reason::Drain
+                } else {
+                    Reason::Done
+                };
+                return self.finish(io, reason).await;
+            }
+        }
+    }
+
+    async fn finish<S: Socket>(&self, io: Tracked<S>, reason: Reason) -> Simple<S> {
+        io.finish_client(reason, false).await;
+        Simple::Over
+    }
+}
+
+// === request ===
+
+/// The request at the start of `buf` and its head as it goes upstream, if it is simple;
+/// `client` is the X-Forwarded-For address.
+fn parse_request(buf: &[u8], client: Option<&HeaderValue>) -> Option<Parsed> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, &mut slots)
+    {
+        Ok(httparse::Status::Complete(len)) => len,
+        _ => return None,
+    };
+    let method = req.method?;
+    let head_request = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return None,
+    };
+    let target = req.path?;
+    if req.version != Some(1) || !is_plain_target(target) {
+        return None;
+    }
+    let mut upstream = Vec::with_capacity(len + 64);
+    upstream.extend_from_slice(method.as_bytes());
+    upstream.push(b' ');
+    upstream.extend_from_slice(target.as_bytes());
+    upstream.extend_from_slice(b" HTTP/1.1\r\n");
+    let (mut hosts, mut close, mut has_proto, mut prior_for) = (0, false, false, None);
+    for h in req.headers.iter() {
+        let mut lower = [0u8; MAX_KNOWN_NAME];
+        let name = match lower.get_mut(..h.name.len()) {
+            Some(lower) => {
+                for (l, b) in lower.iter_mut().zip(h.name.bytes()) {
+                    *l = b.to_ascii_lowercase();
+                }
+                &*lower
+            }
+            None => b"",
+        };
+        match name {
+            b"host" => {
+                hosts += 1;
+                if !validate::is_valid_host(h.value) {
+                    return None;
+                }
+            }
+            b"connection" => {
+                close |= connection_closes(h.value)?;
+                continue;
+            }
+            // Framing, negotiation, or a body: hyper's.
+            b"content-length" | b"transfer-encoding" | b"expect" | b"upgrade" => return None,
+            b"keep-alive"
+            | b"proxy-connection"
+            | b"te"
+            | b"trailer"
+            | b"proxy-authenticate"
+            | b"proxy-authorization" => continue,
+            b"x-forwarded-for" if client.is_some() => {
+                // The first one counts, as a single-valued header.
+                prior_for.get_or_insert(h.value);
+                continue;
+            }
+            b"x-forwarded-proto" => has_proto = true,
+            _ => {}
+        }
+        upstream.extend_from_slice(h.name.as_bytes());
+        upstream.extend_from_slice(b": ");
+        upstream.extend_from_slice(h.value);
+        upstream.extend_from_slice(b"\r\n");
+    }
+    if hosts != 1 {
+        return None;
+    }
+    if let Some(ip) = client {
+        upstream.extend_from_slice(b"x-forwarded-for: ");
+        if let Some(prior) = prior_for.and_then(headers::prior_forwarded_for) {
+            upstream.extend_from_slice(prior);
+            upstream.extend_from_slice(b", ");
+        }
+        upstream.extend_from_slice(ip.as_bytes());
+        upstream.extend_from_slice(b"\r\n");
+    }
+    if !has_proto {
+        upstream.extend_from_slice(b"x-forwarded-proto: http\r\n");
+    }
+    upstream.extend_from_slice(b"\r\n");
+    Some(Parsed {
+        len,
+        upstream,
+        flags: Bodyless {
+            head_request,
+            idempotent: true,
+        },
+        close,
+    })
+}
+
+/// An origin-form target of the characters RFC 3986 allows unescaped, within `MAX_URI`:
+/// one that hyper's URI parser and `validate` take as they are, byte for byte.
+fn is_plain_target(target: &str) -> bool {
+    target.starts_with('/')
+        && target.len() <= validate::MAX_URI
+        && target
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b))
+}
+
+/// Whether a Connection value asks to close; None when it names any other header.
+fn connection_closes(value: &[u8]) -> Option<bool> {
+    let mut close = false;
+    for token in value.split(|&b| b == b',') {
+        let token = token.trim_ascii();
+        if token.eq_ignore_ascii_case(b"close") {
+            close = true;
+        } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+            return None;
+        }
+    }
+    Some(close)
+}
+
+// === response ===
+
+/// Writes a response to the client: its head as hyper's server would for an HTTP/1.1
+/// client, then its body, chunked when its length is not known. The first body bytes go
+/// out with the head when they are there already.
+async fn write_response<S: Socket>(
+    io: &mut Tracked<S>,
+    resp: Response<RespBody>,
+    flags: Bodyless,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), BodyError> {
+    let (parts, mut body) = resp.into_parts();
+    let framing = encode_head(out, parts.status, &parts.headers, &body, flags, close);
+    if framing == Out::None {
+        // Dropped unread: a wire body with nothing left gives its connection back.
+        drop(body);
+        return flush(io, out).await;
+    }
+    loop {
+        let polled = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+        let frame = match polled {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                // Nothing more for now: what is ready goes out while the body comes.
+                flush(io, out).await?;
+                poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            }
+        };
+        let Some(frame) = frame.transpose()? else {
+            break;
+        };
+        // Trailers are dropped, as hyper's server drops them for a client that did not
+        // ask with `TE: trailers`.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if framing == Out::Chunked {
+            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        }
+        if data.len() < COPY_BELOW {
+            out.extend_from_slice(&data);
+        } else {
+            flush(io, out).await?;
+            io.write_all(&data).await?;
+        }
+        if framing == Out::Chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+        if out.len() >= COPY_BELOW {
+            // Many small pieces in a row: they go out in writes of a fair size.
+            flush(io, out).await?;
+        }
+    }
+    if framing == Out::Chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    flush(io, out).await
+}
+
+/// How a response body goes to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// Not at all: HEAD, 1xx, 204, 304.
+    None,
+    /// As it comes, delimited by Content-Length.
+    Sized,
+    /// In chunks: its length is not known.
+    Chunked,
+}
+
+/// Writes the response head into `out` (emptied first) by hyper's server rules: a body of
+/// known length gets Content-Length (an empty one `0`, but for HEAD), an unknown one
+/// chunked, a response without Date the current one, and a last one `Connection: close`.
+fn encode_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &RespBody,
+    flags: Bodyless,
+    close: bool,
+) -> Out {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let no_length = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    for (name, value) in headers {
+        if no_length && name == header::CONTENT_LENGTH {
+            // As hyper's server: these statuses carry no length of their own.
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = if headers.contains_key(header::CONTENT_LENGTH) || no_length {
+        Out::Sized
+    } else {
+        match body.size_hint().exact() {
+            Some(0) if flags.head_request => Out::Sized,
+            Some(n) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(n.to_string().as_bytes());
+                out.extend_from_slice(b"\r\n");
+                Out::Sized
+            }
+            None if flags.head_request => Out::Sized,
+            None => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Out::Chunked
+            }
+        }
+    };
+    if !headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        date::extend(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if flags.head_request || no_length {
+        Out::None
+    } else {
+        framing
+    }
+}
+
+/// Writes out what `out` holds and empties it.
+async fn flush<S: Socket>(io: &mut Tracked<S>, out: &mut Vec<u8>) -> Result<(), BodyError> {
+    if !out.is_empty() {
+        io.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// The Date header's value, formatted once a second per worker thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        /// The second it was formatted for, and its text.
+        static NOW: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+
+    /// Appends the current date, as an HTTP-date.
+    pub fn extend(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        NOW.with_borrow_mut(|(at, text)| {
+            if *at != secs || text.is_empty() {
+                *at = secs;
+                *text = httpdate::fmt_http_date(now);
+            }
+            out.extend_from_slice(text.as_bytes());
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(raw: &str, client: Option<&str>) -> Option<(String, Parsed)> {
+        let ip = headers::forwarded_for(client.map(|c| c.parse().unwrap()));
+        let parsed = parse_request(raw.as_bytes(), ip.as_ref())?;
+        Some((String::from_utf8(parsed.upstream.clone()).unwrap(), parsed))
+    }
+
+    #[test]
+    fn a_simple_request_goes_upstream_without_its_hop_by_hop_headers() {
+        let raw = "GET /a?b=1 HTTP/1.1\r\nHost: x:80\r\nConnection: Keep-Alive, close\r\n\
+                   Keep-Alive: 5\r\nTE: trailers\r\nProxy-Authorization: s\r\n\
+                   X-Forwarded-For: 10.0.0.1\r\nAccept: */*\r\n\r\nGET /next";
+        let (head, parsed) = upstream(raw, Some("127.0.0.1")).unwrap();
+        assert_eq!(
+            head,
+            "GET /a?b=1 HTTP/1.1\r\nHost: x:80\r\nAccept: */*\r\n\
+             x-forwarded-for: 10.0.0.1, 127.0.0.1\r\nx-forwarded-proto: http\r\n\r\n"
+        );
+        assert!(parsed.close);
+        assert_eq!(parsed.len, raw.len() - "GET /next".len());
+        // A proto set in front stays, and without a client address the chain is untouched.
+        let raw = "HEAD / HTTP/1.1\r\nhost: x\r\nX-Forwarded-Proto: https\r\n\
+                   X-Forwarded-For: 10.0.0.1\r\n\r\n";
+        let (head, parsed) = upstream(raw, None).unwrap();
+        assert_eq!(
+            head,
+            "HEAD / HTTP/1.1\r\nhost: x\r\nX-Forwarded-Proto: https\r\n\
+             X-Forwarded-For: 10.0.0.1\r\n\r\n"
+        );
+        assert!(parsed.flags.head_request && !parsed.close);
+    }
+
+    #[test]
+    fn anything_but_a_plain_bodyless_request_is_left_to_hyper() {
+        for raw in [
+            "GET / HTTP/1.1\r\nHost: x\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a@x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: x-secret\r\n\r\n",
+            "GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /{x} HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nX-A: \x01\r\n\r\n",
+        ] {
+            assert!(upstream(raw, None).is_none(), "{raw:?}");
+        }
+        let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(8192));
+        assert!(upstream(&long, None).is_none());
+    }
+
+    fn head(status: u16, headers: &[(&str, &str)], body: RespBody, head: bool) -> (String, Out) {
+        let mut map = HeaderMap::new();
+        for (n, v) in headers {
+            let name = http::HeaderName::from_bytes(n.as_bytes()).unwrap();
+            map.append(name, HeaderValue::from_str(v).unwrap());
+        }
+        let flags = Bodyless {
+            head_request: head,
+            idempotent: true,
+        };
+        let mut out = Vec::new();
+        let status = StatusCode::from_u16(status).unwrap();
+        let framing = encode_head(&mut out, status, &map, &body, flags, false);
+        (String::from_utf8(out).unwrap(), framing)
+    }
+
+    #[test]
+    fn response_heads_are_framed_as_hyper_frames_them() {
+        let full = |s: &'static str| Either::Right(http_body_util::Full::new(Bytes::from(s)));
+        let date = [("date", "d")];
+        let (text, out) = head(502, &date, full("oops"), false);
+        assert_eq!(
+            text,
+            "HTTP/1.1 502 Bad Gateway\r\ndate: d\r\ncontent-length: 4\r\n\r\n"
+        );
+        assert_eq!(out, Out::Sized);
+        // HEAD keeps the length of what GET would get, and no body goes out.
+        let (text, out) = head(200, &date, full("oops"), true);
+        assert!(text.contains("content-length: 4\r\n"), "{text}");
+        assert_eq!(out, Out::None);
+        // 304 carries no length of its own; a head without Date gets one.
+        let (text, out) = head(304, &[("content-length", "9")], full(""), false);
+        assert!(!text.contains("content-length"), "{text}");
+        assert!(text.contains("\r\ndate: "), "{text}");
+        assert_eq!(out, Out::None);
+    }
+}
