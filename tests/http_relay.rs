@@ -451,6 +451,47 @@ async fn a_pipelined_request_cut_mid_head_by_a_pause_is_served_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_plain_and_body_requests_are_answered_in_order() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "", "").await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    // Plain GETs (the simple path), a POST with a body and an HTTP/1.0 GET (hyper) in one
+    // write, then a plain HEAD and GET again once hyper served its share.
+    s.write_all(
+        b"GET /bytes/5 HTTP/1.1\r\nHost: t\r\n\r\n\
+          POST /count HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n\r\nhello!\
+          GET /bytes/7 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
+          GET /bytes/9 HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for want in [
+        pattern(5),
+        bytes::Bytes::from_static(b"6"),
+        pattern(7),
+        pattern(9),
+    ] {
+        let (head, body) = read_response(&mut s).await;
+        assert!(head.contains(" 200 "), "{head}");
+        assert_eq!(&body[..], &want[..], "{head}");
+    }
+    s.write_all(
+        b"HEAD /bytes/3 HTTP/1.1\r\nHost: t\r\n\r\nGET /bytes/4 HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.contains("content-length: 3"), "{head}");
+    let (head, body) = read_response(&mut s).await;
+    assert_eq!(&body[..], &pattern(4)[..], "{head}");
+    assert_eq!(
+        backend.requests.load(std::sync::atomic::Ordering::SeqCst),
+        6
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_timeout_closes_an_idle_client_connection_as_idle() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::start(BackendMode::Echo).await;
