@@ -29,14 +29,14 @@ impl Named {
     pub fn of(headers: &HeaderMap) -> Named {
         let mut named = Named::default();
         for value in headers.get_all(header::CONNECTION) {
-            named.note(value);
+            named.note(value.as_bytes());
         }
         named
     }
 
     /// Adds what one Connection header value says.
-    pub fn note(&mut self, value: &HeaderValue) {
-        for token in value.as_bytes().split(|&b| b == b',') {
+    pub fn note(&mut self, value: &[u8]) {
+        for token in value.split(|&b| b == b',') {
             let token = token.trim_ascii();
             if token.eq_ignore_ascii_case(b"close") {
                 self.close = true;
@@ -69,23 +69,51 @@ impl Named {
     fn contains(&self, name: &HeaderName) -> bool {
         (self.close && *name == CLOSE) || self.others.contains(name)
     }
+
+    /// The same for a name as it came, in any case.
+    pub fn names(&self, raw: &[u8]) -> bool {
+        (self.close && raw.eq_ignore_ascii_case(b"close"))
+            || self
+                .others
+                .iter()
+                .any(|n| raw.eq_ignore_ascii_case(n.as_str().as_bytes()))
+    }
+}
+
+/// A header name in lower case, for telling apart the ones waitless treats specially (none
+/// is longer than `buf`); a longer name comes back empty, as none of them.
+pub fn lower<'b>(name: &[u8], buf: &'b mut [u8; 24]) -> &'b [u8] {
+    match buf.get_mut(..name.len()) {
+        Some(lower) => {
+            for (l, b) in lower.iter_mut().zip(name) {
+                *l = b.to_ascii_lowercase();
+            }
+            lower
+        }
+        None => &[],
+    }
 }
 
 /// True for the headers that describe one hop (not counting those Connection names).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    is_hop_by_hop_name(name.as_str().as_bytes())
+}
+
+/// The same for a name in lower case (`lower`).
+pub fn is_hop_by_hop_name(lower: &[u8]) -> bool {
     // By text, which the compiler sorts by length first: cheaper than nine name compares,
     // for every header of every message.
     matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authenticate"
-            | "proxy-authorization"
+        lower,
+        b"connection"
+            | b"keep-alive"
+            | b"proxy-connection"
+            | b"te"
+            | b"trailer"
+            | b"transfer-encoding"
+            | b"upgrade"
+            | b"proxy-authenticate"
+            | b"proxy-authorization"
     )
 }
 

@@ -103,6 +103,12 @@ struct Bodyless {
     idempotent: bool,
 }
 
+/// The upstream's answer to a bodyless request: its head as `wire` read it, and its body.
+struct Answer {
+    head: wire::Head,
+    body: UpstreamBody,
+}
+
 /// How the wait for a client's next request ended.
 enum Waited {
     /// Bytes (or an EOF) to read.
@@ -124,6 +130,21 @@ enum Session<S: Socket> {
 
 /// Floor of the wait for a request head, so a tiny header_timeout cannot starve real clients.
 const MIN_HEADER_WAIT: Duration = Duration::from_millis(100);
+
+// === impl Answer ===
+
+impl Answer {
+    /// The answer read on `lease`; its body gives the connection back when it ends.
+    fn new(head: wire::Head, lease: Lease) -> Answer {
+        let body = UpstreamBody::wire(lease, head.framing, head.keep_alive);
+        Answer { head, body }
+    }
+
+    /// As a response for hyper's server.
+    fn into_response(self) -> Response<UpstreamBody> {
+        Response::from_parts(self.head.parts(), self.body)
+    }
+}
 
 // === impl HttpListener ===
 
@@ -417,7 +438,10 @@ impl HttpListener {
             let this = &state.listener;
             let resp = match prepared {
                 Prepared::Refused(resp) => Err(*resp),
-                Prepared::Bodyless { head, flags } => this.send_bodyless(head, flags).await,
+                Prepared::Bodyless { head, flags } => this
+                    .send_bodyless(head, flags)
+                    .await
+                    .map(Answer::into_response),
                 Prepared::WithBody(req) => {
                     // Boxed, as connecting is: the rare path's large future (hyper's
                     // handshake) would otherwise size every request's future.
@@ -502,13 +526,13 @@ impl HttpListener {
         self: &Arc<Self>,
         head: Vec<u8>,
         flags: Bodyless,
-    ) -> Result<Response<UpstreamBody>, Response<RespBody>> {
+    ) -> Result<Answer, Response<RespBody>> {
         let timeout = self.upstream.cfg.response_timeout;
         let mut lease = self.checkout().await?;
         lease.pooled.mark_used();
         let reused = lease.pooled.is_reused();
         let (untouched, why) = match lease.exchange(&head, flags.head_request, timeout).await {
-            Ok(resp) => return Ok(wire_response(resp, lease)),
+            Ok(head) => return Ok(Answer::new(head, lease)),
             Err(Failed::TimedOut) => return Err(self.timed_out(&lease.server)),
             Err(Failed::Broken { untouched, why }) => (untouched, why),
         };
@@ -527,7 +551,7 @@ impl HttpListener {
         let mut lease = self.checkout_with(false).await?;
         lease.pooled.mark_used();
         match lease.exchange(&head, flags.head_request, timeout).await {
-            Ok(resp) => Ok(wire_response(resp, lease)),
+            Ok(head) => Ok(Answer::new(head, lease)),
             Err(Failed::TimedOut) => Err(self.timed_out(&lease.server)),
             Err(Failed::Broken { why, .. }) => Err(self.upstream_failed(&lease.server.label, &why)),
         }
@@ -708,12 +732,6 @@ fn read_arrived<S: Socket>(io: &mut Tracked<S>) -> Option<Bytes> {
     let mut buf = [0u8; 2048];
     let n = io.get_mut().read_now(&mut buf).ok()?;
     Some(Bytes::copy_from_slice(buf.get(..n)?))
-}
-
-/// The client's response for a response head read by `wire`.
-fn wire_response(head: wire::Head, lease: Lease) -> Response<UpstreamBody> {
-    let body = UpstreamBody::wire(lease, head.framing, head.keep_alive);
-    Response::from_parts(head.parts, body)
 }
 
 fn is_idempotent(m: &Method) -> bool {

@@ -4,9 +4,10 @@
 //! Nearly every request a load balancer or a web app sends is one of these: a whole head in
 //! one read, a Host, no body, nothing to negotiate. For them hyper's server would parse the
 //! head into a map, box a future, dispatch it to the service and encode the response from
-//! another map: a fifth of a keep-alive request's instructions. Here the head is parsed with
-//! httparse, written upstream straight from its bytes (hop-by-hop headers out, the client's
-//! address in), and the response head written from the upstream one.
+//! another map: a quarter of a keep-alive request's instructions. Here the request head is
+//! parsed with httparse and written upstream straight from its bytes (hop-by-hop headers
+//! out, the client's address in), and the response head is written from the fields of the
+//! upstream's as they came (`wire::Head`): no header map is built either way.
 //!
 //! Anything else goes to hyper with the bytes read so far, before anything was sent: a head
 //! not whole in the buffer, another method, HTTP/1.0, a body or its framing headers, Expect,
@@ -30,14 +31,11 @@ use hyper::body::Body;
 use tokio::io::AsyncWriteExt;
 
 use super::upstream::BodyError;
-use super::{headers, idle, validate, Bodyless, HttpListener, RespBody};
+use super::{headers, idle, validate, wire, Answer, Bodyless, HttpListener, RespBody};
 use crate::close::{Reason, Socket, Tracked};
 
 /// Most headers a simple request may carry (as hyper's server).
 const MAX_HEADERS: usize = 100;
-
-/// The longest header name this path tells apart; any longer one is forwarded as it is.
-const MAX_KNOWN_NAME: usize = 24;
 
 /// Body bytes up to this size are copied behind the head and go out in the same write.
 const COPY_BELOW: usize = 16 * 1024;
@@ -145,14 +143,11 @@ impl HttpListener {
             buf.advance(req.len);
             served = served.wrapping_add(1);
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let resp = match self.send_bodyless(req.upstream, req.flags).await {
-                Ok(resp) => resp.map(Either::Left),
-                Err(resp) => resp,
-            };
+            let reply = self.send_bodyless(req.upstream, req.flags).await;
             // A draining listener finishes the response in flight and closes after it.
             let draining = self.stop.is_cancelled();
             let close = req.close || draining;
-            if let Err(e) = write_response(&mut io, resp, req.flags, close, &mut out).await {
+            if let Err(e) = write_response(&mut io, reply, req.flags, close, &mut out).await {
                 tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e,
                     "client connection error");
                 return Simple::Over;
@@ -204,16 +199,8 @@ fn parse_request(buf: &[u8], client: Option<&HeaderValue>) -> Option<Parsed> {
     upstream.extend_from_slice(b" HTTP/1.1\r\n");
     let (mut hosts, mut close, mut has_proto, mut prior_for) = (0, false, false, None);
     for h in req.headers.iter() {
-        let mut lower = [0u8; MAX_KNOWN_NAME];
-        let name = match lower.get_mut(..h.name.len()) {
-            Some(lower) => {
-                for (l, b) in lower.iter_mut().zip(h.name.bytes()) {
-                    *l = b.to_ascii_lowercase();
-                }
-                &*lower
-            }
-            None => b"",
-        };
+        let mut lower = [0u8; 24];
+        let name = headers::lower(h.name.as_bytes(), &mut lower);
         match name {
             b"host" => {
                 hosts += 1;
@@ -227,12 +214,7 @@ fn parse_request(buf: &[u8], client: Option<&HeaderValue>) -> Option<Parsed> {
             }
             // Framing, negotiation, or a body: hyper's.
             b"content-length" | b"transfer-encoding" | b"expect" | b"upgrade" => return None,
-            b"keep-alive"
-            | b"proxy-connection"
-            | b"te"
-            | b"trailer"
-            | b"proxy-authenticate"
-            | b"proxy-authorization" => continue,
+            name if headers::is_hop_by_hop_name(name) => continue,
             b"x-forwarded-for" if client.is_some() => {
                 // The first one counts, as a single-valued header.
                 prior_for.get_or_insert(h.value);
@@ -304,13 +286,29 @@ fn connection_closes(value: &[u8]) -> Option<bool> {
 /// out with the head when they are there already.
 async fn write_response<S: Socket>(
     io: &mut Tracked<S>,
-    resp: Response<RespBody>,
+    reply: Result<Answer, Response<RespBody>>,
     flags: Bodyless,
     close: bool,
     out: &mut Vec<u8>,
 ) -> Result<(), BodyError> {
-    let (parts, mut body) = resp.into_parts();
-    let framing = encode_head(out, parts.status, &parts.headers, &body, flags, close);
+    let (framing, mut body) = match reply {
+        Ok(answer) => {
+            let (head, body) = (answer.head, Either::Left(answer.body));
+            let fields = Fields::Upstream(&head);
+            (
+                encode_head(out, head.status, fields, &body, flags, close),
+                body,
+            )
+        }
+        Err(resp) => {
+            let (parts, body) = resp.into_parts();
+            let fields = Fields::Ours(&parts.headers);
+            (
+                encode_head(out, parts.status, fields, &body, flags, close),
+                body,
+            )
+        }
+    };
     if framing == Out::None {
         // Dropped unread: a wire body with nothing left gives its connection back.
         drop(body);
@@ -360,6 +358,15 @@ async fn write_response<S: Socket>(
     flush(io, out).await
 }
 
+/// Where a response head's fields come from.
+#[derive(Clone, Copy)]
+enum Fields<'a> {
+    /// The upstream's head, as it came.
+    Upstream(&'a wire::Head),
+    /// A response of waitless's own (an error).
+    Ours(&'a HeaderMap),
+}
+
 /// How a response body goes to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Out {
@@ -377,7 +384,7 @@ enum Out {
 fn encode_head(
     out: &mut Vec<u8>,
     status: StatusCode,
-    headers: &HeaderMap,
+    fields: Fields<'_>,
     body: &RespBody,
     flags: Bodyless,
     close: bool,
@@ -388,20 +395,12 @@ fn encode_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
     out.extend_from_slice(b"\r\n");
+    // As hyper's server: these statuses carry no length of their own.
     let no_length = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    for (name, value) in headers {
-        if no_length && name == header::CONTENT_LENGTH {
-            // As hyper's server: these statuses carry no length of their own.
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    let framing = if headers.contains_key(header::CONTENT_LENGTH) || no_length {
+    fields.write(out, no_length);
+    let framing = if fields.has_length() || no_length {
         Out::Sized
     } else {
         match body.size_hint().exact() {
@@ -419,7 +418,7 @@ fn encode_head(
             }
         }
     };
-    if !headers.contains_key(header::DATE) {
+    if !fields.has_date() {
         out.extend_from_slice(b"date: ");
         date::extend(out);
         out.extend_from_slice(b"\r\n");
@@ -432,6 +431,42 @@ fn encode_head(
         Out::None
     } else {
         framing
+    }
+}
+
+// === impl Fields ===
+
+impl Fields<'_> {
+    /// Writes each field on its line; `skip_length` leaves out Content-Length.
+    fn write(self, out: &mut Vec<u8>, skip_length: bool) {
+        match self {
+            Fields::Upstream(head) => head.write_fields(out, skip_length),
+            Fields::Ours(map) => {
+                for (name, value) in map {
+                    if skip_length && name == header::CONTENT_LENGTH {
+                        continue;
+                    }
+                    out.extend_from_slice(name.as_str().as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(value.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+    }
+
+    fn has_length(self) -> bool {
+        match self {
+            Fields::Upstream(head) => head.has_length,
+            Fields::Ours(map) => map.contains_key(header::CONTENT_LENGTH),
+        }
+    }
+
+    fn has_date(self) -> bool {
+        match self {
+            Fields::Upstream(head) => head.has_date,
+            Fields::Ours(map) => map.contains_key(header::DATE),
+        }
     }
 }
 
@@ -540,7 +575,7 @@ mod tests {
         };
         let mut out = Vec::new();
         let status = StatusCode::from_u16(status).unwrap();
-        let framing = encode_head(&mut out, status, &map, &body, flags, false);
+        let framing = encode_head(&mut out, status, Fields::Ours(&map), &body, flags, false);
         (String::from_utf8(out).unwrap(), framing)
     }
 

@@ -61,14 +61,25 @@ pub fn request(parts: &Parts, max_uri: usize) -> Result<(), Refusal> {
 /// client and `wire` refuse conflicting or invalid Content-Length themselves). `Err` names
 /// the problem; the response becomes a 502 and its connection is dropped.
 pub fn response(status: StatusCode, headers: &HeaderMap) -> Result<(), &'static str> {
+    let te = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let has_length = headers.contains_key(header::CONTENT_LENGTH);
+    response_framing(status, te.map(|v| v.as_bytes()), has_length)
+}
+
+/// The same, from a head's Transfer-Encoding values and whether it has a Content-Length.
+pub fn response_framing<'a>(
+    status: StatusCode,
+    te: impl Iterator<Item = &'a [u8]>,
+    has_length: bool,
+) -> Result<(), &'static str> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
         // No upgrade is ever asked for (Upgrade is hop-by-hop and removed).
         return Err("unrequested 101 Switching Protocols");
     }
-    let Some(codings) = codings(headers) else {
+    let Some(codings) = codings(te) else {
         return Ok(());
     };
-    if headers.contains_key(header::CONTENT_LENGTH) {
+    if has_length {
         // RFC 9112 §6.3: a likely smuggling attempt; relaying either length is a guess.
         return Err("both Transfer-Encoding and Content-Length");
     }
@@ -130,7 +141,8 @@ fn host(headers: &HeaderMap, version: Version) -> Result<(), Refusal> {
 
 /// hyper has made sure the last coding is `chunked`; anything else in the list is refused.
 fn transfer_encoding(headers: &HeaderMap) -> Result<(), Refusal> {
-    match codings(headers) {
+    let te = headers.get_all(header::TRANSFER_ENCODING).iter();
+    match codings(te.map(|v| v.as_bytes())) {
         None | Some(Codings::Chunked) => Ok(()),
         // RFC 9112 §6.1: a coding the server does not understand gets 501. It could not be
         // passed on either: Transfer-Encoding is hop-by-hop.
@@ -156,13 +168,13 @@ enum Codings {
     Other,
 }
 
-/// None when there is no Transfer-Encoding field.
-fn codings(headers: &HeaderMap) -> Option<Codings> {
-    let mut fields = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+/// What the Transfer-Encoding values `fields` add up to; None when there is none.
+fn codings<'a>(fields: impl Iterator<Item = &'a [u8]>) -> Option<Codings> {
+    let mut fields = fields.peekable();
     fields.peek()?;
     let mut chunked = 0usize;
     for field in fields {
-        for coding in field.as_bytes().split(|&b| b == b',') {
+        for coding in field.split(|&b| b == b',') {
             let coding = coding.trim_ascii();
             if coding.is_empty() {
                 continue;

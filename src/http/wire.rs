@@ -8,12 +8,13 @@
 //! sends the body while it reads the response.
 
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
-use super::headers::Named;
+use super::headers::{self, Named};
 use super::validate;
 
 /// Response heads larger than this are refused (hyper's client allows about as much).
@@ -25,11 +26,23 @@ const MAX_HEADERS: usize = 100;
 /// A chunk-size line or a trailer line longer than this is refused.
 const MAX_LINE: usize = 4096;
 
-/// A parsed response head and how its body is delimited.
+/// A parsed response head and how its body is delimited. Its fields stay where they came,
+/// in the head's bytes: the simple path writes them to the client as they are, and only a
+/// response hyper's server sends needs them in a map (`parts`).
 #[derive(Debug)]
 pub struct Head {
-    /// Status, version and headers (hop-by-hop ones still there).
-    pub parts: http::response::Parts,
+    /// The status.
+    pub status: StatusCode,
+    /// The version the server spoke.
+    pub version: Version,
+    /// The head as it came; the fields kept are slices of it.
+    bytes: Bytes,
+    /// Where each field kept (all but the hop-by-hop ones) has its name and value in `bytes`.
+    fields: Vec<(Range<usize>, Range<usize>)>,
+    /// A Content-Length is among them.
+    pub has_length: bool,
+    /// A Date is among them.
+    pub has_date: bool,
     /// How the body ends.
     pub framing: Framing,
     /// The server keeps the connection open after this response.
@@ -37,7 +50,7 @@ pub struct Head {
 }
 
 /// How a response body is delimited (RFC 9112 §6.3).
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub enum Framing {
     /// Content-Length, or none at all (HEAD, 1xx, 204, 304): the bytes still to come.
     Length(u64),
@@ -73,17 +86,18 @@ pub enum Decoded {
     End,
 }
 
-/// What the framing and the connection's fate depend on, gathered as the headers are read,
+/// What the framing and the connection's fate depend on, gathered as the fields are read,
 /// so none has to be looked up again.
 #[derive(Debug, Default)]
 struct Seen {
-    /// What the Connection headers say (they are not kept in the map).
+    /// What the Connection fields say.
     conn: Named,
-    /// Transfer-Encoding is present, kept in the map for `validate::response` (which allows
-    /// only `chunked`) and removed after.
+    /// Transfer-Encoding is present (`validate` allows only `chunked`).
     chunked: bool,
     /// The Content-Length all values agree on.
     length: Option<u64>,
+    /// Date is present.
+    date: bool,
 }
 
 // === impl Framing ===
@@ -169,85 +183,121 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<H
             Some(0) => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
-        // Where each name and value lies in the head, to slice them out of it once frozen
-        // (values share the head's allocation instead of being copied one by one).
+        // Where each field lies in the head, to slice it out once the head is frozen.
         let base = buf.as_ptr() as usize;
         let span = |s: &[u8]| {
             let at = (s.as_ptr() as usize).wrapping_sub(base);
             at..at.saturating_add(s.len())
         };
-        let spans: Vec<_> = resp
-            .headers
-            .iter()
-            .map(|h| (span(h.name.as_bytes()), span(h.value)))
-            .collect();
-        let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
         let mut seen = Seen::default();
-        for (name, value) in spans {
-            let (Some(name), Some(_)) = (head.get(name), head.get(value.clone())) else {
-                return Err("header outside the head".into());
-            };
-            let name = HeaderName::from_bytes(name).map_err(|_| "invalid header name")?;
-            // SAFETY: httparse let only HTAB, SP, visible ASCII and obs-text into a value,
-            // the bytes a HeaderValue may hold; checking them again cost 2% of a request.
-            let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(value)) };
-            if seen.note(&name, &value)? {
-                headers.append(name, value);
+        let mut fields = Vec::with_capacity(resp.headers.len());
+        for h in resp.headers.iter() {
+            let mut lower = [0u8; 24];
+            let name = headers::lower(h.name.as_bytes(), &mut lower);
+            seen.note(name, h.value)?;
+            if !headers::is_hop_by_hop_name(name) {
+                fields.push((span(h.name.as_bytes()), span(h.value)));
             }
         }
         if seen.chunked || status == StatusCode::SWITCHING_PROTOCOLS {
-            validate::response(status, &headers)?;
+            let te = resp.headers.iter();
+            let te = te.filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+            validate::response_framing(status, te.map(|h| h.value), seen.length.is_some())?;
         }
-        if seen.chunked {
-            headers.remove(header::TRANSFER_ENCODING);
+        let head = buf.split_to(len).freeze();
+        if seen.conn.close || !seen.conn.others.is_empty() {
+            // The fields Connection names are hop-by-hop too.
+            fields.retain(|(name, _)| !head.get(name.clone()).is_some_and(|n| seen.conn.names(n)));
         }
-        seen.conn.remove_from(&mut headers);
         let framing = seen.framing(status, head_request);
         let keep_alive = !matches!(framing, Framing::UntilClose) && seen.conn.keeps_alive(version);
-        let mut parts = http::Response::new(()).into_parts().0;
-        parts.status = status;
-        parts.version = version;
-        parts.headers = headers;
         return Ok(Some(Head {
-            parts,
+            status,
+            version,
+            bytes: head,
+            fields,
+            has_length: seen.length.is_some(),
+            has_date: seen.date,
             framing,
             keep_alive,
         }));
     }
 }
 
+// === impl Head ===
+
+impl Head {
+    /// Status, version and the fields kept, in a map, for hyper's server.
+    pub fn parts(&self) -> http::response::Parts {
+        let mut headers = HeaderMap::with_capacity(self.fields.len());
+        for (name, value) in self.fields() {
+            // httparse let only tchars into a name, all of which a HeaderName takes.
+            let Ok(name) = HeaderName::from_bytes(name) else {
+                continue;
+            };
+            // SAFETY: httparse let only HTAB, SP, visible ASCII and obs-text into a value,
+            // the bytes a HeaderValue may hold; checking them again cost 2% of a request.
+            let value =
+                unsafe { HeaderValue::from_maybe_shared_unchecked(self.bytes.slice_ref(value)) };
+            headers.append(name, value);
+        }
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = self.status;
+        parts.version = self.version;
+        parts.headers = headers;
+        parts
+    }
+
+    /// Writes the fields kept as they came, each on its line; `skip_length` leaves out
+    /// Content-Length.
+    pub fn write_fields(&self, out: &mut Vec<u8>, skip_length: bool) {
+        for (name, value) in self.fields() {
+            if skip_length && name.eq_ignore_ascii_case(b"content-length") {
+                continue;
+            }
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// The fields kept, as names and values.
+    fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields.iter().filter_map(|(name, value)| {
+            Some((
+                self.bytes.get(name.clone())?,
+                self.bytes.get(value.clone())?,
+            ))
+        })
+    }
+}
+
 // === impl Seen ===
 
 impl Seen {
-    /// Notes one header; true when it goes into the map (hop-by-hop ones do not, but for
-    /// Transfer-Encoding until it is checked).
-    fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<bool, String> {
-        if *name == header::CONTENT_LENGTH {
-            // Repeated values (or a list) must all agree, as hyper's client requires.
-            for part in value.as_bytes().split(|&b| b == b',') {
-                let n = parse_length(part.trim_ascii()).ok_or("invalid Content-Length")?;
-                if self.length.is_some_and(|l| l != n) {
-                    return Err("conflicting Content-Length values".into());
+    /// Notes one field, by its name in lower case.
+    fn note(&mut self, lower: &[u8], value: &[u8]) -> Result<(), String> {
+        match lower {
+            b"content-length" => {
+                // Repeated values (or a list) must all agree, as hyper's client requires.
+                for part in value.split(|&b| b == b',') {
+                    let n = parse_length(part.trim_ascii()).ok_or("invalid Content-Length")?;
+                    if self.length.is_some_and(|l| l != n) {
+                        return Err("conflicting Content-Length values".into());
+                    }
+                    self.length = Some(n);
                 }
-                self.length = Some(n);
             }
-            return Ok(true);
+            b"transfer-encoding" => self.chunked = true,
+            b"connection" => self.conn.note(value),
+            b"date" => self.date = true,
+            _ => {}
         }
-        if !super::headers::is_hop_by_hop(name) {
-            return Ok(true);
-        }
-        if *name == header::TRANSFER_ENCODING {
-            self.chunked = true;
-            return Ok(true);
-        }
-        if *name == header::CONNECTION {
-            self.conn.note(value);
-        }
-        Ok(false)
+        Ok(())
     }
 
-    /// How the body ends (`validate::response` refused the conflicting heads).
+    /// How the body ends (`validate::response_framing` refused the conflicting heads).
     fn framing(&self, status: StatusCode, head_request: bool) -> Framing {
         if head_request
             || status.is_informational()
@@ -334,6 +384,7 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, &'st
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header;
 
     fn parse(text: &str, head_request: bool) -> (Head, BytesMut) {
         let mut buf = BytesMut::from(text);
@@ -358,7 +409,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhelloHTTP/1.1",
             false,
         );
-        assert_eq!(head.parts.headers["x-a"], "1");
+        assert_eq!(head.parts().headers["x-a"], "1");
         assert!(head.keep_alive);
         let mut out = Vec::new();
         while let Decoded::Data(b) = head.framing.decode(&mut buf).unwrap() {
@@ -395,7 +446,7 @@ mod tests {
         }
         let (head, _) = parse("HTTP/1.1 200 OK\r\nX-A: caf\u{e9}\tx\r\n\r\n", false);
         assert_eq!(
-            head.parts.headers["x-a"].as_bytes(),
+            head.parts().headers["x-a"].as_bytes(),
             "caf\u{e9}\tx".as_bytes()
         );
     }
@@ -415,7 +466,7 @@ mod tests {
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
             false,
         );
-        assert_eq!(head.parts.status, 304);
+        assert_eq!(head.status, 304);
         assert!(head.framing.is_done());
         assert!(buf.is_empty());
         let (head, _) = parse("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true);
@@ -443,7 +494,8 @@ mod tests {
              Keep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-Kept: 1\r\n\r\n",
             false,
         );
-        let names: Vec<&str> = head.parts.headers.keys().map(|n| n.as_str()).collect();
+        let parts = head.parts();
+        let names: Vec<&str> = parts.headers.keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
         assert!(head.keep_alive);
         assert!(matches!(head.framing, Framing::Chunked(_)));
