@@ -563,6 +563,60 @@ mod tests {
         assert!(upstream(&long, None).is_none());
     }
 
+    #[test]
+    fn what_the_simple_path_takes_hyper_and_validate_would_take_too() {
+        // Mutated heads: whatever this path serves itself must be a request hyper's parser
+        // accepts as it is and `validate` lets through; it must never panic on any of them.
+        use rand::{Rng, SeedableRng};
+        let seeds = [
+            &b"GET /a/b?c=d&e=%20 HTTP/1.1\r\nHost: x.example:8080\r\nAccept: */*\r\n\r\n"[..],
+            b"HEAD / HTTP/1.1\r\nhost: [::1]:80\r\nConnection: close\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+        ];
+        let alphabet = b" \t\r\n:/@?#%{}[]\"<>\\^`|,;=!*'()~aZ09\x00\x01\x7f\x80\xff";
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut taken = 0;
+        for _ in 0..200_000 {
+            let mut raw = seeds[rng.random_range(0..seeds.len())].to_vec();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..raw.len());
+                let b = alphabet[rng.random_range(0..alphabet.len())];
+                match rng.random_range(0..3) {
+                    0 => raw[at] = b,
+                    1 => raw.insert(at, b),
+                    _ => drop(raw.remove(at)),
+                }
+            }
+            let Some(parsed) = parse_request(&raw, None) else {
+                continue;
+            };
+            taken += 1;
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut slots);
+            assert!(req.parse(&raw).unwrap().is_complete());
+            let mut builder = http::Request::builder()
+                .method(req.method.unwrap())
+                .uri(req.path.unwrap());
+            for h in req.headers.iter() {
+                builder = builder.header(h.name, h.value);
+            }
+            let (parts, ()) = builder
+                .body(())
+                .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&raw)))
+                .into_parts();
+            assert_eq!(
+                parts.uri.path_and_query().unwrap().as_str(),
+                req.path.unwrap()
+            );
+            assert!(
+                validate::request(&parts, validate::MAX_URI).is_ok(),
+                "{:?}",
+                String::from_utf8_lossy(&raw)
+            );
+            assert!(parsed.len <= raw.len());
+        }
+        assert!(taken > 1000, "only {taken} mutants taken");
+    }
+
     fn head(status: u16, headers: &[(&str, &str)], body: RespBody, head: bool) -> (String, Out) {
         let mut map = HeaderMap::new();
         for (n, v) in headers {
