@@ -212,8 +212,11 @@ fn parse_request(buf: &[u8], client: Option<&HeaderValue>) -> Option<Parsed> {
                 close |= connection_closes(h.value)?;
                 continue;
             }
-            // Framing, negotiation, or a body: hyper's.
-            b"content-length" | b"transfer-encoding" | b"expect" | b"upgrade" => return None,
+            // Framing, negotiation, or a body: hyper's. (A field named `close` is one that
+            // `Connection: close` would name: hyper's path drops it.)
+            b"content-length" | b"transfer-encoding" | b"expect" | b"upgrade" | b"close" => {
+                return None
+            }
             name if headers::is_hop_by_hop_name(name) => continue,
             b"x-forwarded-for" if client.is_some() => {
                 // The first one counts, as a single-valued header.
@@ -552,6 +555,7 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nConnection: x-secret\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nClose: 1\r\n\r\n",
             "GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET * HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET /{x} HTTP/1.1\r\nHost: x\r\n\r\n",
