@@ -149,29 +149,35 @@ async fn refusing_server_is_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_headers_do_not_cross_and_forwarded_headers_are_added() {
-    // A raw backend that records each request head it receives on its one connection.
+    // A raw backend that records each request head it receives, on any connection (each
+    // worker of the proxy may open its own).
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<String>(2);
     tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = vec![0u8; 8192];
-        loop {
-            let mut head = Vec::new();
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    return;
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen_tx = seen_tx.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 8192];
+                loop {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = s.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    let _ = seen_tx
+                        .send(String::from_utf8_lossy(&head).into_owned())
+                        .await;
+                    let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok";
+                    if s.write_all(resp).await.is_err() {
+                        return;
+                    }
                 }
-                head.extend_from_slice(&buf[..n]);
-            }
-            let _ = seen_tx
-                .send(String::from_utf8_lossy(&head).into_owned())
-                .await;
-            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok")
-                .await
-                .unwrap();
+            });
         }
     });
     let proxy = Waitless::start(&[addr], "", "").await;
