@@ -37,6 +37,10 @@ use crate::close::{Reason, Socket, Tracked};
 /// Most headers a simple request may carry (as hyper's server).
 const MAX_HEADERS: usize = 100;
 
+/// Longest head this path reads before leaving it to hyper (cookies make heads of several
+/// KiB; a longer one is rare).
+const MAX_HEAD: usize = 16 * 1024;
+
 /// Body bytes up to this size are copied behind the head and go out in the same write.
 const COPY_BELOW: usize = 16 * 1024;
 
@@ -137,8 +141,16 @@ impl HttpListener {
                     Next::Failed => return Simple::Over,
                 }
             }
-            let Some(req) = parse_request(&buf, client.as_ref()) else {
-                return Simple::Hyper(io, buf.freeze());
+            let req = loop {
+                if let Some(req) = parse_request(&buf, client.as_ref()) {
+                    break req;
+                }
+                // A head cut by the read (a big one, or pipelined ones): the rest is usually
+                // in the socket already. Otherwise hyper waits for it, under its timeout.
+                let cut = buf.len() < MAX_HEAD && !buf.windows(4).any(|w| w == b"\r\n\r\n");
+                if !cut || !read_now(&mut io, &mut buf).await {
+                    return Simple::Hyper(io, buf.freeze());
+                }
             };
             buf.advance(req.len);
             served = served.wrapping_add(1);
@@ -170,6 +182,14 @@ impl HttpListener {
 }
 
 // === request ===
+
+/// Reads what the client sent already into `buf`, without waiting; true if bytes came.
+async fn read_now<S: Socket>(io: &mut Tracked<S>, buf: &mut BytesMut) -> bool {
+    buf.reserve(4096);
+    let read =
+        poll_fn(|cx| Poll::Ready(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)));
+    matches!(read.await, Poll::Ready(Ok(n)) if n > 0)
+}
 
 /// The request at the start of `buf` and its head as it goes upstream, if it is simple;
 /// `client` is the X-Forwarded-For address.
