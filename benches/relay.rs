@@ -10,7 +10,8 @@
 //! the parts to run (`short`, `keep-alive`, `rss`, comma-separated; default all).
 //!
 //! HAProxy, nginx and waitless `time_wait = "none"` (the targets' contest) are measured in
-//! `WAITLESS_BENCH_ROUNDS` rounds (default 3), taken in turn; the table gives each one's
+//! `WAITLESS_BENCH_ROUNDS` rounds (default 3), taken in turn, each round starting with the
+//! next of them; the table gives each one's
 //! medians, the target ratios the median of the ratios taken round by round, the JSON every
 //! run.
 //!
@@ -1713,7 +1714,9 @@ fn run() -> Result<(), String> {
             continue;
         }
         for round in 1..=rounds {
-            for t in &contest {
+            // Each round starts with the next target, so that none always runs last, when
+            // the machine has been slowing down (or speeding up) over the round.
+            for t in contest.iter().cycle().skip(round - 1).take(contest.len()) {
                 bench.measure(*t, clients, round);
             }
         }

@@ -1,13 +1,11 @@
 //! HTTP mode: an HTTP/1.1 server for clients (keep-alive, `Connection: close`, HTTP/1.0)
 //! that forwards every request over a pooled keep-alive connection to the upstream.
 //!
-//! The client connection runs in hyper's connection-level server without its own shutdown,
-//! so when the exchange is over the socket comes back to us and the listener's close policy
-//! (`close::Tracked::finish_client`) decides who sends the first FIN.
-//!
 //! Plain GET and HEAD requests, nearly all of them, take the simple path (`simple`): parsed,
 //! forwarded and answered on the socket without hyper's server; any other request is served
-//! by hyper, from the bytes the simple path read.
+//! by hyper's connection-level server, from the bytes the simple path read. Neither shuts
+//! the socket down itself: when the exchange is over the socket comes back to us and the
+//! listener's close policy (`close::Tracked::finish_client`) decides who sends the first FIN.
 //!
 //! Each request head is checked (`validate`) before anything is forwarded, on top of what
 //! hyper's parser refuses; a refused request is answered and its connection closed. An
@@ -105,7 +103,9 @@ struct Bodyless {
 
 /// The upstream's answer to a bodyless request: its head as `wire` read it, and its body.
 struct Answer {
+    /// Status and fields, as they came.
     head: wire::Head,
+    /// The body, which gives the connection back to the pool when it ends.
     body: UpstreamBody,
 }
 
