@@ -141,37 +141,74 @@ pub fn forward_request(
     mut emit: impl FnMut(&HeaderName, &HeaderValue),
 ) {
     let named = Named::of(headers);
-    let mut prior_for = None;
-    let mut has_proto = false;
+    let mut forwarding = Forwarding::new(client);
     for (name, value) in headers {
-        if is_hop_by_hop(name) || *name == header::EXPECT || named.contains(name) {
-            continue;
+        if forwarding.keeps(name.as_str().as_bytes(), value.as_bytes()) && !named.contains(name) {
+            emit(name, value);
         }
-        if client.is_some() && *name == X_FORWARDED_FOR {
-            // The first one counts, as a single-valued header.
-            prior_for.get_or_insert(value);
-            continue;
+    }
+    forwarding.finish(emit);
+}
+
+/// The rules a request's fields go upstream by, for a map (`forward_request`) or for the
+/// fields as they came (the simple path): one field at a time, then the fields added last.
+#[derive(Debug)]
+pub struct Forwarding<'a> {
+    /// The client's address for X-Forwarded-For, if it is to be added.
+    client: Option<&'a HeaderValue>,
+    /// The X-Forwarded-For the request came with (the first one: a single-valued header).
+    prior_for: Option<&'a [u8]>,
+    /// The request came with an X-Forwarded-Proto.
+    has_proto: bool,
+}
+
+// === impl Forwarding ===
+
+impl<'a> Forwarding<'a> {
+    pub fn new(client: Option<&'a HeaderValue>) -> Forwarding<'a> {
+        Forwarding {
+            client,
+            prior_for: None,
+            has_proto: false,
         }
-        has_proto |= *name == X_FORWARDED_PROTO;
-        emit(name, value);
     }
-    if let Some(ip) = client {
-        let joined = prior_for
-            .and_then(|prior| prior_forwarded_for(prior.as_bytes()))
-            .and_then(|text| {
-                let joined = [text, b", ", ip.as_bytes()].concat();
-                HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)).ok()
-            });
-        emit(&X_FORWARDED_FOR, joined.as_ref().unwrap_or(ip));
+
+    /// Whether a field, by its name in lower case (`lower`), goes upstream as it came
+    /// (those Connection names aside); notes the X-Forwarded ones.
+    pub fn keeps(&mut self, lower: &[u8], value: &'a [u8]) -> bool {
+        if is_hop_by_hop_name(lower) || lower == b"expect" {
+            return false;
+        }
+        if self.client.is_some() && lower == b"x-forwarded-for" {
+            self.prior_for.get_or_insert(value);
+            return false;
+        }
+        self.has_proto |= lower == b"x-forwarded-proto";
+        true
     }
-    if !has_proto {
-        emit(&X_FORWARDED_PROTO, &HeaderValue::from_static("http"));
+
+    /// Gives `emit` the fields added last: X-Forwarded-For with the client's address
+    /// appended, and X-Forwarded-Proto when the request had none.
+    pub fn finish(self, mut emit: impl FnMut(&HeaderName, &HeaderValue)) {
+        if let Some(ip) = self.client {
+            let joined = self
+                .prior_for
+                .and_then(prior_forwarded_for)
+                .and_then(|text| {
+                    let joined = [text, b", ", ip.as_bytes()].concat();
+                    HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)).ok()
+                });
+            emit(&X_FORWARDED_FOR, joined.as_ref().unwrap_or(ip));
+        }
+        if !self.has_proto {
+            emit(&X_FORWARDED_PROTO, &HeaderValue::from_static("http"));
+        }
     }
 }
 
 /// The X-Forwarded-For chain a request came with, when it is one to extend: text, not all
 /// blank (an unreadable one is replaced by the client's address alone).
-pub fn prior_forwarded_for(value: &[u8]) -> Option<&[u8]> {
+fn prior_forwarded_for(value: &[u8]) -> Option<&[u8]> {
     let text = value
         .iter()
         .all(|&b| b == b'\t' || (b' '..0x7f).contains(&b));

@@ -217,7 +217,8 @@ fn parse_request(buf: &[u8], client: Option<&HeaderValue>) -> Option<Parsed> {
     upstream.push(b' ');
     upstream.extend_from_slice(target.as_bytes());
     upstream.extend_from_slice(b" HTTP/1.1\r\n");
-    let (mut hosts, mut close, mut has_proto, mut prior_for) = (0, false, false, None);
+    let (mut hosts, mut close) = (0, false);
+    let mut forwarding = headers::Forwarding::new(client);
     for h in req.headers.iter() {
         let mut lower = [0u8; 24];
         let name = headers::lower(h.name.as_bytes(), &mut lower);
@@ -228,44 +229,24 @@ fn parse_request(buf: &[u8], client: Option<&HeaderValue>) -> Option<Parsed> {
                     return None;
                 }
             }
-            b"connection" => {
-                close |= connection_closes(h.value)?;
-                continue;
-            }
+            b"connection" => close |= connection_closes(h.value)?,
             // Framing, negotiation, or a body: hyper's. (A field named `close` is one that
             // `Connection: close` would name: hyper's path drops it.)
             b"content-length" | b"transfer-encoding" | b"expect" | b"upgrade" | b"close" => {
                 return None
             }
-            name if headers::is_hop_by_hop_name(name) => continue,
-            b"x-forwarded-for" if client.is_some() => {
-                // The first one counts, as a single-valued header.
-                prior_for.get_or_insert(h.value);
-                continue;
-            }
-            b"x-forwarded-proto" => has_proto = true,
             _ => {}
         }
-        upstream.extend_from_slice(h.name.as_bytes());
-        upstream.extend_from_slice(b": ");
-        upstream.extend_from_slice(h.value);
-        upstream.extend_from_slice(b"\r\n");
+        if forwarding.keeps(name, h.value) {
+            wire::write_field(&mut upstream, h.name.as_bytes(), h.value);
+        }
     }
     if hosts != 1 {
         return None;
     }
-    if let Some(ip) = client {
-        upstream.extend_from_slice(b"x-forwarded-for: ");
-        if let Some(prior) = prior_for.and_then(headers::prior_forwarded_for) {
-            upstream.extend_from_slice(prior);
-            upstream.extend_from_slice(b", ");
-        }
-        upstream.extend_from_slice(ip.as_bytes());
-        upstream.extend_from_slice(b"\r\n");
-    }
-    if !has_proto {
-        upstream.extend_from_slice(b"x-forwarded-proto: http\r\n");
-    }
+    forwarding.finish(|name, value| {
+        wire::write_field(&mut upstream, name.as_str().as_bytes(), value.as_bytes())
+    });
     upstream.extend_from_slice(b"\r\n");
     Some(Parsed {
         len,
@@ -469,10 +450,7 @@ impl Fields<'_> {
                     if skip_length && name == header::CONTENT_LENGTH {
                         continue;
                     }
-                    out.extend_from_slice(name.as_str().as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(value.as_bytes());
-                    out.extend_from_slice(b"\r\n");
+                    wire::write_field(out, name.as_str().as_bytes(), value.as_bytes());
                 }
             }
         }
