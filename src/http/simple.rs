@@ -229,7 +229,15 @@ fn parse_request(buf: &[u8], client: Option<&HeaderValue>) -> Option<Parsed> {
                     return None;
                 }
             }
-            b"connection" => close |= connection_closes(h.value)?,
+            b"connection" => {
+                let mut named = headers::Named::default();
+                named.note(h.value);
+                if !named.others.is_empty() {
+                    // It names other fields to drop: hyper's path does that.
+                    return None;
+                }
+                close |= named.close;
+            }
             // Framing, negotiation, or a body: hyper's. (A field named `close` is one that
             // `Connection: close` would name: hyper's path drops it.)
             b"content-length" | b"transfer-encoding" | b"expect" | b"upgrade" | b"close" => {
@@ -267,20 +275,6 @@ fn is_plain_target(target: &str) -> bool {
         && target
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b))
-}
-
-/// Whether a Connection value asks to close; None when it names any other header.
-fn connection_closes(value: &[u8]) -> Option<bool> {
-    let mut close = false;
-    for token in value.split(|&b| b == b',') {
-        let token = token.trim_ascii();
-        if token.eq_ignore_ascii_case(b"close") {
-            close = true;
-        } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
-            return None;
-        }
-    }
-    Some(close)
 }
 
 // === response ===
