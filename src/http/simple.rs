@@ -34,9 +34,6 @@ use super::upstream::BodyError;
 use super::{headers, idle, validate, wire, Answer, Bodyless, HttpListener, RespBody};
 use crate::close::{Reason, Socket, Tracked};
 
-/// Most headers a simple request may carry (as hyper's server).
-const MAX_HEADERS: usize = 100;
-
 /// Longest head this path reads before leaving it to hyper (cookies make heads of several
 /// KiB; a longer one is rare).
 const MAX_HEAD: usize = 16 * 1024;
@@ -194,7 +191,7 @@ async fn read_now<S: Socket>(io: &mut Tracked<S>, buf: &mut BytesMut) -> bool {
 /// The request at the start of `buf` and its head as it goes upstream, if it is simple;
 /// `client` is the X-Forwarded-For address.
 fn parse_request(buf: &[u8], client: Option<&HeaderValue>) -> Option<Parsed> {
-    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; wire::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default()
         .parse_request_with_uninit_headers(&mut req, buf, &mut slots)
@@ -586,7 +583,7 @@ mod tests {
                 continue;
             };
             taken += 1;
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut slots = [httparse::EMPTY_HEADER; wire::MAX_HEADERS];
             let mut req = httparse::Request::new(&mut slots);
             assert!(req.parse(&raw).unwrap().is_complete());
             let mut builder = http::Request::builder()

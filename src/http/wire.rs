@@ -20,8 +20,8 @@ use super::validate;
 /// Response heads larger than this are refused (hyper's client allows about as much).
 pub const MAX_HEAD: usize = 64 * 1024;
 
-/// Most headers a response head may carry.
-const MAX_HEADERS: usize = 100;
+/// Most header fields a head may carry, a request's (as hyper's server) or a response's.
+pub const MAX_HEADERS: usize = 100;
 
 /// A chunk-size line or a trailer line longer than this is refused.
 const MAX_LINE: usize = 4096;
