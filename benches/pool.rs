@@ -24,6 +24,12 @@ impl PoolConn for Conn {
     }
 }
 
+/// A stand-in connection just opened, counted as the connector counts one.
+fn fresh(server: &Server<Conn>) -> Pooled<Conn> {
+    let counted = server.admit_now().expect("no max_connections here");
+    Pooled::new(Conn, CloseCtl::new(), counted)
+}
+
 /// An upstream with one server and `idle` connections already pooled.
 fn upstream(idle: usize) -> (Arc<Upstream<Conn>>, Arc<Server<Conn>>) {
     let text = "[admin]\nlisten = \"off\"\n\n\
@@ -35,7 +41,7 @@ fn upstream(idle: usize) -> (Arc<Upstream<Conn>>, Arc<Server<Conn>>) {
     let up = Upstream::<Conn>::new(cfg, &ledger);
     let server = up.servers[0].clone();
     for _ in 0..idle {
-        server.put(&up.cfg, Pooled::new(Conn, CloseCtl::new()));
+        server.put(&up.cfg, fresh(&server));
     }
     (up, server)
 }
@@ -48,7 +54,7 @@ fn checkout_return(up: &Upstream<Conn>, server: &Server<Conn>) {
             server.put(&up.cfg, p);
         }
         // Never happens here: every connection taken is put back.
-        None => server.put(&up.cfg, Pooled::new(Conn, CloseCtl::new())),
+        None => server.put(&up.cfg, fresh(server)),
     }
 }
 
@@ -97,9 +103,9 @@ fn bench_pool(c: &mut Criterion) {
     g.bench_function("fresh_pooled_new_and_put", |b| {
         let (up, server) = upstream(0);
         b.iter(|| {
-            // Opening bookkeeping only (no socket): Pooled::new + CloseCtl, then the take
+            // Opening bookkeeping only (no socket): admit, Pooled::new + CloseCtl, then the take
             // that empties the list again so every put lands.
-            server.put(&up.cfg, Pooled::new(Conn, CloseCtl::new()));
+            server.put(&up.cfg, fresh(&server));
             server.take_idle(&up.cfg)
         })
     });

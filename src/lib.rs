@@ -9,6 +9,8 @@
 //! - `eager`: client sockets that join epoll only when an operation would block.
 //! - `close`: the heart — `Tracked`, the one close mechanism every protocol uses, the ledger
 //!   of closes and the kernel's socket census.
+//! - `connector`: the one way to an upstream server for every protocol: picks a server,
+//!   lends an idle connection or opens one (permit, connect, handshake, health), as a lease.
 //! - `pool`: per-server pools of persistent upstream connections, protocol-neutral, with
 //!   balancing (weighted round-robin, least connections).
 //! - `health`: servers marked down by failures or active checks, skipped for a back-off.
@@ -27,6 +29,7 @@ pub mod admin;
 pub mod alloc;
 pub mod close;
 pub mod config;
+pub mod connector;
 pub mod demo;
 pub mod eager;
 pub mod health;

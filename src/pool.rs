@@ -3,8 +3,9 @@
 //! The pool is protocol-neutral: it holds whatever connection handle a protocol module gives
 //! it (`PoolConn`), lends it out, takes it back and retires it — idle too long, too old, too
 //! many requests, pool full — always telling the connection's `CloseCtl` why first, so the
-//! close mechanism can record the reason and pick FIN or RST. Connecting is the protocol's
-//! business; the pool only bounds how many connections may be open (`max_connections`).
+//! close mechanism can record the reason and pick FIN or RST. Opening connections is the
+//! connector's (`crate::connector`); the pool bounds how many may be open (`max_connections`)
+//! and lends them as `Lease`s that give them back.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -41,6 +42,27 @@ pub struct Pooled<C> {
     since: Instant,
     /// The worker whose runtime owns its socket (and hyper's task for it).
     home: usize,
+    /// Its `max_connections` permit and its place in the open count, for as long as it lives.
+    _counted: Counted,
+}
+
+/// What an open connection holds for as long as its socket lives: a `max_connections`
+/// permit (when that applies) and its place in the server's open count.
+#[derive(Debug)]
+pub struct Counted {
+    _permit: Option<OwnedSemaphorePermit>,
+    _slot: OpenSlot,
+}
+
+/// A connection lent out, and the server it goes back to.
+#[derive(Debug)]
+pub struct Lease<C> {
+    /// The connection.
+    pub pooled: Pooled<C>,
+    /// Its server, whose pool takes it back.
+    pub server: Arc<Server<C>>,
+    /// Its upstream, for the settings `give_back` applies.
+    pub upstream: Arc<Upstream<C>>,
 }
 
 /// One server of an upstream and its idle connections.
@@ -59,7 +81,7 @@ pub struct Server<C> {
     idle: Box<[Mutex<Vec<Pooled<C>>>]>,
     /// Idle connections over all workers (bounded by `pool_size`).
     idle_total: AtomicUsize,
-    /// Connections open or being opened, for protocols that count them (`OpenSlot`).
+    /// Connections open or being opened (each holds an `OpenSlot`).
     open: Arc<AtomicUsize>,
     /// Bounds open connections when `max_connections` > 0.
     limit: Option<Arc<Semaphore>>,
@@ -121,10 +143,10 @@ pub struct ServerInfo<'a> {
     pub ledger: &'a SideLedger,
 }
 
-/// Counts one connection of a server as open for as long as it lives (held by whatever owns
-/// the socket), so a worker can tell whether opening one of its own stays within `pool_size`.
+/// Counts one connection of a server as open for as long as it lives, so a worker can tell
+/// whether opening one of its own stays within `pool_size`.
 #[derive(Debug)]
-pub struct OpenSlot(Arc<AtomicUsize>);
+struct OpenSlot(Arc<AtomicUsize>);
 
 /// All connections of a server are in use and `max_connections` did not free up in time.
 #[derive(Debug)]
@@ -133,8 +155,8 @@ pub struct Busy;
 // === impl Pooled ===
 
 impl<C> Pooled<C> {
-    /// Wraps a freshly opened connection.
-    pub fn new(conn: C, ctl: Arc<CloseCtl>) -> Pooled<C> {
+    /// Wraps a freshly opened connection and what it holds while open.
+    pub fn new(conn: C, ctl: Arc<CloseCtl>, counted: Counted) -> Pooled<C> {
         let now = Instant::now();
         Pooled {
             conn,
@@ -143,15 +165,16 @@ impl<C> Pooled<C> {
             uses: 0,
             since: now,
             home: workers::current(),
+            _counted: counted,
         }
     }
 
-    /// True when the connection carried a request before this one.
+    /// True when the connection carried a request before.
     pub fn is_reused(&self) -> bool {
-        self.uses > 1
+        self.uses > 0
     }
 
-    /// Counts one more request on it.
+    /// Counts one more request (or session) on it.
     pub fn mark_used(&mut self) {
         self.uses += 1;
     }
@@ -160,6 +183,35 @@ impl<C> Pooled<C> {
         cfg.max_lifetime
             .is_some_and(|max| now.duration_since(self.born) >= max)
             || (cfg.max_requests > 0 && self.uses >= cfg.max_requests)
+    }
+}
+
+// === impl Lease ===
+
+impl<C: PoolConn> Lease<C> {
+    /// Lends `pooled` for one more request (or session); true when it carried one before.
+    pub fn new(
+        mut pooled: Pooled<C>,
+        server: &Arc<Server<C>>,
+        upstream: &Arc<Upstream<C>>,
+    ) -> (Lease<C>, bool) {
+        let reused = pooled.is_reused();
+        if reused {
+            server.stats.reused.fetch_add(1, Ordering::Relaxed);
+        }
+        pooled.mark_used();
+        let lease = Lease {
+            pooled,
+            server: server.clone(),
+            upstream: upstream.clone(),
+        };
+        (lease, reused)
+    }
+
+    /// Gives the connection back after a complete exchange (its pool keeps it or retires
+    /// it). A lease dropped instead closes its connection.
+    pub fn give_back(self) {
+        self.server.put(&self.upstream.cfg, self.pooled);
     }
 }
 
@@ -176,7 +228,7 @@ impl<C: PoolConn> Server<C> {
     /// Takes this worker's own idle connection; another worker's only once `pool_size`
     /// connections are open. Below that a new connection of its own serves better: a
     /// borrowed one wakes its owner's thread on every exchange, for as long as it is lent.
-    /// The count comes from `open_slot`, which the caller's connections must hold.
+    /// The count comes from the `Counted` each connection holds.
     pub fn take_idle_or_open(&self, cfg: &config::Upstream) -> Option<Pooled<C>> {
         self.first_usable(cfg, || {
             let reach = if self.open.load(Ordering::Acquire) < cfg.pool_size {
@@ -189,7 +241,7 @@ impl<C: PoolConn> Server<C> {
     }
 
     /// Counts a connection about to be opened until the slot is dropped with it.
-    pub fn open_slot(&self) -> OpenSlot {
+    fn open_slot(&self) -> OpenSlot {
         self.open.fetch_add(1, Ordering::AcqRel);
         OpenSlot(self.open.clone())
     }
@@ -231,18 +283,6 @@ impl<C: PoolConn> Server<C> {
         }
     }
 
-    /// A permit to open one more connection if one is free now (see `open_permit`).
-    pub fn try_open_permit(&self) -> Result<Option<OwnedSemaphorePermit>, Busy> {
-        match &self.limit {
-            None => Ok(None),
-            Some(limit) => limit
-                .clone()
-                .try_acquire_owned()
-                .map(Some)
-                .map_err(|_| Busy),
-        }
-    }
-
     /// Gives a connection back after a complete exchange, or retires it.
     pub fn put(&self, cfg: &config::Upstream, mut pooled: Pooled<C>) {
         if self.drained.load(Ordering::Relaxed) {
@@ -279,16 +319,35 @@ impl<C: PoolConn> Server<C> {
         })
     }
 
-    /// A permit to open one more connection; waits up to `wait` when `max_connections` are
-    /// open. The permit must live as long as the connection.
-    pub async fn open_permit(&self, wait: Duration) -> Result<Option<OwnedSemaphorePermit>, Busy> {
-        let Some(limit) = &self.limit else {
-            return Ok(None);
+    /// Room for one more connection, held by it for as long as it is open: a
+    /// `max_connections` permit, waited for up to `wait` (zero: only if one is free now),
+    /// and its place in the open count.
+    pub async fn admit(&self, wait: Duration) -> Result<Counted, Busy> {
+        let permit = match &self.limit {
+            Some(limit) if !wait.is_zero() => {
+                match tokio::time::timeout(wait, limit.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => Some(permit),
+                    _ => return Err(Busy),
+                }
+            }
+            _ => return self.admit_now(),
         };
-        match tokio::time::timeout(wait, limit.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(Some(permit)),
-            _ => Err(Busy),
-        }
+        Ok(Counted {
+            _permit: permit,
+            _slot: self.open_slot(),
+        })
+    }
+
+    /// As `admit`, only if there is room now.
+    pub fn admit_now(&self) -> Result<Counted, Busy> {
+        let permit = match &self.limit {
+            None => None,
+            Some(limit) => Some(limit.clone().try_acquire_owned().map_err(|_| Busy)?),
+        };
+        Ok(Counted {
+            _permit: permit,
+            _slot: self.open_slot(),
+        })
     }
 
     /// Connections open and lent out now: opened, minus closed, minus idle.

@@ -21,22 +21,20 @@ use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
-use crate::close::{
-    is_established, peek_one, ClientPolicy, CloseCtl, Reason, SideLedger, Socket, Tracked,
-};
+use crate::close::{ClientPolicy, Reason, ServerSocket, SideLedger, Socket, Tracked};
 use crate::config::{self, Address, ClientTimeWait, LingerFallback, ProxyProtocol};
+use crate::connector::{self, GetError, OpenError, Plain, Reuse};
 use crate::listener::{ListenerStats, Serve};
-use crate::pool::{self, PoolConn, Pooled, Server};
+use crate::pool::{self, PoolConn};
 use crate::proxy_protocol;
 
-/// A fresh TCP connection to a server, never used by a client.
+/// A fresh connection to a server, never used by a client; None once a relay took it.
 #[derive(Debug)]
 pub struct TcpConn {
-    io: Tracked<TcpStream>,
+    io: Option<ServerSocket>,
 }
 
 /// An upstream of preconnected TCP connections.
@@ -83,21 +81,22 @@ enum End {
 
 const RELAY_BUF: usize = 64 * 1024;
 
+/// A relay needs no handshake: a fresh socket is a connection.
+const HANDSHAKE: Plain<fn(ServerSocket) -> TcpConn> = Plain(TcpConn::fresh);
+
 // === impl TcpConn ===
+
+impl TcpConn {
+    fn fresh(io: ServerSocket) -> TcpConn {
+        TcpConn { io: Some(io) }
+    }
+}
 
 impl PoolConn for TcpConn {
     /// A fresh connection is still good unless the server closed it (EOF or error). Bytes
     /// waiting to be read are fine: some servers greet first.
     fn is_usable(&mut self) -> bool {
-        let sock = self.io.get_ref();
-        if !is_established(sock) {
-            return false;
-        }
-        match peek_one(sock) {
-            Ok(0) => false,
-            Ok(_) => true,
-            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
-        }
+        self.io.as_ref().is_some_and(ServerSocket::is_open)
     }
 }
 
@@ -114,7 +113,11 @@ impl TcpRelay {
     ) -> Arc<TcpRelay> {
         let refill = Arc::new(Notify::new());
         if upstream.cfg.preconnect > 0 {
-            tokio::spawn(keep_preconnected(Arc::downgrade(&upstream), refill.clone()));
+            tokio::spawn(keep_preconnected(
+                Arc::downgrade(&upstream),
+                refill.clone(),
+                cfg.name.clone(),
+            ));
         }
         Arc::new(TcpRelay {
             cfg,
@@ -137,48 +140,41 @@ impl TcpRelay {
         let up = &self.upstream;
         let linger = self.cfg.linger;
         // Preconnected connections first, then a fresh connect; a server that refuses is
-        // skipped for the next.
-        for server in up.rotation() {
-            if let Some(pooled) = server.take_idle(&up.cfg) {
+        // skipped for the next. A client waits up to connect_timeout for room under
+        // max_connections.
+        match connector::get(up, Reuse::Any, &HANDSHAKE, &self.cfg.name).await {
+            Ok((mut lease, _)) => {
                 self.refill.notify_one();
-                let Pooled { conn, .. } = pooled;
-                return self
-                    .run(&mut client, conn.io, &header, policy)
-                    .await
-                    .finish(client, linger)
-                    .await;
-            }
-            let connected = connect(up, server).await;
-            match &connected {
-                Ok(_) => server.health.succeeded(),
-                Err(_) => {
-                    if server.health.failed(&up.cfg) {
-                        tracing::warn!(upstream = %up.cfg.name, server = %server.label,
-                            backoff = ?up.cfg.fail_backoff, "server marked down");
+                // The lease (and its max_connections permit) lives as long as the relay; the
+                // socket is the relay's to close.
+                let Some(io) = lease.pooled.conn.io.take() else {
+                    return;
+                };
+                return match io {
+                    ServerSocket::Tcp(io) => {
+                        self.run(&mut client, io, &header, policy)
+                            .await
+                            .finish(client, linger)
+                            .await
                     }
-                }
+                    ServerSocket::Unix(io) => {
+                        self.run(&mut client, io, &header, policy)
+                            .await
+                            .finish(client, linger)
+                            .await
+                    }
+                };
             }
-            match connected {
-                Ok(Connected::Tcp(io)) => {
-                    return self
-                        .run(&mut client, io, &header, policy)
-                        .await
-                        .finish(client, linger)
-                        .await;
-                }
-                Ok(Connected::Unix(io)) => {
-                    return self
-                        .run(&mut client, io, &header, policy)
-                        .await
-                        .finish(client, linger)
-                        .await;
-                }
-                Err(e) => {
-                    server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(listener = %self.cfg.name, upstream = %up.cfg.name,
-                        server = %server.label, error = %e, "cannot connect to upstream server");
-                }
+            Err(GetError::Failed {
+                error: OpenError::Busy,
+                ..
+            }) => {
+                self.stats.errors_busy.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(listener = %self.cfg.name, peer = ?peer, upstream = %up.cfg.name,
+                    "all upstream connections busy (max_connections); closing the client connection");
+                return client.finish_client(Reason::Error, true).await;
             }
+            Err(_) => {}
         }
         self.stats.errors_connect.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(listener = %self.cfg.name, peer = ?peer, upstream = %up.cfg.name,
@@ -278,55 +274,23 @@ impl<U: Socket> Outcome<U> {
     }
 }
 
-/// A new connection to a server, of the socket type its address calls for.
-enum Connected {
-    Tcp(Tracked<TcpStream>),
-    Unix(Tracked<UnixStream>),
-}
-
-async fn connect(up: &TcpUpstream, server: &Server<TcpConn>) -> io::Result<Connected> {
-    let cfg = &up.cfg;
-    let wrap_tcp = |s: TcpStream| {
-        let _ = s.set_nodelay(true);
-        Tracked::upstream(s, server.ledger.clone(), cfg.time_wait, CloseCtl::new())
-    };
-    let connecting = async {
-        Ok::<_, io::Error>(match &server.addr {
-            Address::Tcp(addr) => Connected::Tcp(wrap_tcp(TcpStream::connect(addr).await?)),
-            Address::Unix(path) => Connected::Unix(Tracked::upstream(
-                UnixStream::connect(path).await?,
-                server.ledger.clone(),
-                cfg.time_wait,
-                CloseCtl::new(),
-            )),
-        })
-    };
-    let connected = tokio::time::timeout(cfg.connect_timeout, connecting)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-    server.stats.opened.fetch_add(1, Ordering::Relaxed);
-    Ok(connected)
-}
-
 /// Keeps `preconnect` fresh connections open to each TCP server of the upstream, until the
 /// upstream is gone. Woken when one is taken; also looks every 100 ms, since the pool's reaper
 /// drops connections the servers closed.
-async fn keep_preconnected(up: Weak<TcpUpstream>, taken: Arc<Notify>) {
+async fn keep_preconnected(up: Weak<TcpUpstream>, taken: Arc<Notify>, listener: String) {
     loop {
         {
             let Some(up) = up.upgrade() else { return };
             for server in &up.servers {
-                if !matches!(server.addr, Address::Tcp(_)) {
+                if !matches!(server.addr, Address::Tcp(_)) || !server.health.is_up() {
                     continue;
                 }
+                // Within max_connections: a preconnected connection holds its permit.
                 while server.idle_count() < up.cfg.preconnect {
-                    match connect(&up, server).await {
-                        Ok(Connected::Tcp(io)) => {
-                            server.put(&up.cfg, Pooled::new(TcpConn { io }, CloseCtl::new()))
-                        }
-                        Ok(Connected::Unix(_)) => break,
+                    match connector::open(&up, server, &HANDSHAKE, Duration::ZERO, &listener).await
+                    {
+                        Ok(pooled) => server.put(&up.cfg, pooled),
                         Err(e) => {
-                            server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(server = %server.label, error = %e, "preconnect failed");
                             break;
                         }

@@ -194,6 +194,92 @@ async fn server_that_greets_and_closes_first_keeps_no_time_wait() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_bounds_server_connections_and_the_rest_wait_then_close() {
+    // The server echoes one message, then holds the connection until told to let go; it
+    // counts how many it holds at once.
+    let held = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (h, m, r) = (held.clone(), most.clone(), release.clone());
+    let (addr, accepts) = server(move |mut s, _| {
+        let (held, most, release) = (h.clone(), m.clone(), r.clone());
+        async move {
+            let now = held.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let mut b = [0u8; 4];
+            if s.read_exact(&mut b).await.is_ok() && s.write_all(&b).await.is_ok() {
+                let let_go = release.notified();
+                let _ = tokio::time::timeout(Duration::from_secs(20), let_go).await;
+            }
+            held.fetch_sub(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let proxy = tcp_proxy(
+        &[addr],
+        "",
+        "max_connections = 2\nconnect_timeout = \"300ms\"",
+    )
+    .await;
+    let proxy_addr = proxy.addr();
+    // Six clients at once: each sends a ping and reads until its echo or its close.
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(proxy_addr).await.unwrap();
+                s.write_all(b"ping").await.unwrap();
+                let mut echo = [0u8; 4];
+                let served = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut echo))
+                    .await
+                    .expect("the client was neither served nor closed")
+                    .is_ok();
+                (served, s)
+            })
+        })
+        .collect();
+    let mut served = Vec::new();
+    let mut turned_away = 0;
+    for c in clients {
+        match c.await.unwrap() {
+            (true, s) => served.push(s),
+            (false, _) => turned_away += 1,
+        }
+    }
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        2,
+        "the server held more connections from waitless at once than max_connections"
+    );
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        2,
+        "server connections opened"
+    );
+    assert_eq!(
+        (served.len(), turned_away),
+        (2, 4),
+        "(served, closed after the wait)"
+    );
+    // Once the two let go, their room is free for the next client.
+    release.notify_waiters();
+    drop(served);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while held.load(Ordering::SeqCst) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server still holds connections"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut s = TcpStream::connect(proxy_addr).await.unwrap();
+    s.write_all(b"pong").await.unwrap();
+    let mut echo = [0u8; 4];
+    s.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"pong");
+    release.notify_waiters();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preconnected_connection_carries_the_first_byte() {
     // Records, per accepted connection, its accept order and whether client bytes arrived.
     let first_data_on = Arc::new(Mutex::new(None::<usize>));

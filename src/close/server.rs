@@ -1,17 +1,14 @@
-//! A socket to an upstream server, TCP or unix, under the upstream's close policy: what the
-//! HTTP and MySQL pools keep.
+//! A socket to an upstream server, TCP or unix, under the upstream's close policy: what every
+//! pool keeps (the connector opens them).
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use super::stream::{peek_one, CloseCtl, Tracked};
-use super::SideLedger;
-use crate::config::{Address, UpstreamTimeWait};
+use super::stream::{is_established, peek_one, Tracked};
 
 /// A connection to a server, tracked by the close mechanism.
 #[derive(Debug)]
@@ -23,25 +20,18 @@ pub enum ServerSocket {
 // === impl ServerSocket ===
 
 impl ServerSocket {
-    /// Connects to `addr` (TCP without Nagle's delay: requests go out whole); its close is
-    /// recorded in `ledger` and carried out by `policy`, with the reason `ctl` is given.
-    pub async fn connect(
-        addr: &Address,
-        ledger: Arc<SideLedger>,
-        policy: UpstreamTimeWait,
-        ctl: Arc<CloseCtl>,
-    ) -> io::Result<ServerSocket> {
-        Ok(match addr {
-            Address::Tcp(addr) => {
-                let s = TcpStream::connect(addr).await?;
-                s.set_nodelay(true)?;
-                ServerSocket::Tcp(Tracked::upstream(s, ledger, policy, ctl))
-            }
-            Address::Unix(path) => {
-                let s = UnixStream::connect(path).await?;
-                ServerSocket::Unix(Tracked::upstream(s, ledger, policy, ctl))
-            }
-        })
+    /// Still open on the server's side: established, with no EOF waiting to be read.
+    /// Bytes waiting are fine (some servers greet first).
+    pub fn is_open(&self) -> bool {
+        let probe = match self {
+            ServerSocket::Tcp(t) if !is_established(t.get_ref()) => return false,
+            ServerSocket::Tcp(t) => peek_one(t.get_ref()),
+            ServerSocket::Unix(t) => peek_one(t.get_ref()),
+        };
+        match probe {
+            Ok(n) => n > 0,
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        }
     }
 
     /// Nothing to read, asked of the kernel (a peek): the server has neither closed nor sent

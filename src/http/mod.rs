@@ -38,11 +38,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::close::{ClientPolicy, Reason, SideLedger, Socket, Tracked};
 use crate::config;
+use crate::connector::{self, GetError, OpenError, Reuse};
 use crate::listener::{ListenerStats, Serve};
 use crate::pool::Server;
 use idle::{ExchangeBody, Replay};
 use simple::Simple;
-use upstream::{ClientBody, ConnectError, Failed, Lease, UpstreamBody};
+use upstream::{ClientBody, Failed, Lease, UpstreamBody};
 pub use upstream::{HttpConn, HttpUpstream};
 
 /// What a client receives: the upstream's body, or a short one of ours.
@@ -528,9 +529,7 @@ impl HttpListener {
         flags: Bodyless,
     ) -> Result<Answer, Response<RespBody>> {
         let timeout = self.upstream.cfg.response_timeout;
-        let mut lease = self.checkout().await?;
-        lease.pooled.mark_used();
-        let reused = lease.pooled.is_reused();
+        let (mut lease, reused) = self.checkout().await?;
         let (untouched, why) = match lease.exchange(&head, flags.head_request, timeout).await {
             Ok(head) => return Ok(Answer::new(head, lease)),
             Err(Failed::TimedOut) => return Err(self.timed_out(&lease.server)),
@@ -548,8 +547,7 @@ impl HttpListener {
             "reused upstream connection failed before a response; retrying on a fresh one");
         server.stats.retries.fetch_add(1, Ordering::Relaxed);
         // To whichever server answers: the one that failed may be gone.
-        let mut lease = self.checkout_with(false).await?;
-        lease.pooled.mark_used();
+        let (mut lease, _) = self.checkout_with(Reuse::Never).await?;
         match lease.exchange(&head, flags.head_request, timeout).await {
             Ok(head) => Ok(Answer::new(head, lease)),
             Err(Failed::TimedOut) => Err(self.timed_out(&lease.server)),
@@ -569,8 +567,7 @@ impl HttpListener {
         let (parts, body) = req.into_parts();
         let (body, sent) = ClientBody::new(body);
         let req = Request::from_parts(parts, body);
-        let mut lease = self.checkout().await?;
-        lease.pooled.mark_used();
+        let (lease, _) = self.checkout().await?;
         let server = lease.server.clone();
         let (mut tx, verdict) = match lease.hand_to_hyper().await {
             Ok(handed) => handed,
@@ -598,53 +595,22 @@ impl HttpListener {
         Err(self.upstream_failed(&server.label, &err.to_string()))
     }
 
-    /// An idle pooled connection, or a new one; servers that refuse are skipped.
+    /// An idle pooled connection, or a new one; servers that refuse are skipped. The flag
+    /// says whether the connection carried a request before.
     #[allow(clippy::result_large_err)]
-    async fn checkout(&self) -> Result<Lease, Response<RespBody>> {
-        self.checkout_with(true).await
+    async fn checkout(&self) -> Result<(Lease, bool), Response<RespBody>> {
+        self.checkout_with(Reuse::OwnFirst).await
     }
 
-    /// As `checkout`; `reuse` false skips idle connections (a retry wants a fresh one).
+    /// As `checkout`, taking only what `reuse` allows (a retry wants a fresh connection).
     #[allow(clippy::result_large_err)]
-    async fn checkout_with(&self, reuse: bool) -> Result<Lease, Response<RespBody>> {
-        let up = &self.upstream;
-        let mut last = None;
-        for server in up.rotation() {
-            if let Some(pooled) = reuse.then(|| server.take_idle_or_open(&up.cfg)).flatten() {
-                server.stats.reused.fetch_add(1, Ordering::Relaxed);
-                return Ok(Lease {
-                    pooled,
-                    server: server.clone(),
-                    upstream: up.clone(),
-                });
-            }
-            // Boxed: connecting is rare, and its future would size every request's.
-            let connecting = Box::pin(upstream::connect(up, server));
-            match connecting.await {
-                Ok(pooled) => {
-                    server.health.succeeded();
-                    return Ok(Lease {
-                        pooled,
-                        server: server.clone(),
-                        upstream: up.clone(),
-                    });
-                }
-                Err(e) => {
-                    server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(listener = %self.cfg.name, upstream = %up.cfg.name,
-                        server = %server.label, error = %e, "cannot connect to upstream server");
-                    if matches!(e, ConnectError::Io(_)) && server.health.failed(&up.cfg) {
-                        tracing::warn!(upstream = %up.cfg.name, server = %server.label,
-                            backoff = ?up.cfg.fail_backoff, "server marked down");
-                    }
-                    last = Some((server.label.clone(), e));
-                }
-            }
-        }
-        Err(match last {
-            Some((label, e)) => self.connect_failed(&label, e),
-            None => self.none_up(),
-        })
+    async fn checkout_with(&self, reuse: Reuse) -> Result<(Lease, bool), Response<RespBody>> {
+        connector::get(&self.upstream, reuse, &upstream::HANDSHAKE, &self.cfg.name)
+            .await
+            .map_err(|e| match e {
+                GetError::NoneUp => self.none_up(),
+                GetError::Failed { server, error } => self.connect_failed(&server, error),
+            })
     }
 
     /// Every server of the upstream is marked down: 503 at once, no connect attempted.
@@ -669,9 +635,10 @@ impl HttpListener {
         resp
     }
 
-    fn connect_failed(&self, server: &str, e: ConnectError) -> Response<RespBody> {
+    fn connect_failed(&self, server: &str, e: OpenError<Infallible>) -> Response<RespBody> {
         match e {
-            ConnectError::Busy => {
+            OpenError::Refused(never) => match never {},
+            OpenError::Busy => {
                 self.stats.errors_busy.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(listener = %self.cfg.name, server, "all upstream connections busy");
                 error_response(
@@ -682,7 +649,7 @@ impl HttpListener {
                     ),
                 )
             }
-            ConnectError::Io(e) => {
+            OpenError::Io(e) => {
                 self.stats.errors_connect.fetch_add(1, Ordering::Relaxed);
                 error_response(
                     StatusCode::BAD_GATEWAY,

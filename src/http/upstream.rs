@@ -19,12 +19,13 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use super::wire::{self, Decoded, Framing};
-use crate::close::{CloseCtl, Reason, ServerSocket};
-use crate::pool::{self, OpenSlot, PoolConn, Pooled, Server};
+use crate::close::{Reason, ServerSocket};
+use crate::connector::Plain;
+use crate::pool::{self, PoolConn};
 
 /// The error of a response body.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -43,21 +44,16 @@ pub struct Conn {
     buf: BytesMut,
     /// Bounds the wait for each response head; kept, and moved on, from one to the next.
     timer: Pin<Box<Sleep>>,
-    /// The `max_connections` permit and the open count, held as long as the socket.
-    _counted: (Option<OwnedSemaphorePermit>, OpenSlot),
 }
 
 /// An upstream of HTTP connections.
 pub type HttpUpstream = pool::Upstream<HttpConn>;
 
-/// Why no connection could be had.
-#[derive(Debug)]
-pub enum ConnectError {
-    /// max_connections reached and none freed in time.
-    Busy,
-    /// connect() failed or timed out.
-    Io(io::Error),
-}
+/// A pooled HTTP connection lent out.
+pub type Lease = pool::Lease<HttpConn>;
+
+/// HTTP/1.1 needs no handshake: a fresh socket is a connection.
+pub const HANDSHAKE: Plain<fn(ServerSocket) -> HttpConn> = Plain(Conn::fresh);
 
 /// Why a bodyless exchange got no response head.
 #[derive(Debug)]
@@ -118,21 +114,16 @@ pub struct ClientBody {
 #[derive(Debug, Default)]
 pub struct Progress(AtomicU8);
 
-/// A borrowed connection and the pool it belongs to.
-pub struct Lease {
-    pub pooled: Pooled<HttpConn>,
-    pub server: Arc<Server<HttpConn>>,
-    pub upstream: Arc<HttpUpstream>,
-}
+// === impl Conn ===
 
-// === impl ConnectError ===
-
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConnectError::Busy => f.write_str("all connections busy (max_connections)"),
-            ConnectError::Io(e) => write!(f, "{e}"),
-        }
+impl Conn {
+    /// A connection on a socket just opened.
+    fn fresh(io: ServerSocket) -> HttpConn {
+        Box::new(Conn {
+            io: Some(io),
+            buf: BytesMut::new(),
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        })
     }
 }
 
@@ -275,7 +266,7 @@ impl Lease {
                 Ok(parts) => {
                     self.pooled.conn.io = Some(parts.io.into_inner());
                     if reusable && parts.read_buf.is_empty() {
-                        self.give_back();
+                        self.return_to_pool();
                     }
                 }
                 Err(e) => {
@@ -287,12 +278,13 @@ impl Lease {
         Ok((tx, verdict))
     }
 
-    fn give_back(mut self) {
-        // A big body grew the buffer; an idle connection keeps a small one.
+    /// Gives the connection back to its pool with a small buffer: a big body grew it, and an
+    /// idle connection keeps a small one.
+    fn return_to_pool(mut self) {
         if self.pooled.conn.buf.capacity() > 16 * 1024 {
             self.pooled.conn.buf = BytesMut::new();
         }
-        self.server.put(&self.upstream.cfg, self.pooled);
+        self.give_back();
     }
 }
 
@@ -336,7 +328,7 @@ impl UpstreamBody {
             Source::Wire { lease, .. } => {
                 let Some(lease) = lease.take() else { return };
                 if reusable && lease.pooled.conn.buf.is_empty() {
-                    lease.give_back();
+                    lease.return_to_pool();
                 } else if !self.keep_alive {
                     // The server said it closes: its FIN is answered with RST on drop.
                     lease.pooled.ctl.retire(Reason::PeerClosed);
@@ -472,47 +464,6 @@ impl Drop for UpstreamBody {
             self.release();
         }
     }
-}
-
-/// Opens a new connection to `server`.
-pub async fn connect(
-    upstream: &HttpUpstream,
-    server: &Server<HttpConn>,
-) -> Result<Pooled<HttpConn>, ConnectError> {
-    let cfg = &upstream.cfg;
-    let permit = server
-        .open_permit(cfg.connect_timeout)
-        .await
-        .map_err(|_| ConnectError::Busy)?;
-    let slot = server.open_slot();
-    let ctl = CloseCtl::new();
-    let connecting = ServerSocket::connect(
-        &server.addr,
-        server.ledger.clone(),
-        cfg.time_wait,
-        ctl.clone(),
-    );
-    let io = match tokio::time::timeout(cfg.connect_timeout, connecting).await {
-        Ok(Ok(io)) => io,
-        Ok(Err(e)) => return Err(ConnectError::Io(e)),
-        Err(_) => {
-            return Err(ConnectError::Io(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect timed out after {:?}", cfg.connect_timeout),
-            )))
-        }
-    };
-    server
-        .stats
-        .opened
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let conn = Box::new(Conn {
-        io: Some(io),
-        buf: BytesMut::new(),
-        timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-        _counted: (permit, slot),
-    });
-    Ok(Pooled::new(conn, ctl))
 }
 
 /// Sends a bodyless request and reads until a response head is whole.

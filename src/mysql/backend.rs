@@ -4,7 +4,7 @@
 use std::io;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use mysql_common::constants::{CapabilityFlags, StatusFlags};
@@ -16,12 +16,12 @@ use mysql_common::packets::{
 use mysql_common::proto::MySerialize;
 use mysql_common::scramble::scramble_native;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::packet::{describe_err, Packet, PacketIo, MAX_HANDSHAKE_PACKET, MAX_PACKET};
-use crate::close::{CloseCtl, ServerSocket};
+use crate::close::{CloseCtl, Reason, ServerSocket};
 use crate::config::{self, MysqlUser};
-use crate::pool::{PoolConn, Pooled, Server};
+use crate::connector::{self, Handshake, OpenError};
+use crate::pool::{PoolConn, Server};
 
 /// What a server says about itself in its greeting; clients are greeted alike.
 #[derive(Debug, Clone)]
@@ -59,8 +59,16 @@ pub struct MysqlConn {
     pub schema: Option<Option<Vec<u8>>>,
     /// The nonce its last authentication answered (COM_CHANGE_USER answers it again).
     nonce: Vec<u8>,
-    /// Counts this connection against `max_connections` while it is open.
-    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// The handshake of a new server connection: the login of one session's account, with its
+/// capabilities, character set and database.
+#[derive(Debug)]
+pub struct Login<'a> {
+    pub facts: &'a ServerFacts,
+    pub user: &'a MysqlUser,
+    pub key: &'a SessionKey,
+    pub db: Option<&'a [u8]>,
 }
 
 /// Why no server connection could be had.
@@ -267,40 +275,26 @@ impl MysqlConn {
     }
 }
 
-/// Opens a connection to `server` and logs in as `user` with the session's capabilities,
-/// character set and database. The permit (if `max_connections` applies) stays with it.
-pub async fn connect(
-    cfg: &config::Upstream,
-    server: &Server<MysqlConn>,
-    facts: &ServerFacts,
-    user: &MysqlUser,
-    key: &SessionKey,
-    db: Option<&[u8]>,
-    permit: Option<OwnedSemaphorePermit>,
-) -> Result<Pooled<MysqlConn>, BackendError> {
-    let ctl = CloseCtl::new();
-    let opening = async {
-        let stream = open_socket(server, cfg, &ctl).await?;
-        let mut io = PacketIo::new(stream);
-        let nonce = login(&mut io, facts, user, key, db).await?;
-        Ok::<_, BackendError>((io, nonce))
-    };
-    let (io, nonce) = match tokio::time::timeout(cfg.connect_timeout, opening).await {
-        Ok(r) => r?,
-        Err(_) => return Err(timed_out("connect and login", cfg.connect_timeout)),
-    };
-    server
-        .stats
-        .opened
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let conn = MysqlConn {
-        io,
-        key: key.clone(),
-        schema: Some(db.map(<[u8]>::to_vec)),
-        nonce,
-        _permit: permit,
-    };
-    Ok(Pooled::new(conn, ctl))
+// === impl Login ===
+
+impl Handshake<MysqlConn> for Login<'_> {
+    /// The server's ERR payload (access denied, unknown database, ...), for the client.
+    type Refusal = Vec<u8>;
+
+    async fn greet(&self, io: ServerSocket) -> Result<MysqlConn, OpenError<Vec<u8>>> {
+        let mut io = PacketIo::new(io);
+        let nonce = match login(&mut io, self.facts, self.user, self.key, self.db).await {
+            Ok(nonce) => nonce,
+            Err(BackendError::Server(err)) => return Err(OpenError::Refused(err)),
+            Err(BackendError::Io(e)) => return Err(OpenError::Io(e)),
+        };
+        Ok(MysqlConn {
+            io,
+            key: self.key.clone(),
+            schema: Some(self.db.map(<[u8]>::to_vec)),
+            nonce,
+        })
+    }
 }
 
 /// Reads the greeting of a server without logging in: what clients are greeted with before
@@ -312,9 +306,9 @@ pub async fn probe(
 ) -> Result<Profile, BackendError> {
     let ctl = CloseCtl::new();
     // Not a pooled connection: waitless lets it go on purpose once the greeting is read.
-    ctl.retire(crate::close::Reason::Done);
+    ctl.retire(Reason::Done);
     let reading = async {
-        let mut io = PacketIo::new(open_socket(server, cfg, &ctl).await?);
+        let mut io = PacketIo::new(connector::dial(cfg, server, &ctl).await?);
         let (profile, _) = read_greeting(&mut io).await?;
         facts.set_profile(profile.clone());
         Ok::<_, BackendError>(profile)
@@ -324,21 +318,6 @@ pub async fn probe(
         Err(_) => Err(timed_out("the server's greeting", cfg.connect_timeout)),
     };
     result
-}
-
-/// A connection to `server`, closed by the upstream's policy for the reason `ctl` is given.
-async fn open_socket(
-    server: &Server<MysqlConn>,
-    cfg: &config::Upstream,
-    ctl: &Arc<CloseCtl>,
-) -> io::Result<ServerSocket> {
-    ServerSocket::connect(
-        &server.addr,
-        server.ledger.clone(),
-        cfg.time_wait,
-        ctl.clone(),
-    )
-    .await
 }
 
 /// The server's greeting: its profile and nonce. A greeting that is an ERR (too many

@@ -24,8 +24,9 @@ use tokio::time::Instant;
 
 use crate::close::{ClientPolicy, Ledger, Reason, SideLedger, Socket, Tracked};
 use crate::config::{self, MysqlUser};
+use crate::connector::{self, OpenError};
 use crate::listener::{ListenerStats, Serve};
-use crate::pool::{self, Pooled, Server};
+use crate::pool::{self, Server};
 pub use backend::MysqlConn;
 use backend::{BackendError, Profile, ServerFacts};
 use front::{Login, Refused};
@@ -63,11 +64,7 @@ pub struct MysqlListener {
 }
 
 /// A borrowed server connection and where it goes back.
-struct Lease {
-    pooled: Pooled<MysqlConn>,
-    server: Arc<Server<MysqlConn>>,
-    index: usize,
-}
+type Lease = pool::Lease<MysqlConn>;
 
 /// How a session ended, for the client's close.
 enum End {
@@ -146,11 +143,25 @@ impl MysqlUpstream {
         Err(last)
     }
 
+    /// The index of `server` among this upstream's (where its facts are kept).
+    fn index_of(&self, server: &Arc<Server<MysqlConn>>) -> usize {
+        self.pool
+            .servers
+            .iter()
+            .position(|s| Arc::ptr_eq(s, server))
+            .unwrap_or(usize::MAX)
+    }
+
     /// A connection for `login` on server `index`: an idle one of the same session key with
     /// its database set, or a new one. When `max_connections` are open, idle connections of
     /// other keys are closed to make room, and then the client waits up to
     /// `connect_timeout` for one to come back.
-    async fn checkout(&self, index: usize, login: &Login) -> Result<Lease, Checkout> {
+    async fn checkout(
+        &self,
+        index: usize,
+        login: &Login,
+        listener: &str,
+    ) -> Result<Lease, Checkout> {
         let cfg = self.cfg();
         let (Some(server), Some(facts)) = (self.pool.servers.get(index), self.facts.get(index))
         else {
@@ -172,11 +183,7 @@ impl MysqlUpstream {
                     .use_schema(&login.user, db, cfg.response_timeout)
                     .await
                 {
-                    Ok(()) => {
-                        server.stats.reused.fetch_add(1, Ordering::Relaxed);
-                        pooled.mark_used();
-                        return Ok(self.lease(pooled, server, index));
-                    }
+                    Ok(()) => return Ok(Lease::new(pooled, server, &self.pool).0),
                     Err(BackendError::Server(err)) => {
                         // Unknown database, say: the connection itself is fine.
                         server.put(cfg, pooled);
@@ -195,26 +202,19 @@ impl MysqlUpstream {
                 let _ = tokio::time::timeout(RECHECK, returned).await;
                 continue;
             }
-            match server.try_open_permit() {
-                Ok(permit) => {
-                    let key = &login.key;
-                    return match backend::connect(cfg, server, facts, &login.user, key, db, permit)
-                        .await
-                    {
-                        Ok(mut pooled) => {
-                            server.health.succeeded();
-                            pooled.mark_used();
-                            Ok(self.lease(pooled, server, index))
-                        }
-                        Err(BackendError::Server(err)) => Err(Checkout::Server(err)),
-                        Err(BackendError::Io(e)) => {
-                            server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
-                            server.health.failed(cfg);
-                            Err(Checkout::Failed(format!("{}: {e}", server.label)))
-                        }
-                    };
+            let login_as = backend::Login {
+                facts,
+                user: &login.user,
+                key: &login.key,
+                db,
+            };
+            match connector::open(&self.pool, server, &login_as, Duration::ZERO, listener).await {
+                Ok(pooled) => return Ok(Lease::new(pooled, server, &self.pool).0),
+                Err(OpenError::Refused(err)) => return Err(Checkout::Server(err)),
+                Err(OpenError::Io(e)) => {
+                    return Err(Checkout::Failed(format!("{}: {e}", server.label)))
                 }
-                Err(pool::Busy) => {
+                Err(OpenError::Busy) => {
                     if let Some(other) = server.take_idle_matching(cfg, |c| c.key != login.key) {
                         // Its permit serves a waiting session better than an idle pool.
                         other.ctl.retire(Reason::PoolFull);
@@ -231,25 +231,12 @@ impl MysqlUpstream {
         }
     }
 
-    fn lease(
-        &self,
-        pooled: Pooled<MysqlConn>,
-        server: &Arc<Server<MysqlConn>>,
-        index: usize,
-    ) -> Lease {
-        Lease {
-            pooled,
-            server: server.clone(),
-            index,
-        }
-    }
-
     /// Resets a lent connection and returns it to its pool; a connection that cannot be
     /// reset is closed instead.
     async fn give_back(&self, mut lease: Lease, login: &Login) {
         let cfg = self.cfg();
-        let (Some(facts), Some(resetting)) =
-            (self.facts.get(lease.index), self.resetting.get(lease.index))
+        let index = self.index_of(&lease.server);
+        let (Some(facts), Some(resetting)) = (self.facts.get(index), self.resetting.get(index))
         else {
             return;
         };
@@ -265,7 +252,7 @@ impl MysqlUpstream {
             )
             .await;
         match reset {
-            Ok(()) => lease.server.put(cfg, lease.pooled),
+            Ok(()) => lease.give_back(),
             Err(e) => {
                 tracing::debug!(upstream = %cfg.name, server = %lease.server.label, error = %e,
                     "server connection could not be reset; closing it");
@@ -400,7 +387,7 @@ impl MysqlListener {
             }
         };
 
-        let lease = match up.checkout(index, &login).await {
+        let lease = match up.checkout(index, &login, &self.cfg.name).await {
             Ok(lease) => lease,
             Err(Checkout::Busy) => {
                 self.stats.errors_busy.fetch_add(1, Ordering::Relaxed);

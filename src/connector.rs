@@ -1,0 +1,228 @@
+//! One connector for every upstream, whatever its protocol.
+//!
+//! `get` picks a server (the balance policy's rotation, failing over past servers that
+//! refuse), takes an idle connection or opens one, and lends it as a `Lease` together with
+//! whether it carried a request before: the retry rule of the keep-alive race reads that in
+//! one line at the call site (Pingora's connector hands back the same). `open` is the one
+//! place a connection is opened: the `max_connections` permit, connect and handshake within
+//! `connect_timeout`, the server's counters and its health. A protocol supplies only what
+//! happens on a fresh socket before it can be lent (`Handshake`): nothing for tcp and http,
+//! the login for mysql.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::close::{CloseCtl, ServerSocket, Tracked};
+use crate::config::{self, Address};
+use crate::pool::{Busy, Lease, PoolConn, Pooled, Server, Upstream};
+
+/// What a protocol does on a fresh server socket before the pool may lend it.
+pub trait Handshake<C>: Sync {
+    /// What a server that refuses the handshake says (a MySQL ERR packet); such a server is
+    /// up, only this connection is not.
+    type Refusal: Send;
+
+    /// Turns the socket into the protocol's connection; bounded by `connect_timeout` with
+    /// the connect.
+    fn greet(
+        &self,
+        io: ServerSocket,
+    ) -> impl Future<Output = Result<C, OpenError<Self::Refusal>>> + Send;
+}
+
+/// The handshake of protocols that speak first on a plain socket (http, tcp).
+#[derive(Debug, Clone, Copy)]
+pub struct Plain<F>(pub F);
+
+/// Which idle connections `get` may lend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// This worker's own, another worker's once `pool_size` are open (`take_idle_or_open`).
+    OwnFirst,
+    /// Any worker's (connections opened ahead of need, never used).
+    Any,
+    /// None: a fresh connection (a retry after the keep-alive race).
+    Never,
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug)]
+pub enum OpenError<R> {
+    /// `max_connections` are open and none freed up in time.
+    Busy,
+    /// The connect or the handshake failed or timed out: counted against the server's health.
+    Io(io::Error),
+    /// The server refused the handshake: it is up.
+    Refused(R),
+}
+
+/// Why `get` lent nothing.
+#[derive(Debug)]
+pub enum GetError<R> {
+    /// Every server of the upstream is marked down; nothing was tried.
+    NoneUp,
+    /// The last server tried failed so.
+    Failed {
+        /// Its label (`host:port` or `unix:/path`).
+        server: String,
+        error: OpenError<R>,
+    },
+}
+
+// === impl Plain ===
+
+impl<C, F> Handshake<C> for Plain<F>
+where
+    F: Fn(ServerSocket) -> C + Sync,
+    C: Send,
+{
+    type Refusal = Infallible;
+
+    fn greet(
+        &self,
+        io: ServerSocket,
+    ) -> impl Future<Output = Result<C, OpenError<Infallible>>> + Send {
+        std::future::ready(Ok((self.0)(io)))
+    }
+}
+
+// === impl OpenError ===
+
+impl<R> From<io::Error> for OpenError<R> {
+    fn from(e: io::Error) -> OpenError<R> {
+        OpenError::Io(e)
+    }
+}
+
+impl<R> fmt::Display for OpenError<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Busy => f.write_str("all connections busy (max_connections)"),
+            OpenError::Io(e) => write!(f, "{e}"),
+            OpenError::Refused(_) => f.write_str("the server refused the handshake"),
+        }
+    }
+}
+
+// === functions ===
+
+/// A connection to a server of `up`: an idle one `reuse` allows, else a new one, trying the
+/// servers in rotation until one gives a connection. The flag says whether the connection
+/// carried a request before. `listener` names the caller in logs.
+pub async fn get<C, H>(
+    up: &Arc<Upstream<C>>,
+    reuse: Reuse,
+    handshake: &H,
+    listener: &str,
+) -> Result<(Lease<C>, bool), GetError<H::Refusal>>
+where
+    C: PoolConn,
+    H: Handshake<C>,
+{
+    let mut last = None;
+    for server in up.rotation() {
+        let idle = match reuse {
+            Reuse::OwnFirst => server.take_idle_or_open(&up.cfg),
+            Reuse::Any => server.take_idle(&up.cfg),
+            Reuse::Never => None,
+        };
+        if let Some(pooled) = idle {
+            return Ok(Lease::new(pooled, server, up));
+        }
+        // Boxed: opening is rare, and its future would size every request's.
+        let opening = Box::pin(open(
+            up,
+            server,
+            handshake,
+            up.cfg.connect_timeout,
+            listener,
+        ));
+        match opening.await {
+            Ok(pooled) => return Ok(Lease::new(pooled, server, up)),
+            Err(e) => last = Some((server.label.clone(), e)),
+        }
+    }
+    Err(match last {
+        Some((server, error)) => GetError::Failed { server, error },
+        None => GetError::NoneUp,
+    })
+}
+
+/// Opens a connection to `server` and makes it the protocol's: waits up to `wait` for room
+/// under `max_connections` (zero: only if there is room now), then connects and shakes
+/// hands within `connect_timeout`. Counts it as opened, and its failure against the server's
+/// health; a server that refuses the handshake stays up.
+pub async fn open<C, H>(
+    up: &Upstream<C>,
+    server: &Server<C>,
+    handshake: &H,
+    wait: Duration,
+    listener: &str,
+) -> Result<Pooled<C>, OpenError<H::Refusal>>
+where
+    C: PoolConn,
+    H: Handshake<C>,
+{
+    let cfg = &up.cfg;
+    let counted = server.admit(wait).await.map_err(|Busy| OpenError::Busy)?;
+    let ctl = CloseCtl::new();
+    let opening = async {
+        let io = dial(cfg, server, &ctl).await?;
+        handshake.greet(io).await
+    };
+    let opened = match tokio::time::timeout(cfg.connect_timeout, opening).await {
+        Ok(r) => r,
+        Err(_) => Err(OpenError::Io(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect timed out after {:?}", cfg.connect_timeout),
+        ))),
+    };
+    match opened {
+        Ok(conn) => {
+            server.health.succeeded();
+            Ok(Pooled::new(conn, ctl, counted))
+        }
+        Err(OpenError::Io(e)) => {
+            server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(listener, upstream = %cfg.name, server = %server.label, error = %e,
+                "cannot connect to upstream server");
+            if server.health.failed(cfg) {
+                tracing::warn!(upstream = %cfg.name, server = %server.label,
+                    backoff = ?cfg.fail_backoff, "server marked down");
+            }
+            Err(OpenError::Io(e))
+        }
+        Err(other) => Err(other),
+    }
+}
+
+/// Connects a socket to `server` (TCP without Nagle's delay: requests go out whole), closed
+/// by the upstream's policy for the reason `ctl` is given, and counts it as opened. Not
+/// bounded in time: `open` bounds it with the handshake.
+pub async fn dial<C>(
+    cfg: &config::Upstream,
+    server: &Server<C>,
+    ctl: &Arc<CloseCtl>,
+) -> io::Result<ServerSocket> {
+    let (ledger, policy) = (server.ledger.clone(), cfg.time_wait);
+    let io = match &server.addr {
+        Address::Tcp(addr) => {
+            let s = TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            ServerSocket::Tcp(Tracked::upstream(s, ledger, policy, ctl.clone()))
+        }
+        Address::Unix(path) => {
+            let s = UnixStream::connect(path).await?;
+            ServerSocket::Unix(Tracked::upstream(s, ledger, policy, ctl.clone()))
+        }
+    };
+    server.stats.opened.fetch_add(1, Ordering::Relaxed);
+    Ok(io)
+}
