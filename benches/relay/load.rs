@@ -19,10 +19,15 @@ use crate::CONCURRENCY;
 /// What a load generator measured.
 #[derive(Debug, Default)]
 pub struct Load {
+    /// Responses read whole.
     pub requests: u64,
+    /// How long the load ran.
     pub secs: f64,
+    /// Responses whose status was not 2xx or 3xx.
     pub non2xx: u64,
+    /// Connect, read, write and timeout errors.
     pub socket_errors: u64,
+    /// Latency percentiles.
     pub p50_us: f64,
     pub p99_us: f64,
     /// The load generator's own CPU per request (wrk only).

@@ -10,11 +10,16 @@ use crate::timewait::tw_cap;
 /// The machine and the conditions of the run.
 #[derive(Debug, Serialize)]
 pub struct Machine {
+    /// Cores this process may use.
     pub nproc: usize,
+    /// The CPU's model name.
     pub cpu: String,
+    /// The kernel release.
     pub kernel: String,
+    /// /proc/loadavg before the first run and after the last.
     pub loadavg_start: String,
     pub loadavg_end: String,
+    /// The size of the host's TIME_WAIT table.
     pub tcp_max_tw_buckets: u64,
 }
 

@@ -5,7 +5,8 @@
 //! fresh port per run. In front of it, each proxy is started as its own process with a config
 //! this bench writes: waitless (the release binary) once per listener `time_wait` policy,
 //! HAProxy (`http-reuse always`) and nginx (`upstream keepalive`); a missing one is skipped
-//! with a note. The load generator is wrk when installed, else a built-in tokio one; each
+//! with a note. The load generator is wrk when installed, else (or with
+//! `WAITLESS_BENCH_BUILTIN_LOAD` set) a built-in tokio one; each
 //! measurement is bounded (`WAITLESS_BENCH_SECS`, default 5 s). `WAITLESS_BENCH_ONLY` names
 //! the parts to run (`short`, `keep-alive`, `rss`, comma-separated; default all).
 //!

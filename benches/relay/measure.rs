@@ -18,19 +18,30 @@ use crate::timewait::{census, tw_overflow_count, wait_tw_headroom, Ports};
 /// One measurement: one target, one kind of client.
 #[derive(Debug, Serialize)]
 pub struct Run {
+    /// The target's label (`Target::label`).
     pub target: String,
+    /// "short" or "keep-alive".
     pub clients: &'static str,
+    /// Requests completed per second of load.
     pub req_per_s: f64,
+    /// Requests completed.
     pub requests: u64,
+    /// How long the load ran.
     pub secs: f64,
+    /// Latency percentiles, as the load generator saw them.
     pub p50_ms: f64,
     pub p99_ms: f64,
     /// Non-2xx responses plus socket errors.
     pub errors: u64,
+    /// Responses whose status was not 2xx or 3xx.
     pub non2xx: u64,
+    /// Connect, read, write and timeout errors.
     pub socket_errors: u64,
+    /// The proxy's user + system CPU per request, all its processes; None for `direct`.
     pub proxy_cpu_us_per_req: Option<f64>,
+    /// The backend's, when it is nginx (the embedded one shares this process).
     pub backend_cpu_us_per_req: Option<f64>,
+    /// The load generator's, when it is wrk.
     pub client_cpu_us_per_req: Option<f64>,
     /// TIME_WAIT sockets on the backend's port.
     pub tw_backend: u64,
@@ -52,16 +63,20 @@ pub struct Run {
 
 /// The bench's state: what it runs on and what it measured so far.
 pub struct Bench {
+    /// The programs found on this machine.
     pub tools: Tools,
     /// The runtime of the built-in load generator, the embedded backend and the idle
     /// connections.
     pub rt: tokio::runtime::Runtime,
+    /// The one backend, a fresh port of it for each run.
     pub backend: Backend,
+    /// Fresh ports for the proxies.
     pub ports: Ports,
     /// Length of one measurement.
     pub secs: u64,
     /// Measurements taken so far, in order.
     pub runs: Vec<Run>,
+    /// Idle-RSS measurements taken so far.
     pub rss: Vec<Rss>,
     /// What was skipped or failed, printed after the table.
     pub notes: Vec<String>,

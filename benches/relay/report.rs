@@ -11,20 +11,30 @@ use crate::targets::Target;
 /// CPU; of TIME_WAIT the most any run left; the errors of all runs.
 #[derive(Debug, Serialize)]
 pub struct Summary {
+    /// The target's label.
     pub target: String,
+    /// "short" or "keep-alive".
     pub clients: &'static str,
+    /// How many runs it had (the contest's rounds, else 1).
     pub runs: usize,
+    /// The median req/s.
     pub req_per_s: f64,
     /// Every run's req/s, in the order taken.
     pub req_per_s_each: Vec<f64>,
+    /// The median of the proxy's CPU per request; None for `direct`.
     pub proxy_cpu_us_per_req: Option<f64>,
+    /// Every run's CPU per request, in the order taken.
     pub proxy_cpu_us_each: Vec<f64>,
+    /// Median latency percentiles.
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Errors of all runs together.
     pub errors: u64,
+    /// The most TIME_WAIT any run left on the backend, the proxy and the clients.
     pub tw_backend: u64,
     pub tw_proxy: Option<u64>,
     pub tw_client: u64,
+    /// TIME_WAIT the kernel dropped over all runs.
     pub tw_overflow: u64,
 }
 

@@ -14,11 +14,15 @@ use crate::targets::{start_proxy, Target};
 /// A proxy's memory with idle client connections open.
 #[derive(Debug, Serialize)]
 pub struct Rss {
+    /// The target's label.
     pub target: String,
     /// Idle keep-alive connections open (each carried one request first).
     pub idle_conns: usize,
+    /// Connections that could not be opened or did not get a 200.
     pub failed_conns: usize,
+    /// VmRSS of all the proxy's processes, started and settled, before any client.
     pub rss_before_kb: u64,
+    /// The same with the idle connections open.
     pub rss_with_idle_kb: u64,
     /// (RSS with idle connections − before) / connections.
     pub bytes_per_idle_conn: f64,

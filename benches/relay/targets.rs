@@ -18,7 +18,9 @@ use crate::timewait::Ports;
 pub struct Tools {
     /// nginx: the backend, and one of the proxies.
     pub nginx: Option<PathBuf>,
+    /// HAProxy, the other anchor.
     pub haproxy: Option<PathBuf>,
+    /// The load generator; None: the built-in one.
     pub wrk: Option<PathBuf>,
     /// Idle connections for the RSS measurement, from the open-file limit.
     pub idle_conns: usize,

@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub struct ResponseHead {
     /// Bytes of the head, its blank line included.
     pub len: usize,
+    /// The status code of its status line.
     pub status: u16,
     /// Content-Length, when it has one that parses.
     pub content_length: Option<usize>,
