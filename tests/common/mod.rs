@@ -1,13 +1,23 @@
 //! Test fixtures: real sockets on loopback, the real `waitless` binary, an in-test hyper
 //! backend that counts what it accepts, a real nginx, and the kernel's socket table via `ss`.
+//!
+//! `binary`, `http1`, `nginx`, `procfs` and `tempdir` are the benches' fixtures too: the
+//! relay bench includes each file by path (`#[path = "../../tests/common/..."]`), so they
+//! use nothing else of this directory and nothing but the crate's dependencies.
 #![allow(dead_code)]
 
+pub mod binary;
+pub mod http1;
 pub mod mysql;
+pub mod nginx;
+pub mod procfs;
+pub mod tempdir;
+
+pub use http1::is_complete_response;
+pub use tempdir::TempDir;
 
 use std::convert::Infallible;
-use std::io::Write;
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -51,24 +61,6 @@ pub async fn dribbled_until_cut(s: &mut TcpStream, rounds: usize, pause: Duratio
         }
     }
     false
-}
-
-/// A scratch directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let n: u64 = rand::random();
-        let p = std::env::temp_dir().join(format!("waitless-test-{tag}-{n:x}"));
-        std::fs::create_dir_all(&p).expect("mkdir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -297,13 +289,7 @@ impl hyper::body::Body for ZeroBody {
 
 /// A process's memory figure from /proc (e.g. "VmRSS", "VmHWM"), in KiB.
 pub fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("field in /proc status")
+    procfs::status_kib(pid, field).expect("field in /proc status")
 }
 
 /// N bytes of a fixed pseudo-random pattern (so downloads can be checked byte for byte).
@@ -372,16 +358,8 @@ impl Waitless {
 
     async fn spawn(config: &str, port: u16, admin: u16, level: &str, log: bool) -> Waitless {
         let dir = TempDir::new("waitless");
-        let path = dir.0.join("waitless.toml");
-        std::fs::File::create(&path)
-            .and_then(|mut f| f.write_all(config.as_bytes()))
-            .expect("write config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_waitless"));
-        cmd.arg("--config")
-            .arg(&path)
-            .args(["--log", level])
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null());
+        let mut cmd = binary::command(&dir.0, config, level).expect("write config");
+        cmd.stdout(Stdio::null());
         if log {
             // In the process's own directory, removed with it.
             let file = std::fs::File::create(dir.0.join("waitless.log")).expect("create log");
@@ -504,19 +482,6 @@ pub async fn get_to_eof(addr: SocketAddr, path: &str, version: &str) -> std::io:
     }
 }
 
-/// True when `raw` holds a whole response with a Content-Length body.
-pub fn is_complete_response(raw: &[u8]) -> bool {
-    let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return false;
-    };
-    let head = String::from_utf8_lossy(&raw[..at]).to_ascii_lowercase();
-    let len = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    len == Some(raw.len() - at - 4)
-}
-
 /// Runs `one` `n` times, `concurrency` at a time; returns how many returned false.
 pub async fn run_load<F, Fut>(n: usize, concurrency: usize, one: F) -> usize
 where
@@ -572,31 +537,16 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx, or None when it is not installed (CI installs it).
     pub async fn start() -> Option<Nginx> {
-        let bin = ["/usr/sbin/nginx", "/usr/local/sbin/nginx"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())?;
+        let bin = nginx::binary()?;
         let port = free_port();
         let dir = TempDir::new("nginx");
-        let d = dir.0.display();
-        let conf = format!(
-            "worker_processes 1;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
-               proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
-               uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-               server {{\n    listen 127.0.0.1:{port};\n\
-                 location / {{ return 200 \"hello from nginx\\n\"; }}\n  }}\n}}\n"
+        let server = format!(
+            "  server {{\n    listen 127.0.0.1:{port};\n\
+               location / {{ return 200 \"hello from nginx\\n\"; }}\n  }}\n"
         );
+        let conf = nginx::config(&dir.0, "worker_processes 1;\n", 4096, &server);
         std::fs::write(dir.0.join("nginx.conf"), conf).ok()?;
-        let child = Command::new(bin)
-            .args([
-                "-p",
-                &d.to_string(),
-                "-c",
-                "nginx.conf",
-                "-g",
-                "daemon off; master_process off;",
-            ])
+        let child = nginx::command(&bin, &dir.0, false)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
