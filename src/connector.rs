@@ -190,16 +190,27 @@ where
             Ok(Pooled::new(conn, ctl, counted))
         }
         Err(OpenError::Io(e)) => {
-            server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(listener, upstream = %cfg.name, server = %server.label, error = %e,
-                "cannot connect to upstream server");
-            if server.health.failed(cfg) {
-                tracing::warn!(upstream = %cfg.name, server = %server.label,
-                    backoff = ?cfg.fail_backoff, "server marked down");
-            }
+            failed(cfg, server, &e, listener);
             Err(OpenError::Io(e))
         }
         Err(other) => Err(other),
+    }
+}
+
+/// Counts a failed connect (or handshake) against the server: its counter, a log line, and
+/// its health, which marks it down after `fail_threshold` failures in a row.
+pub fn failed<C>(
+    cfg: &config::Upstream,
+    server: &Server<C>,
+    error: &dyn fmt::Display,
+    listener: &str,
+) {
+    server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(listener, upstream = %cfg.name, server = %server.label, error = %error,
+        "cannot connect to upstream server");
+    if server.health.failed(cfg) {
+        tracing::warn!(upstream = %cfg.name, server = %server.label,
+            backoff = ?cfg.fail_backoff, "server marked down");
     }
 }
 

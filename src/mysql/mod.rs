@@ -105,7 +105,7 @@ impl MysqlUpstream {
 
     /// A server for a new session and what to greet its client with: the first in rotation
     /// whose greeting is known, or the first that answers a probe.
-    async fn pick(&self) -> Result<(usize, Profile), String> {
+    async fn pick(&self, listener: &str) -> Result<(usize, Profile), String> {
         // Servers that are up, in the balance policy's order; none when all are down.
         let order: Vec<usize> = self
             .pool
@@ -131,11 +131,7 @@ impl MysqlUpstream {
                     return Ok((i, p));
                 }
                 Err(e) => {
-                    server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
-                    if server.health.failed(self.cfg()) {
-                        tracing::warn!(upstream = %self.cfg().name, server = %server.label,
-                            backoff = ?self.cfg().fail_backoff, "server marked down");
-                    }
+                    connector::failed(self.cfg(), server, &e, listener);
                     last = format!("{}: {e}", server.label);
                 }
             }
@@ -353,7 +349,7 @@ impl MysqlListener {
         C: AsyncRead + AsyncWrite + Unpin,
     {
         let up = &self.upstream;
-        let (index, profile) = match up.pick().await {
+        let (index, profile) = match up.pick(&self.cfg.name).await {
             Ok(found) => found,
             Err(e) => {
                 self.stats.errors_connect.fetch_add(1, Ordering::Relaxed);
