@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -300,7 +300,13 @@ impl<C: PoolConn> Server<C> {
             pooled.ctl.retire(Reason::PoolFull);
             return;
         }
-        self.lock_idle(pooled.home).push(pooled);
+        match self.lock_idle(pooled.home) {
+            Some(mut idle) => idle.push(pooled),
+            None => {
+                self.idle_total.fetch_sub(1, Ordering::AcqRel);
+                pooled.ctl.retire(Reason::PoolFull);
+            }
+        }
     }
 
     /// The first connection `pick` takes from the idle lists of `reach` workers, the
@@ -313,7 +319,7 @@ impl<C: PoolConn> Server<C> {
         let n = self.idle.len();
         let me = workers::current();
         (0..reach.min(n)).find_map(|i| {
-            let taken = pick(&mut self.lock_idle((me + i) % n))?;
+            let taken = pick(&mut *self.lock_idle(me + i)?)?;
             self.idle_total.fetch_sub(1, Ordering::AcqRel);
             Some(taken)
         })
@@ -369,31 +375,24 @@ impl<C: PoolConn> Server<C> {
     fn reap(&self, cfg: &config::Upstream) {
         let now = Instant::now();
         let mut gone = Vec::new();
-        for w in 0..self.idle.len() {
-            let mut idle = self.lock_idle(w);
-            let mut i = 0;
-            while i < idle.len() {
-                let p = &mut idle[i];
+        for list in &self.idle {
+            let mut idle = lock(list);
+            let expired = idle.extract_if(.., |p| {
                 let reason = if now.duration_since(p.since) >= cfg.idle_timeout {
-                    Some(Reason::Idle)
+                    Reason::Idle
                 } else if p.worn_out(cfg, now) {
-                    Some(Reason::Lifetime)
+                    Reason::Lifetime
                 } else if !p.conn.is_usable() {
-                    Some(Reason::PeerClosed)
+                    Reason::PeerClosed
                 } else {
-                    None
+                    return false;
                 };
-                match reason {
-                    Some(r) => {
-                        let p = idle.remove(i);
-                        self.idle_total.fetch_sub(1, Ordering::AcqRel);
-                        p.ctl.retire(r);
-                        gone.push(p);
-                    }
-                    None => i += 1,
-                }
-            }
+                p.ctl.retire(reason);
+                true
+            });
+            gone.extend(expired);
         }
+        self.idle_total.fetch_sub(gone.len(), Ordering::AcqRel);
         // Dropped outside the lock: each drop closes a socket.
         drop(gone);
     }
@@ -401,8 +400,8 @@ impl<C: PoolConn> Server<C> {
     /// Retires every idle connection (shutdown).
     pub fn drain(&self) {
         self.drained.store(true, Ordering::Relaxed);
-        for w in 0..self.idle.len() {
-            let gone: Vec<_> = std::mem::take(&mut *self.lock_idle(w));
+        for list in &self.idle {
+            let gone = std::mem::take(&mut *lock(list));
             self.idle_total.fetch_sub(gone.len(), Ordering::AcqRel);
             for p in &gone {
                 p.ctl.retire(Reason::Drain);
@@ -410,10 +409,10 @@ impl<C: PoolConn> Server<C> {
         }
     }
 
-    /// Worker `w`'s idle list.
-    fn lock_idle(&self, w: usize) -> std::sync::MutexGuard<'_, Vec<Pooled<C>>> {
-        let list = &self.idle[w % self.idle.len()];
-        list.lock().unwrap_or_else(|p| p.into_inner())
+    /// Worker `w`'s idle list (None only if there were no lists at all).
+    fn lock_idle(&self, w: usize) -> Option<MutexGuard<'_, Vec<Pooled<C>>>> {
+        let list = self.idle.get(w.checked_rem(self.idle.len())?)?;
+        Some(lock(list))
     }
 }
 
@@ -490,7 +489,7 @@ impl<C: PoolConn> Upstream<C> {
             Balance::LeastConn => self.least_busy(),
         };
         (0..n)
-            .map(move |i| &self.servers[(first + i) % n])
+            .filter_map(move |i| self.servers.get((first + i) % n))
             .filter(|s| s.health.is_up())
     }
 
@@ -538,6 +537,11 @@ impl<C: PoolConn + std::fmt::Debug> UpstreamInfo for Upstream<C> {
     }
 }
 
+/// Locks an idle list; a panic elsewhere while it was held leaves it usable.
+fn lock<T>(list: &Mutex<T>) -> MutexGuard<'_, T> {
+    list.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// How a server is named in logs and metrics.
 pub fn address_label(addr: &Address) -> String {
     match addr {
@@ -574,7 +578,9 @@ fn smooth_schedule(weights: &[u32], n: usize) -> Vec<usize> {
         else {
             break;
         };
-        current[best] -= total;
+        if let Some(c) = current.get_mut(best) {
+            *c -= total;
+        }
         out.push(best);
     }
     out

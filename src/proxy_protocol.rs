@@ -161,7 +161,11 @@ pub fn encode_local() -> Vec<u8> {
 async fn consume(stream: &mut EagerTcp, mut len: usize) -> io::Result<()> {
     let mut sink = [0u8; MAX_HEADER];
     while len > 0 {
-        match stream.read(&mut sink[..len.min(MAX_HEADER)]).await? {
+        let room = len.min(sink.len());
+        match stream
+            .read(sink.get_mut(..room).unwrap_or_default())
+            .await?
+        {
             0 => return Err(invalid("connection closed inside the PROXY header")),
             n => len -= n,
         }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -181,8 +181,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Replay<T> {
             return Pin::new(&mut self.inner).poll_read(cx, buf);
         }
         let n = self.pending.len().min(buf.remaining());
-        buf.put_slice(&self.pending[..n]);
-        self.pending.advance(n);
+        let chunk = self.pending.split_to(n);
+        buf.put_slice(&chunk);
         Poll::Ready(Ok(()))
     }
 }
