@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::close::census::{count_many, Scope};
 use crate::config::{ClientTimeWait, Config};
-use crate::server::Proxy;
+use crate::proxy::Proxy;
 
 /// One row of the demo's table.
 #[derive(Debug)]

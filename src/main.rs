@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use waitless::config::Config;
-use waitless::server::{self, Proxy};
+use waitless::proxy::{self, Proxy};
 
 /// waitless: a connection-pooling HTTP proxy that decides which side closes first, so
 /// short connections stop burying servers in TIME_WAIT.
@@ -131,7 +131,7 @@ fn reload(admin: SocketAddr) -> ExitCode {
 }
 
 fn demo(requests: usize, concurrency: usize) -> ExitCode {
-    let rt = match server::runtime(0) {
+    let rt = match proxy::runtime(0) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("waitless: cannot start the runtime: {e}");

@@ -15,7 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::server::Proxy;
+use crate::proxy::Proxy;
 
 /// Serves the admin endpoints until the process ends.
 pub async fn serve(sock: TcpListener, proxy: Arc<Proxy>) {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::close::census::{self, Scope, StateCounts};
 use crate::close::ledger::{Entry, SideLedger, TimeWaitAt};
 use crate::pool::tcp_addr;
-use crate::server::Proxy;
+use crate::proxy::Proxy;
 
 #[derive(Debug, Serialize)]
 pub struct Snapshot {
