@@ -193,15 +193,15 @@ fn admin_request(admin: SocketAddr, method: &str, path: &str) -> Result<(u16, St
 }
 
 fn run(config: Config) -> ExitCode {
-    let rt = match waitless::workers::start(config.workers) {
-        Ok(rt) => rt,
+    let (rt, workers) = match waitless::workers::start(config.workers) {
+        Ok(started) => started,
         Err(e) => {
             eprintln!("waitless: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     rt.block_on(async {
-        let proxy = match Proxy::start(config).await {
+        let proxy = match Proxy::start(config, workers).await {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("waitless: {e}");

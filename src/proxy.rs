@@ -15,7 +15,6 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -30,7 +29,7 @@ use crate::listener::{
 use crate::mysql::{MysqlListener, MysqlUpstream};
 use crate::pool::UpstreamInfo;
 use crate::tcp::{TcpRelay, TcpUpstream};
-use crate::workers;
+use crate::workers::Workers;
 
 /// The shared state of a running proxy.
 #[derive(Debug)]
@@ -48,7 +47,7 @@ pub struct Proxy {
     /// Every client connection task.
     tasks: TaskTracker,
     /// The worker runtimes; every listener accepts on each of them.
-    workers: Vec<Handle>,
+    workers: Workers,
 }
 
 /// One config's listeners and pools.
@@ -136,10 +135,10 @@ impl std::error::Error for StartError {}
 // === impl Proxy ===
 
 impl Proxy {
-    /// Binds every socket of `config` and starts serving. Must run inside a tokio runtime.
-    /// Every socket is bound before anything is served, so a bad address fails start-up as a
-    /// whole.
-    pub async fn start(config: Config) -> Result<Arc<Proxy>, StartError> {
+    /// Binds every socket of `config` and starts serving on `workers`. Must run inside a
+    /// tokio runtime (the admin listener and pool tasks run on it). Every socket is bound
+    /// before anything is served, so a bad address fails start-up as a whole.
+    pub async fn start(config: Config, workers: Workers) -> Result<Arc<Proxy>, StartError> {
         let admin_sock = match config.admin.listen {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -155,7 +154,7 @@ impl Proxy {
             slots: Mutex::new(Vec::new()),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            workers: workers::handles(),
+            workers,
         });
         proxy.apply(config)?;
         for l in &proxy.current().listeners {
@@ -243,7 +242,7 @@ impl Proxy {
                 fresh.push(None);
                 continue;
             }
-            let n = self.workers.len();
+            let n = self.workers.count();
             let bound = Listening::bind(&l.listen, l.mode, l.defer_accept, n).and_then(|s| {
                 let tcp = s.tcp_handles()?;
                 Ok((s.split(n)?, tcp))
@@ -257,6 +256,7 @@ impl Proxy {
             fresh.push(Some(socks));
         }
         // Services next, so that nothing is started until every one could be built.
+        let n = self.workers.count();
         let mut services = Vec::new();
         for l in &config.listeners {
             let upstream = config.upstream(&l.upstream).ok_or_else(|| {
@@ -292,20 +292,20 @@ impl Proxy {
             let service = match l.protocol {
                 Protocol::Http => Service::Http(Arc::new(HttpListener {
                     cfg: l.clone(),
-                    upstream: pools.http(upstream, &old.pools, &self.ledger),
+                    upstream: pools.http(upstream, &old.pools, &self.ledger, n),
                     ledger: ledger.clone(),
                     stats: stats.clone(),
                     stop: stop.clone(),
                 })),
                 Protocol::Tcp => Service::Tcp(TcpRelay::new(
                     l.clone(),
-                    pools.tcp(upstream, &old.pools, &self.ledger),
+                    pools.tcp(upstream, &old.pools, &self.ledger, n),
                     ledger.clone(),
                     stats.clone(),
                 )),
                 Protocol::Mysql => Service::Mysql(MysqlListener::new(
                     l.clone(),
-                    pools.mysql(upstream, &old.pools, &self.ledger),
+                    pools.mysql(upstream, &old.pools, &self.ledger, n),
                     config.mysql_users.clone(),
                     ledger.clone(),
                     stats.clone(),
@@ -408,21 +408,21 @@ enum Service {
 
 impl Service {
     /// Starts an accept loop on each worker, each on its own share of the sockets.
-    fn start(self, socks: Vec<Listening>, opts: AcceptOpts, workers: &[Handle]) -> SlotService {
+    fn start(self, socks: Vec<Listening>, opts: AcceptOpts, workers: &Workers) -> SlotService {
         match self {
             Service::Http(s) => {
                 let (tx, rx) = watch::channel(s);
-                spawn_loops(rx, socks, opts, workers);
+                spawn_loops(rx, socks, opts, workers.handles());
                 SlotService::Http(tx)
             }
             Service::Tcp(s) => {
                 let (tx, rx) = watch::channel(s);
-                spawn_loops(rx, socks, opts, workers);
+                spawn_loops(rx, socks, opts, workers.handles());
                 SlotService::Tcp(tx)
             }
             Service::Mysql(s) => {
                 let (tx, rx) = watch::channel(s);
-                spawn_loops(rx, socks, opts, workers);
+                spawn_loops(rx, socks, opts, workers.handles());
                 SlotService::Mysql(tx)
             }
         }
@@ -434,7 +434,7 @@ fn spawn_loops<T: Serve>(
     svc: watch::Receiver<Arc<T>>,
     socks: Vec<Listening>,
     opts: AcceptOpts,
-    workers: &[Handle],
+    workers: &[tokio::runtime::Handle],
 ) {
     for (sock, worker) in socks.into_iter().zip(workers) {
         let (svc, opts) = (svc.clone(), opts.clone());
@@ -463,17 +463,29 @@ impl SlotService {
 // === impl Pools ===
 
 impl Pools {
-    fn http(&mut self, cfg: &config::Upstream, old: &Pools, ledger: &Ledger) -> Arc<HttpUpstream> {
+    fn http(
+        &mut self,
+        cfg: &config::Upstream,
+        old: &Pools,
+        ledger: &Ledger,
+        workers: usize,
+    ) -> Arc<HttpUpstream> {
         let up = pick(&mut self.http, &old.http, cfg, |c| {
-            HttpUpstream::new(c, ledger)
+            HttpUpstream::new(c, ledger, workers)
         });
         self.register(up.clone());
         up
     }
 
-    fn tcp(&mut self, cfg: &config::Upstream, old: &Pools, ledger: &Ledger) -> Arc<TcpUpstream> {
+    fn tcp(
+        &mut self,
+        cfg: &config::Upstream,
+        old: &Pools,
+        ledger: &Ledger,
+        workers: usize,
+    ) -> Arc<TcpUpstream> {
         let up = pick(&mut self.tcp, &old.tcp, cfg, |c| {
-            TcpUpstream::new(c, ledger)
+            TcpUpstream::new(c, ledger, workers)
         });
         self.register(up.clone());
         up
@@ -484,9 +496,10 @@ impl Pools {
         cfg: &config::Upstream,
         old: &Pools,
         ledger: &Ledger,
+        workers: usize,
     ) -> Arc<MysqlUpstream> {
         let up = pick(&mut self.mysql, &old.mysql, cfg, |c| {
-            MysqlUpstream::new(c, ledger)
+            MysqlUpstream::new(c, ledger, workers)
         });
         self.register(up.pool.clone());
         up
