@@ -19,6 +19,7 @@
 //! - `proxy_protocol`: PROXY v1/v2 headers read from load balancers and sent to servers.
 //! - `admin`: /metrics, /stats and /healthz, and the `waitless stats` table.
 //! - `demo`: `waitless demo`, where TIME_WAIT lands under each policy, measured.
+//! - `frontend`: each protocol as the composition root builds it (service and pool).
 //! - `proxy`: the running proxy: one config wired into listeners and pools, reloaded and
 //!   drained ("server" means only an upstream server).
 //! - `workers`: thread-per-core runtimes; listeners and pools are spread over them.
@@ -30,6 +31,7 @@ pub mod close;
 pub mod config;
 pub mod demo;
 pub mod eager;
+pub mod frontend;
 pub mod health;
 pub mod http;
 pub mod listener;

@@ -7,28 +7,24 @@
 //! and its warm connections. Removed listeners stop accepting and drain; replaced pools close
 //! their idle connections. Any error refuses the whole reload and leaves the running
 //! generation untouched.
+//!
+//! Nothing here names a protocol: `frontend` builds each listener's service and pool.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::close::{Ledger, SideId, SideLedger};
 use crate::config::{self, Config, Protocol};
-use crate::http::{HttpListener, HttpUpstream};
-use crate::listener::{
-    accept_loop, set_defer_accept, AcceptOpts, Bound, ListenerStats, Listening, Serve,
-};
-use crate::mysql::{MysqlListener, MysqlUpstream};
+use crate::frontend::{self, Context, Parts, Pools, Swap};
+use crate::listener::{set_defer_accept, AcceptOpts, ListenerStats, Listening};
 use crate::pool::UpstreamInfo;
-use crate::tcp::{TcpRelay, TcpUpstream};
 use crate::workers::Workers;
 
 /// The shared state of a running proxy.
@@ -57,9 +53,7 @@ pub struct Generation {
     pub config: Option<Config>,
     /// Listeners, whatever their protocol.
     pub listeners: Vec<ListenerInfo>,
-    /// Upstream pools, whatever their protocol.
-    pub upstreams: Vec<Arc<dyn UpstreamInfo>>,
-    /// The same pools, typed, so a reload can keep the unchanged ones.
+    /// Upstream pools by name, so a reload can keep the unchanged ones.
     pools: Pools,
 }
 
@@ -89,7 +83,7 @@ struct Slot {
     name: String,
     protocol: Protocol,
     /// Swaps the service on reload.
-    service: SlotService,
+    service: Box<dyn Swap>,
     /// Stops its accept loop (reload removed it, or shutdown).
     stop: CancellationToken,
     /// Kept across reloads while the name stays.
@@ -98,25 +92,6 @@ struct Slot {
     addr: Option<SocketAddr>,
     /// Second descriptors of its TCP sockets, to apply a reloaded `defer_accept`.
     tcp: Vec<OwnedFd>,
-}
-
-#[derive(Debug)]
-enum SlotService {
-    Http(watch::Sender<Arc<HttpListener>>),
-    Tcp(watch::Sender<Arc<TcpRelay>>),
-    Mysql(watch::Sender<Arc<MysqlListener>>),
-}
-
-/// Upstream pools by protocol.
-#[derive(Debug, Default)]
-struct Pools {
-    http: HashMap<String, Arc<HttpUpstream>>,
-    tcp: HashMap<String, Arc<TcpUpstream>>,
-    mysql: HashMap<String, Arc<MysqlUpstream>>,
-    /// Every pool, in creation order, for the admin side.
-    all: Vec<Arc<dyn UpstreamInfo>>,
-    /// The protocol each upstream serves: one upstream pools connections of one protocol.
-    protocol: HashMap<String, Protocol>,
 }
 
 /// How long a load balancer may take to send its PROXY header.
@@ -220,7 +195,7 @@ impl Proxy {
 
     /// Closes every idle pooled connection (ledger reason `drain`).
     pub fn drain_pools(&self) {
-        for up in &self.current().upstreams {
+        for up in self.current().upstreams() {
             up.drain();
         }
     }
@@ -256,7 +231,12 @@ impl Proxy {
             fresh.push(Some(socks));
         }
         // Services next, so that nothing is started until every one could be built.
-        let n = self.workers.count();
+        let cx = Context {
+            config: &config,
+            old: &old.pools,
+            ledger: &self.ledger,
+            workers: &self.workers,
+        };
         let mut services = Vec::new();
         for l in &config.listeners {
             let upstream = config.upstream(&l.upstream).ok_or_else(|| {
@@ -265,18 +245,6 @@ impl Proxy {
                     l.name, l.upstream
                 ))
             })?;
-            match pools.protocol.get(&upstream.name) {
-                Some(p) if *p != l.protocol => {
-                    return Err(StartError(format!(
-                        "listener {}: upstream {} already serves {p} listeners; one upstream \
-                         pools connections of one protocol",
-                        l.name, upstream.name
-                    )))
-                }
-                _ => {
-                    pools.protocol.insert(upstream.name.clone(), l.protocol);
-                }
-            }
             let key = slot_key(l);
             let existing = slots
                 .iter()
@@ -289,28 +257,14 @@ impl Proxy {
             let ledger = self.ledger.side(SideId::Listener {
                 name: l.name.clone(),
             });
-            let service = match l.protocol {
-                Protocol::Http => Service::Http(Arc::new(HttpListener {
-                    cfg: l.clone(),
-                    upstream: pools.http(upstream, &old.pools, &self.ledger, n),
-                    ledger: ledger.clone(),
-                    stats: stats.clone(),
-                    stop: stop.clone(),
-                })),
-                Protocol::Tcp => Service::Tcp(TcpRelay::new(
-                    l.clone(),
-                    pools.tcp(upstream, &old.pools, &self.ledger, n),
-                    ledger.clone(),
-                    stats.clone(),
-                )),
-                Protocol::Mysql => Service::Mysql(MysqlListener::new(
-                    l.clone(),
-                    pools.mysql(upstream, &old.pools, &self.ledger, n),
-                    config.mysql_users.clone(),
-                    ledger.clone(),
-                    stats.clone(),
-                )),
+            let parts = Parts {
+                cfg: l.clone(),
+                ledger: ledger.clone(),
+                stats: stats.clone(),
+                stop: stop.clone(),
             };
+            let service = frontend::build(parts, upstream, &mut pools, &cx)
+                .map_err(|e| StartError(format!("listener {}: {e}", l.name)))?;
             services.push((service, stop, stats, ledger));
         }
 
@@ -329,7 +283,10 @@ impl Proxy {
                     else {
                         continue;
                     };
-                    slot.service.swap(service);
+                    if !slot.service.swap(service) {
+                        tracing::error!(listener = %l.name,
+                            "reload: protocol mismatch on a kept listener");
+                    }
                     for fd in &slot.tcp {
                         if let Err(e) = set_defer_accept(fd, l.defer_accept) {
                             tracing::warn!(listener = %l.name, error = %e,
@@ -383,15 +340,14 @@ impl Proxy {
             keep
         });
         // Pools not carried over close their idle connections.
-        for up in &old.upstreams {
-            if !pools.all.iter().any(|p| Arc::ptr_eq(p, up)) {
+        for up in old.upstreams() {
+            if !pools.all().iter().any(|p| Arc::ptr_eq(p, up)) {
                 up.drain();
             }
         }
         let gen = Generation {
             config: Some(config),
             listeners,
-            upstreams: pools.all.clone(),
             pools,
         };
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(gen);
@@ -399,152 +355,12 @@ impl Proxy {
     }
 }
 
-/// A listener's service, ready to be started on a socket or swapped into a running slot.
-enum Service {
-    Http(Arc<HttpListener>),
-    Tcp(Arc<TcpRelay>),
-    Mysql(Arc<MysqlListener>),
-}
+// === impl Generation ===
 
-impl Service {
-    /// Starts an accept loop on each worker, each on its own share of the sockets.
-    fn start(self, socks: Vec<Listening>, opts: AcceptOpts, workers: &Workers) -> SlotService {
-        match self {
-            Service::Http(s) => {
-                let (tx, rx) = watch::channel(s);
-                spawn_loops(rx, socks, opts, workers.handles());
-                SlotService::Http(tx)
-            }
-            Service::Tcp(s) => {
-                let (tx, rx) = watch::channel(s);
-                spawn_loops(rx, socks, opts, workers.handles());
-                SlotService::Tcp(tx)
-            }
-            Service::Mysql(s) => {
-                let (tx, rx) = watch::channel(s);
-                spawn_loops(rx, socks, opts, workers.handles());
-                SlotService::Mysql(tx)
-            }
-        }
-    }
-}
-
-/// One accept loop per worker, each registering its socket in its own runtime.
-fn spawn_loops<T: Serve>(
-    svc: watch::Receiver<Arc<T>>,
-    socks: Vec<Listening>,
-    opts: AcceptOpts,
-    workers: &[tokio::runtime::Handle],
-) {
-    for (sock, worker) in socks.into_iter().zip(workers) {
-        let (svc, opts) = (svc.clone(), opts.clone());
-        worker.spawn(async move {
-            match Bound::register(sock) {
-                Ok(bound) => accept_loop(svc, bound, opts).await,
-                Err(e) => tracing::error!(listener = %opts.name, error = %e,
-                    "cannot accept on this worker"),
-            }
-        });
-    }
-}
-
-impl SlotService {
-    /// Replaces the service; the protocol matched when the slot was chosen.
-    fn swap(&self, service: Service) {
-        match (self, service) {
-            (SlotService::Http(tx), Service::Http(s)) => drop(tx.send_replace(s)),
-            (SlotService::Tcp(tx), Service::Tcp(s)) => drop(tx.send_replace(s)),
-            (SlotService::Mysql(tx), Service::Mysql(s)) => drop(tx.send_replace(s)),
-            _ => tracing::error!("reload: protocol mismatch on a kept listener"),
-        }
-    }
-}
-
-// === impl Pools ===
-
-impl Pools {
-    fn http(
-        &mut self,
-        cfg: &config::Upstream,
-        old: &Pools,
-        ledger: &Ledger,
-        workers: usize,
-    ) -> Arc<HttpUpstream> {
-        let up = pick(&mut self.http, &old.http, cfg, |c| {
-            HttpUpstream::new(c, ledger, workers)
-        });
-        self.register(up.clone());
-        up
-    }
-
-    fn tcp(
-        &mut self,
-        cfg: &config::Upstream,
-        old: &Pools,
-        ledger: &Ledger,
-        workers: usize,
-    ) -> Arc<TcpUpstream> {
-        let up = pick(&mut self.tcp, &old.tcp, cfg, |c| {
-            TcpUpstream::new(c, ledger, workers)
-        });
-        self.register(up.clone());
-        up
-    }
-
-    fn mysql(
-        &mut self,
-        cfg: &config::Upstream,
-        old: &Pools,
-        ledger: &Ledger,
-        workers: usize,
-    ) -> Arc<MysqlUpstream> {
-        let up = pick(&mut self.mysql, &old.mysql, cfg, |c| {
-            MysqlUpstream::new(c, ledger, workers)
-        });
-        self.register(up.pool.clone());
-        up
-    }
-
-    fn register(&mut self, up: Arc<dyn UpstreamInfo>) {
-        if !self.all.iter().any(|p| Arc::ptr_eq(p, &up)) {
-            self.all.push(up);
-        }
-    }
-}
-
-/// The pool of `cfg` in this generation: already made, carried over from the old one when
-/// its settings are unchanged (keeping its warm connections), or new.
-fn pick<T: Configured>(
-    now: &mut HashMap<String, Arc<T>>,
-    old: &HashMap<String, Arc<T>>,
-    cfg: &config::Upstream,
-    make: impl FnOnce(&config::Upstream) -> Arc<T>,
-) -> Arc<T> {
-    if let Some(up) = now.get(&cfg.name) {
-        return up.clone();
-    }
-    let up = match old.get(&cfg.name) {
-        Some(up) if up.upstream_cfg() == cfg => up.clone(),
-        _ => make(cfg),
-    };
-    now.insert(cfg.name.clone(), up.clone());
-    up
-}
-
-/// A pool that knows its settings, whatever its protocol.
-trait Configured {
-    fn upstream_cfg(&self) -> &config::Upstream;
-}
-
-impl<C: crate::pool::PoolConn + std::fmt::Debug> Configured for crate::pool::Upstream<C> {
-    fn upstream_cfg(&self) -> &config::Upstream {
-        &self.cfg
-    }
-}
-
-impl Configured for MysqlUpstream {
-    fn upstream_cfg(&self) -> &config::Upstream {
-        &self.pool.cfg
+impl Generation {
+    /// Upstream pools, whatever their protocol, in creation order.
+    pub fn upstreams(&self) -> &[Arc<dyn UpstreamInfo>] {
+        self.pools.all()
     }
 }
 

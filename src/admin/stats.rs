@@ -101,7 +101,7 @@ pub fn snapshot(proxy: &Proxy) -> Snapshot {
             scopes.push(Scope::LocalPort(addr.port()));
         }
     }
-    for up in &gen.upstreams {
+    for up in gen.upstreams() {
         for server in up.server_infos() {
             if let Some(addr) = tcp_addr(server.addr) {
                 scopes.push(Scope::Remote(addr));
@@ -147,7 +147,7 @@ pub fn snapshot(proxy: &Proxy) -> Snapshot {
         .collect();
 
     let upstreams = gen
-        .upstreams
+        .upstreams()
         .iter()
         .map(|up| UpstreamSnap {
             name: up.cfg().name.clone(),
