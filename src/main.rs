@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use waitless::admin::stats::Snapshot;
 use waitless::config::Config;
 use waitless::proxy::{self, Proxy};
 
@@ -164,7 +165,7 @@ fn stats(admin: SocketAddr) -> ExitCode {
 }
 
 /// GET /stats from the admin listener.
-fn fetch_stats(admin: SocketAddr) -> Result<serde_json::Value, String> {
+fn fetch_stats(admin: SocketAddr) -> Result<Snapshot, String> {
     match admin_request(admin, "GET", "/stats")? {
         (200, body) => serde_json::from_str(&body).map_err(|e| e.to_string()),
         (status, body) => Err(format!("{status}: {body}")),

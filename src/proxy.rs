@@ -19,13 +19,15 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin;
-use crate::close::{Ledger, SideId, SideLedger};
+use crate::admin::{self, Control, Inputs};
+use crate::close::{Ledger, SideId};
 use crate::config::{self, Config, Protocol};
 use crate::frontend::{self, Context, Parts, Pools, Swap};
 use crate::listener::{set_defer_accept, AcceptOpts, ListenerStats, Listening};
 use crate::pool::UpstreamInfo;
 use crate::workers::Workers;
+
+pub use crate::admin::ListenerInfo;
 
 /// The shared state of a running proxy.
 #[derive(Debug)]
@@ -55,19 +57,6 @@ pub struct Generation {
     pub listeners: Vec<ListenerInfo>,
     /// Upstream pools by name, so a reload can keep the unchanged ones.
     pools: Pools,
-}
-
-/// What the admin side sees of a listener.
-#[derive(Debug, Clone)]
-pub struct ListenerInfo {
-    /// Its configuration.
-    pub cfg: config::Listener,
-    /// The TCP address bound (port 0 resolved); None for unix sockets.
-    pub addr: Option<SocketAddr>,
-    /// Its counters.
-    pub stats: Arc<ListenerStats>,
-    /// Its client-side ledger.
-    pub ledger: Arc<SideLedger>,
 }
 
 /// A start-up or reload failure, naming what could not be set up.
@@ -139,7 +128,8 @@ impl Proxy {
             tracing::info!(listener = %l.cfg.name, protocol = %l.cfg.protocol, addr = %at, "listening");
         }
         if let Some(sock) = admin_sock {
-            tokio::spawn(admin::serve(sock, proxy.clone()));
+            let control: Arc<dyn Control> = proxy.clone();
+            tokio::spawn(admin::serve(sock, control));
         }
         Ok(proxy)
     }
@@ -352,6 +342,22 @@ impl Proxy {
         };
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(gen);
         Ok(())
+    }
+}
+
+// === impl Control ===
+
+impl Control for Proxy {
+    fn inputs(&self) -> Inputs {
+        let gen = self.current();
+        Inputs {
+            listeners: gen.listeners.clone(),
+            upstreams: gen.upstreams().to_vec(),
+        }
+    }
+
+    fn reload(&self) -> Result<(), String> {
+        Proxy::reload(self)
     }
 }
 
