@@ -221,6 +221,44 @@ async fn connection_limit_answers_503_beyond_max_clients() {
     assert_eq!(get(proxy.addr(), "/", true).await.unwrap().0, 200);
 }
 
+/// Clients turned away at `max_clients` are counted where an operator looks: /stats, /metrics
+/// and the `waitless stats` table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_turned_away_at_max_clients_show_as_rejected_in_stats_metrics_and_table() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "max_clients = 1", "").await;
+    let mut held = TcpStream::connect(proxy.addr()).await.unwrap();
+    held.write_all(b"GET /bytes/3 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = held.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    for _ in 0..3 {
+        assert_eq!(get(proxy.addr(), "/", true).await.unwrap().0, 503);
+    }
+
+    let stats = proxy.stats().await;
+    assert_eq!(stats["listeners"][0]["rejected"], 3, "{stats}");
+    let metrics = proxy.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("# HELP waitless_client_connections_rejected"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("waitless_client_connections_rejected_total{listener=\"web\"} 3"),
+        "{metrics}"
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_waitless"))
+        .args(["stats", "--admin", &format!("127.0.0.1:{}", proxy.admin)])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(table.contains("rejected 3"), "{table}");
+}
+
 #[test]
 fn shipped_deployment_configs_pass_check() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");

@@ -15,6 +15,7 @@ type Labels = Vec<(&'static str, String)>;
 struct Families {
     requests: Family<Labels, Counter>,
     client_connections: Family<Labels, Counter>,
+    rejected: Family<Labels, Counter>,
     errors: Family<Labels, Counter>,
     opened: Family<Labels, Counter>,
     reused: Family<Labels, Counter>,
@@ -35,6 +36,7 @@ pub fn render(snap: &Snapshot) -> String {
         f.client_connections
             .get_or_create(&who())
             .inc_by(l.connections);
+        f.rejected.get_or_create(&who()).inc_by(l.rejected);
         for (kind, n) in [
             ("connect", l.errors.connect),
             ("timeout", l.errors.timeout),
@@ -78,6 +80,11 @@ pub fn render(snap: &Snapshot) -> String {
         "client_connections",
         "Client connections accepted",
         f.client_connections,
+    );
+    reg.register(
+        "client_connections_rejected",
+        "Client connections turned away at max_clients (HTTP: 503, MySQL: error 1040, tcp: closed)",
+        f.rejected,
     );
     reg.register(
         "errors",

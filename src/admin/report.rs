@@ -11,11 +11,12 @@ pub fn render(stats: &Snapshot) -> String {
     for l in &stats.listeners {
         let e = &l.errors;
         out.push_str(&format!(
-            "  {} on {}  time_wait={}  connections {}  requests {}  errors {}\n",
+            "  {} on {}  time_wait={}  connections {}  rejected {}  requests {}  errors {}\n",
             l.name,
             l.listen,
             l.time_wait,
             l.connections,
+            l.rejected,
             l.requests,
             e.connect + e.timeout + e.busy + e.upstream,
         ));

@@ -31,6 +31,9 @@ pub struct ListenerSnap {
     pub listen: String,
     pub time_wait: String,
     pub connections: u64,
+    /// Client connections turned away at `max_clients` (absent from older versions' /stats).
+    #[serde(default)]
+    pub rejected: u64,
     pub requests: u64,
     pub errors: Errors,
     pub ledger: LedgerSnap,
@@ -204,6 +207,7 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
                     .map_or_else(|| l.cfg.listen.to_string(), |a| a.to_string()),
                 time_wait: l.cfg.time_wait.to_string(),
                 connections: s.connections.load(Ordering::Relaxed),
+                rejected: s.rejected.load(Ordering::Relaxed),
                 requests: s.requests.load(Ordering::Relaxed),
                 errors: Errors {
                     connect: s.errors_connect.load(Ordering::Relaxed),
