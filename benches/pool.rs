@@ -38,7 +38,7 @@ fn upstream(idle: usize) -> (Arc<Upstream<Conn>>, Arc<Server<Conn>>) {
     let config = Config::parse(text, std::path::Path::new("<bench>")).expect("bench config");
     let cfg = config.upstream("web").expect("upstream web");
     let ledger = Ledger::default();
-    let up = Upstream::<Conn>::new(cfg, &ledger);
+    let up = Upstream::<Conn>::new(cfg, &ledger, 1);
     let server = up.servers[0].clone();
     for _ in 0..idle {
         server.put(&up.cfg, fresh(&server));

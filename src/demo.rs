@@ -17,7 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::close::census::{count_many, Scope};
 use crate::config::{ClientTimeWait, Config};
-use crate::server::Proxy;
+use crate::proxy::Proxy;
+use crate::workers::Workers;
 
 /// One row of the demo's table.
 #[derive(Debug)]
@@ -116,7 +117,8 @@ async fn through_waitless(
     concurrency: usize,
 ) -> Result<Row, String> {
     let backend = Backend::start().await.map_err(|e| e.to_string())?;
-    let proxy = Proxy::start(demo_config(backend.addr, policy)?)
+    let workers = Workers::one(tokio::runtime::Handle::current());
+    let proxy = Proxy::start(demo_config(backend.addr, policy)?, workers)
         .await
         .map_err(|e| e.to_string())?;
     let listen = proxy

@@ -21,7 +21,9 @@
 //! - `proxy_protocol`: PROXY v1/v2 headers read from load balancers and sent to servers.
 //! - `admin`: /metrics, /stats and /healthz, and the `waitless stats` table.
 //! - `demo`: `waitless demo`, where TIME_WAIT lands under each policy, measured.
-//! - `server`: wires one config into a running proxy.
+//! - `frontend`: each protocol as the composition root builds it (service and pool).
+//! - `proxy`: the running proxy: one config wired into listeners and pools, reloaded and
+//!   drained ("server" means only an upstream server).
 //! - `workers`: thread-per-core runtimes; listeners and pools are spread over them.
 //! - `alloc`: mimalloc as the global allocator, on its plain entry points.
 
@@ -32,12 +34,13 @@ pub mod config;
 pub mod connector;
 pub mod demo;
 pub mod eager;
+pub mod frontend;
 pub mod health;
 pub mod http;
 pub mod listener;
 pub mod mysql;
 pub mod pool;
+pub mod proxy;
 pub mod proxy_protocol;
-pub mod server;
 pub mod tcp;
 pub mod workers;

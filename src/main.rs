@@ -8,8 +8,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use waitless::admin::stats::Snapshot;
 use waitless::config::Config;
-use waitless::server::{self, Proxy};
+use waitless::proxy::{self, Proxy};
 
 /// waitless: a connection-pooling HTTP proxy that decides which side closes first, so
 /// short connections stop burying servers in TIME_WAIT.
@@ -131,7 +132,7 @@ fn reload(admin: SocketAddr) -> ExitCode {
 }
 
 fn demo(requests: usize, concurrency: usize) -> ExitCode {
-    let rt = match server::runtime(0) {
+    let rt = match proxy::runtime(0) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("waitless: cannot start the runtime: {e}");
@@ -164,7 +165,7 @@ fn stats(admin: SocketAddr) -> ExitCode {
 }
 
 /// GET /stats from the admin listener.
-fn fetch_stats(admin: SocketAddr) -> Result<serde_json::Value, String> {
+fn fetch_stats(admin: SocketAddr) -> Result<Snapshot, String> {
     match admin_request(admin, "GET", "/stats")? {
         (200, body) => serde_json::from_str(&body).map_err(|e| e.to_string()),
         (status, body) => Err(format!("{status}: {body}")),
@@ -193,15 +194,15 @@ fn admin_request(admin: SocketAddr, method: &str, path: &str) -> Result<(u16, St
 }
 
 fn run(config: Config) -> ExitCode {
-    let rt = match waitless::workers::start(config.workers) {
-        Ok(rt) => rt,
+    let (rt, workers) = match waitless::workers::start(config.workers) {
+        Ok(started) => started,
         Err(e) => {
             eprintln!("waitless: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     rt.block_on(async {
-        let proxy = match Proxy::start(config).await {
+        let proxy = match Proxy::start(config, workers).await {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("waitless: {e}");

@@ -430,8 +430,9 @@ impl Drop for OpenSlot {
 // === impl Upstream ===
 
 impl<C: PoolConn> Upstream<C> {
-    /// Builds the pools of `cfg` and starts their idle reaper.
-    pub fn new(cfg: &config::Upstream, ledger: &Ledger) -> Arc<Upstream<C>> {
+    /// Builds the pools of `cfg`, with idle lists for `workers` workers, and starts their
+    /// idle reaper.
+    pub fn new(cfg: &config::Upstream, ledger: &Ledger, workers: usize) -> Arc<Upstream<C>> {
         let servers = cfg
             .servers
             .iter()
@@ -449,7 +450,7 @@ impl<C: PoolConn> Upstream<C> {
                         },
                     }),
                     label,
-                    idle: (0..workers::count())
+                    idle: (0..workers.max(1))
                         .map(|_| Mutex::new(Vec::new()))
                         .collect(),
                     idle_total: AtomicUsize::new(0),

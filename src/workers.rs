@@ -8,22 +8,24 @@
 //!
 //! The main thread is worker 0: it runs signals, reloads and the admin listener beside its
 //! share of clients. A program that never starts workers (the demo, tests using the library)
-//! runs everything on its own runtime as a single worker.
+//! runs everything on its own runtime as a single worker (`Workers::one`).
 
 use std::cell::Cell;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use tokio::runtime::{Handle, Runtime};
 
-/// The worker runtimes, once started.
-static HANDLES: OnceLock<Vec<Handle>> = OnceLock::new();
-/// How many workers share each pool (1 until `start`).
-static COUNT: AtomicUsize = AtomicUsize::new(1);
+/// The runtimes a proxy spreads its listeners over, and so how many idle lists each pool
+/// keeps. Handed to `Proxy::start`; never a process-wide value, so two proxies in one process
+/// (the demo's, a test's) each have their own.
+#[derive(Debug, Clone)]
+pub struct Workers {
+    /// One per worker, worker 0 first; never empty.
+    handles: Vec<Handle>,
+}
 
 thread_local! {
     /// This thread's worker index; 0 on threads that are not workers.
@@ -40,10 +42,32 @@ const TIDY_AFTER: Duration = Duration::from_millis(50);
 /// The least time between two collections on one worker: each walks the worker's heap.
 const TIDY_GAP: Duration = Duration::from_millis(200);
 
+// === impl Workers ===
+
+impl Workers {
+    /// One worker: the runtime `handle` belongs to, for programs that run the library on a
+    /// runtime of their own (its tasks may run on any of that runtime's threads).
+    pub fn one(handle: Handle) -> Workers {
+        Workers {
+            handles: vec![handle],
+        }
+    }
+
+    /// The runtimes, worker 0 first.
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
+    }
+
+    /// How many workers there are (at least 1).
+    pub fn count(&self) -> usize {
+        self.handles.len()
+    }
+}
+
 /// Starts `n` workers (0 = one per core) and returns worker 0's runtime, which the calling
-/// thread must drive (`block_on`) for as long as the proxy runs. The other workers run on
-/// their own threads until the process exits.
-pub fn start(n: usize) -> io::Result<Runtime> {
+/// thread must drive (`block_on`) for as long as the proxy runs, with the workers to hand to
+/// the proxy. The other workers run on their own threads until the process exits.
+pub fn start(n: usize) -> io::Result<(Runtime, Workers)> {
     let n = if n == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -71,25 +95,7 @@ pub fn start(n: usize) -> io::Result<Runtime> {
             .map_err(|_| io::Error::other("a worker thread died while starting"))??;
         handles.push(handle);
     }
-    COUNT.store(n, Ordering::Relaxed);
-    HANDLES
-        .set(handles)
-        .map_err(|_| io::Error::other("workers already started"))?;
-    Ok(main)
-}
-
-/// The runtimes to spread listeners over: the started workers, or else the caller's own.
-/// Must be called inside a runtime when no workers were started.
-pub fn handles() -> Vec<Handle> {
-    match HANDLES.get() {
-        Some(h) => h.clone(),
-        None => vec![Handle::current()],
-    }
-}
-
-/// How many workers there are (1 when none were started).
-pub fn count() -> usize {
-    COUNT.load(Ordering::Relaxed)
+    Ok((main, Workers { handles }))
 }
 
 /// The index of the worker running the caller (0 outside workers).

@@ -125,6 +125,81 @@ async fn sighup_with_a_changed_upstream_under_load_gives_no_errors() {
     );
 }
 
+/// `waitless reload`: Ok with what it printed, or Err with what it printed to stderr.
+fn reload_via_admin(admin: u16) -> Result<String, String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_waitless"))
+        .args(["reload", "--admin", &format!("127.0.0.1:{admin}")])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A reload keeps the pool of an upstream whose settings did not change, warm connection
+/// and all; a refused reload changes nothing; a changed upstream gets a new pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_an_unchanged_upstreams_warm_connection_and_replaces_a_changed_one() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let (port, admin) = (free_port(), free_port());
+    // One worker: one idle list, so every request can reuse the one warm connection.
+    let config = |listener_extra: &str, upstream_extra: &str| {
+        format!(
+            "workers = 1\n{}",
+            config_text(port, admin, &[backend.addr], upstream_extra).replace(
+                "upstream = \"web\"\n\n",
+                &format!("upstream = \"web\"\n{listener_extra}\n\n")
+            )
+        )
+    };
+    let proxy = Waitless::launch(&config("", ""), port, admin).await;
+    let path = proxy.dir.0.join("waitless.toml");
+    let served = || async {
+        for _ in 0..5 {
+            assert_eq!(get(proxy.addr(), "/", true).await.unwrap().0, 200);
+        }
+    };
+    served().await;
+    assert_eq!(
+        backend.accepts(),
+        1,
+        "one warm connection before any reload"
+    );
+
+    // A listener setting changed, the upstream did not: its pool and connection stay.
+    std::fs::write(&path, config("max_clients = 100", "")).unwrap();
+    assert!(reload_via_admin(admin).unwrap().contains("reloaded"));
+    served().await;
+    assert_eq!(
+        backend.accepts(),
+        1,
+        "a reload that left the upstream alone opened a new connection"
+    );
+
+    // Refused (a tcp listener may not share the http listener's upstream): nothing changes.
+    let mixed = format!(
+        "{}\n[[listener]]\nname = \"raw\"\nlisten = \"127.0.0.1:{}\"\nprotocol = \"tcp\"\n\
+         upstream = \"web\"\n",
+        config("", ""),
+        free_port()
+    );
+    std::fs::write(&path, mixed).unwrap();
+    assert!(
+        reload_via_admin(admin).is_err(),
+        "a mixed-protocol upstream was taken"
+    );
+    served().await;
+    assert_eq!(backend.accepts(), 1, "a refused reload replaced the pool");
+
+    // The upstream changed: a new pool, which opens its own connection.
+    std::fs::write(&path, config("", "pool_size = 4")).unwrap();
+    assert!(reload_via_admin(admin).unwrap().contains("reloaded"));
+    served().await;
+    assert_eq!(backend.accepts(), 2, "a changed upstream kept its old pool");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_at_the_header_timeout_while_others_are_served() {
     let backend = Backend::start(BackendMode::Echo).await;
@@ -219,6 +294,44 @@ async fn connection_limit_answers_503_beyond_max_clients() {
     drop(held);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(get(proxy.addr(), "/", true).await.unwrap().0, 200);
+}
+
+/// Clients turned away at `max_clients` are counted where an operator looks: /stats, /metrics
+/// and the `waitless stats` table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_turned_away_at_max_clients_show_as_rejected_in_stats_metrics_and_table() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "max_clients = 1", "").await;
+    let mut held = TcpStream::connect(proxy.addr()).await.unwrap();
+    held.write_all(b"GET /bytes/3 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = held.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    for _ in 0..3 {
+        assert_eq!(get(proxy.addr(), "/", true).await.unwrap().0, 503);
+    }
+
+    let stats = proxy.stats().await;
+    assert_eq!(stats["listeners"][0]["rejected"], 3, "{stats}");
+    let metrics = proxy.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("# HELP waitless_client_connections_rejected"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("waitless_client_connections_rejected_total{listener=\"web\"} 3"),
+        "{metrics}"
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_waitless"))
+        .args(["stats", "--admin", &format!("127.0.0.1:{}", proxy.admin)])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(table.contains("rejected 3"), "{table}");
 }
 
 #[test]

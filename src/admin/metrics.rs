@@ -6,8 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use super::stats::{LedgerSnap, Snapshot};
-use crate::close::census::StateCounts;
+use super::stats::{Census, LedgerSnap, Snapshot};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -16,6 +15,7 @@ type Labels = Vec<(&'static str, String)>;
 struct Families {
     requests: Family<Labels, Counter>,
     client_connections: Family<Labels, Counter>,
+    rejected: Family<Labels, Counter>,
     errors: Family<Labels, Counter>,
     opened: Family<Labels, Counter>,
     reused: Family<Labels, Counter>,
@@ -36,6 +36,7 @@ pub fn render(snap: &Snapshot) -> String {
         f.client_connections
             .get_or_create(&who())
             .inc_by(l.connections);
+        f.rejected.get_or_create(&who()).inc_by(l.rejected);
         for (kind, n) in [
             ("connect", l.errors.connect),
             ("timeout", l.errors.timeout),
@@ -79,6 +80,11 @@ pub fn render(snap: &Snapshot) -> String {
         "client_connections",
         "Client connections accepted",
         f.client_connections,
+    );
+    reg.register(
+        "client_connections_rejected",
+        "Client connections turned away at max_clients (HTTP: 503, MySQL: error 1040, tcp: closed)",
+        f.rejected,
     );
     reg.register(
         "errors",
@@ -137,16 +143,16 @@ fn closes(f: &Families, side: &'static str, name: &str, ledger: &LedgerSnap) {
         let labels = vec![
             ("side", side.to_string()),
             ("name", name.to_string()),
-            ("closer", e.closer.as_str().to_string()),
-            ("how", e.how.as_str().to_string()),
-            ("reason", e.reason.as_str().to_string()),
-            ("time_wait", e.time_wait.as_str().to_string()),
+            ("closer", e.closer.clone()),
+            ("how", e.how.clone()),
+            ("reason", e.reason.clone()),
+            ("time_wait", e.time_wait.clone()),
         ];
         f.closes.get_or_create(&labels).inc_by(e.count);
     }
 }
 
-fn sockets(f: &Families, side: &'static str, name: &str, view: &'static str, c: &StateCounts) {
+fn sockets(f: &Families, side: &'static str, name: &str, view: &'static str, c: &Census) {
     for (state, n) in [
         ("established", c.established),
         ("syn_sent", c.syn_sent),

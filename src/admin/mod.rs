@@ -1,10 +1,14 @@
-//! The admin listener: `/metrics` (Prometheus), `/stats` (JSON), `/healthz`.
+//! The admin listener: `/metrics` (Prometheus), `/stats` (JSON), `/healthz`, `/reload`.
+//!
+//! It sees the running proxy only through `Control`, which the composition root (`proxy`)
+//! implements: what a snapshot is taken from, and a reload.
 
 pub mod metrics;
 pub mod report;
 pub mod stats;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,10 +19,45 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::server::Proxy;
+use crate::close::SideLedger;
+use crate::config;
+use crate::listener::ListenerStats;
+use crate::pool::UpstreamInfo;
+
+/// What the admin listener may ask of the running proxy.
+pub trait Control: Send + Sync + 'static {
+    /// What runs now, for a snapshot.
+    fn inputs(&self) -> Inputs;
+
+    /// Re-reads the config file and applies it; on any error, which it returns, the running
+    /// config stays. Blocks (it reads the file): call it off the runtime threads.
+    fn reload(&self) -> Result<(), String>;
+}
+
+/// What a snapshot is taken from: the running generation's listeners and pools.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    /// Listeners, whatever their protocol.
+    pub listeners: Vec<ListenerInfo>,
+    /// Upstream pools, whatever their protocol.
+    pub upstreams: Vec<Arc<dyn UpstreamInfo>>,
+}
+
+/// What the admin side sees of a listener.
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    /// Its configuration.
+    pub cfg: config::Listener,
+    /// The TCP address bound (port 0 resolved); None for unix sockets.
+    pub addr: Option<SocketAddr>,
+    /// Its counters.
+    pub stats: Arc<ListenerStats>,
+    /// Its client-side ledger.
+    pub ledger: Arc<SideLedger>,
+}
 
 /// Serves the admin endpoints until the process ends.
-pub async fn serve(sock: TcpListener, proxy: Arc<Proxy>) {
+pub async fn serve(sock: TcpListener, proxy: Arc<dyn Control>) {
     loop {
         let (stream, _) = match sock.accept().await {
             Ok(s) => s,
@@ -41,7 +80,7 @@ pub async fn serve(sock: TcpListener, proxy: Arc<Proxy>) {
     }
 }
 
-async fn route(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<Full<Bytes>> {
+async fn route(req: Request<Incoming>, proxy: Arc<dyn Control>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/reload" if req.method() == http::Method::POST => {
@@ -66,8 +105,10 @@ async fn route(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<Full<Bytes
             }
         }
         "/metrics" => {
-            match tokio::task::spawn_blocking(move || metrics::render(&stats::snapshot(&proxy)))
-                .await
+            match tokio::task::spawn_blocking(move || {
+                metrics::render(&stats::snapshot(&proxy.inputs()))
+            })
+            .await
             {
                 Ok(body) => text(
                     StatusCode::OK,
@@ -82,7 +123,7 @@ async fn route(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<Full<Bytes
             }
         }
         "/stats" => match tokio::task::spawn_blocking(move || {
-            serde_json::to_string_pretty(&stats::snapshot(&proxy))
+            serde_json::to_string_pretty(&stats::snapshot(&proxy.inputs()))
         })
         .await
         {

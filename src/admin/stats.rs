@@ -1,17 +1,22 @@
 //! A point-in-time snapshot of the proxy: counters, ledger and the kernel's census side by
-//! side, so anyone can see they agree. Served as JSON on /stats and rendered as /metrics.
+//! side, so anyone can see they agree. Served as JSON on /stats, rendered as /metrics, and
+//! read back by `waitless stats`.
+//!
+//! The snapshot is its own wire format: ledger cells carry their labels as the strings
+//! /metrics shows, so a `waitless stats` of one version reads the /stats of another.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use super::Inputs;
 use crate::close::census::{self, Scope, StateCounts};
 use crate::close::ledger::{Entry, SideLedger, TimeWaitAt};
 use crate::pool::tcp_addr;
-use crate::server::Proxy;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Snapshot {
     pub listeners: Vec<ListenerSnap>,
     pub upstreams: Vec<UpstreamSnap>,
@@ -19,21 +24,24 @@ pub struct Snapshot {
     pub census_error: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ListenerSnap {
     pub name: String,
     pub protocol: String,
     pub listen: String,
     pub time_wait: String,
     pub connections: u64,
+    /// Client connections turned away at `max_clients` (absent from older versions' /stats).
+    #[serde(default)]
+    pub rejected: u64,
     pub requests: u64,
     pub errors: Errors,
     pub ledger: LedgerSnap,
     /// Sockets on the listener's port by state (accepted client connections).
-    pub census: Option<StateCounts>,
+    pub census: Option<Census>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Errors {
     pub connect: u64,
     pub timeout: u64,
@@ -41,18 +49,18 @@ pub struct Errors {
     pub upstream: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpstreamSnap {
     pub name: String,
     pub time_wait: String,
     pub servers: Vec<ServerSnap>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerSnap {
     pub server: String,
     /// "up" or "down" (health).
-    pub state: &'static str,
+    pub state: String,
     pub weight: u32,
     pub idle: usize,
     pub opened: u64,
@@ -61,19 +69,49 @@ pub struct ServerSnap {
     pub retries: u64,
     pub ledger: LedgerSnap,
     /// waitless's own sockets to this server, by state.
-    pub census_proxy: Option<StateCounts>,
+    pub census_proxy: Option<Census>,
     /// The server's sockets on its port, when it runs on this host (loopback).
-    pub census_server: Option<StateCounts>,
+    pub census_server: Option<Census>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LedgerSnap {
     pub closed: u64,
     /// Closes by where TIME_WAIT landed.
     pub time_wait_peer: u64,
     pub time_wait_proxy: u64,
     pub time_wait_nobody: u64,
-    pub entries: Vec<Entry>,
+    pub entries: Vec<EntrySnap>,
+}
+
+/// One nonzero cell of a side's ledger.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EntrySnap {
+    /// Who sent the first FIN or RST: "peer" or "proxy".
+    pub closer: String,
+    /// How waitless closed: "fin" or "rst".
+    pub how: String,
+    /// Why the connection ended (`close::Reason`, snake_case).
+    pub reason: String,
+    /// Where TIME_WAIT landed: "peer", "proxy" or "nobody".
+    pub time_wait: String,
+    pub count: u64,
+}
+
+/// Sockets by TCP state, as the census counted them (`census::StateCounts`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Census {
+    pub established: u64,
+    pub syn_sent: u64,
+    pub syn_recv: u64,
+    pub fin_wait1: u64,
+    pub fin_wait2: u64,
+    pub time_wait: u64,
+    pub close: u64,
+    pub close_wait: u64,
+    pub last_ack: u64,
+    pub listen: u64,
+    pub closing: u64,
 }
 
 // === impl LedgerSnap ===
@@ -85,23 +123,56 @@ impl LedgerSnap {
             time_wait_peer: side.time_wait_at(TimeWaitAt::Peer),
             time_wait_proxy: side.time_wait_at(TimeWaitAt::Proxy),
             time_wait_nobody: side.time_wait_at(TimeWaitAt::Nobody),
-            entries: side.entries(),
+            entries: side.entries().iter().map(EntrySnap::of).collect(),
         }
     }
 }
 
-/// Takes a snapshot; reads the census (a blocking netlink dump), so call it off the runtime
-/// threads (`spawn_blocking`).
-pub fn snapshot(proxy: &Proxy) -> Snapshot {
-    let gen = proxy.current();
-    // Scopes in a fixed order: listener ports, then per server (proxy side, server side).
+// === impl EntrySnap ===
+
+impl EntrySnap {
+    fn of(e: &Entry) -> EntrySnap {
+        EntrySnap {
+            closer: e.closer.as_str().to_string(),
+            how: e.how.as_str().to_string(),
+            reason: e.reason.as_str().to_string(),
+            time_wait: e.time_wait.as_str().to_string(),
+            count: e.count,
+        }
+    }
+}
+
+// === impl Census ===
+
+impl From<StateCounts> for Census {
+    fn from(c: StateCounts) -> Census {
+        Census {
+            established: c.established,
+            syn_sent: c.syn_sent,
+            syn_recv: c.syn_recv,
+            fin_wait1: c.fin_wait1,
+            fin_wait2: c.fin_wait2,
+            time_wait: c.time_wait,
+            close: c.close,
+            close_wait: c.close_wait,
+            last_ack: c.last_ack,
+            listen: c.listen,
+            closing: c.closing,
+        }
+    }
+}
+
+/// Takes a snapshot of `inputs`; reads the census (a blocking netlink dump), so call it off
+/// the runtime threads (`spawn_blocking`).
+pub fn snapshot(inputs: &Inputs) -> Snapshot {
+    // Listener ports, then per server the proxy's side and, on loopback, the server's.
     let mut scopes = Vec::new();
-    for l in &gen.listeners {
+    for l in &inputs.listeners {
         if let Some(addr) = l.addr {
             scopes.push(Scope::LocalPort(addr.port()));
         }
     }
-    for up in &gen.upstreams {
+    for up in &inputs.upstreams {
         for server in up.server_infos() {
             if let Some(addr) = tcp_addr(server.addr) {
                 scopes.push(Scope::Remote(addr));
@@ -111,16 +182,19 @@ pub fn snapshot(proxy: &Proxy) -> Snapshot {
             }
         }
     }
-    let (counts, census_error) = match census::count_many(&scopes) {
-        Ok(c) => (c, None),
-        Err(e) => (
-            vec![StateCounts::default(); scopes.len()],
-            Some(e.to_string()),
-        ),
+    let counted = census::count_many(&scopes);
+    let census_error = counted.as_ref().err().map(|e| e.to_string());
+    // Each side looks its counts up by scope; when the census failed, every one is zero.
+    let counts: HashMap<Scope, StateCounts> = match counted {
+        Ok(c) => scopes.iter().copied().zip(c).collect(),
+        Err(_) => scopes
+            .iter()
+            .map(|s| (*s, StateCounts::default()))
+            .collect(),
     };
-    let mut counts = counts.into_iter();
+    let census_of = |scope: Scope| counts.get(&scope).copied().map(Census::from);
 
-    let listeners = gen
+    let listeners = inputs
         .listeners
         .iter()
         .map(|l| {
@@ -133,6 +207,7 @@ pub fn snapshot(proxy: &Proxy) -> Snapshot {
                     .map_or_else(|| l.cfg.listen.to_string(), |a| a.to_string()),
                 time_wait: l.cfg.time_wait.to_string(),
                 connections: s.connections.load(Ordering::Relaxed),
+                rejected: s.rejected.load(Ordering::Relaxed),
                 requests: s.requests.load(Ordering::Relaxed),
                 errors: Errors {
                     connect: s.errors_connect.load(Ordering::Relaxed),
@@ -141,12 +216,12 @@ pub fn snapshot(proxy: &Proxy) -> Snapshot {
                     upstream: s.errors_upstream.load(Ordering::Relaxed),
                 },
                 ledger: LedgerSnap::of(&l.ledger),
-                census: l.addr.and_then(|_| counts.next()),
+                census: l.addr.and_then(|a| census_of(Scope::LocalPort(a.port()))),
             }
         })
         .collect();
 
-    let upstreams = gen
+    let upstreams = inputs
         .upstreams
         .iter()
         .map(|up| UpstreamSnap {
@@ -157,12 +232,10 @@ pub fn snapshot(proxy: &Proxy) -> Snapshot {
                 .into_iter()
                 .map(|server| {
                     let tcp = tcp_addr(server.addr);
-                    let census_proxy = tcp.and_then(|_| counts.next());
-                    let census_server = tcp.filter(|a| is_local(*a)).and_then(|_| counts.next());
                     let st = &server.stats;
                     ServerSnap {
                         server: server.label.to_string(),
-                        state: server.state,
+                        state: server.state.to_string(),
                         weight: server.weight,
                         idle: server.idle,
                         opened: st.opened.load(Ordering::Relaxed),
@@ -170,8 +243,10 @@ pub fn snapshot(proxy: &Proxy) -> Snapshot {
                         connect_errors: st.connect_errors.load(Ordering::Relaxed),
                         retries: st.retries.load(Ordering::Relaxed),
                         ledger: LedgerSnap::of(server.ledger),
-                        census_proxy,
-                        census_server,
+                        census_proxy: tcp.and_then(|a| census_of(Scope::Remote(a))),
+                        census_server: tcp
+                            .filter(|a| is_local(*a))
+                            .and_then(|a| census_of(Scope::LocalPort(a.port()))),
                     }
                 })
                 .collect(),

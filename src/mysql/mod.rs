@@ -87,8 +87,8 @@ const ER_UNKNOWN_ERROR: u16 = 1105;
 // === impl MysqlUpstream ===
 
 impl MysqlUpstream {
-    pub fn new(cfg: &config::Upstream, ledger: &Ledger) -> Arc<MysqlUpstream> {
-        let pool = pool::Upstream::new(cfg, ledger);
+    pub fn new(cfg: &config::Upstream, ledger: &Ledger, workers: usize) -> Arc<MysqlUpstream> {
+        let pool = pool::Upstream::new(cfg, ledger, workers);
         let facts = pool.servers.iter().map(|_| ServerFacts::new()).collect();
         let resetting = pool.servers.iter().map(|_| AtomicUsize::new(0)).collect();
         Arc::new(MysqlUpstream {

@@ -7,30 +7,27 @@
 //! and its warm connections. Removed listeners stop accepting and drain; replaced pools close
 //! their idle connections. Any error refuses the whole reload and leaves the running
 //! generation untouched.
+//!
+//! Nothing here names a protocol: `frontend` builds each listener's service and pool.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::runtime::Handle;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin;
-use crate::close::{Ledger, SideId, SideLedger};
+use crate::admin::{self, Control, Inputs};
+use crate::close::{Ledger, SideId};
 use crate::config::{self, Config, Protocol};
-use crate::http::{HttpListener, HttpUpstream};
-use crate::listener::{
-    accept_loop, set_defer_accept, AcceptOpts, Bound, ListenerStats, Listening, Serve,
-};
-use crate::mysql::{MysqlListener, MysqlUpstream};
+use crate::frontend::{self, Context, Parts, Pools, Swap};
+use crate::listener::{set_defer_accept, AcceptOpts, ListenerStats, Listening};
 use crate::pool::UpstreamInfo;
-use crate::tcp::{TcpRelay, TcpUpstream};
-use crate::workers;
+use crate::workers::Workers;
+
+pub use crate::admin::ListenerInfo;
 
 /// The shared state of a running proxy.
 #[derive(Debug)]
@@ -48,7 +45,7 @@ pub struct Proxy {
     /// Every client connection task.
     tasks: TaskTracker,
     /// The worker runtimes; every listener accepts on each of them.
-    workers: Vec<Handle>,
+    workers: Workers,
 }
 
 /// One config's listeners and pools.
@@ -58,23 +55,8 @@ pub struct Generation {
     pub config: Option<Config>,
     /// Listeners, whatever their protocol.
     pub listeners: Vec<ListenerInfo>,
-    /// Upstream pools, whatever their protocol.
-    pub upstreams: Vec<Arc<dyn UpstreamInfo>>,
-    /// The same pools, typed, so a reload can keep the unchanged ones.
+    /// Upstream pools by name, so a reload can keep the unchanged ones.
     pools: Pools,
-}
-
-/// What the admin side sees of a listener.
-#[derive(Debug, Clone)]
-pub struct ListenerInfo {
-    /// Its configuration.
-    pub cfg: config::Listener,
-    /// The TCP address bound (port 0 resolved); None for unix sockets.
-    pub addr: Option<SocketAddr>,
-    /// Its counters.
-    pub stats: Arc<ListenerStats>,
-    /// Its client-side ledger.
-    pub ledger: Arc<SideLedger>,
 }
 
 /// A start-up or reload failure, naming what could not be set up.
@@ -90,7 +72,7 @@ struct Slot {
     name: String,
     protocol: Protocol,
     /// Swaps the service on reload.
-    service: SlotService,
+    service: Box<dyn Swap>,
     /// Stops its accept loop (reload removed it, or shutdown).
     stop: CancellationToken,
     /// Kept across reloads while the name stays.
@@ -99,25 +81,6 @@ struct Slot {
     addr: Option<SocketAddr>,
     /// Second descriptors of its TCP sockets, to apply a reloaded `defer_accept`.
     tcp: Vec<OwnedFd>,
-}
-
-#[derive(Debug)]
-enum SlotService {
-    Http(watch::Sender<Arc<HttpListener>>),
-    Tcp(watch::Sender<Arc<TcpRelay>>),
-    Mysql(watch::Sender<Arc<MysqlListener>>),
-}
-
-/// Upstream pools by protocol.
-#[derive(Debug, Default)]
-struct Pools {
-    http: HashMap<String, Arc<HttpUpstream>>,
-    tcp: HashMap<String, Arc<TcpUpstream>>,
-    mysql: HashMap<String, Arc<MysqlUpstream>>,
-    /// Every pool, in creation order, for the admin side.
-    all: Vec<Arc<dyn UpstreamInfo>>,
-    /// The protocol each upstream serves: one upstream pools connections of one protocol.
-    protocol: HashMap<String, Protocol>,
 }
 
 /// How long a load balancer may take to send its PROXY header.
@@ -136,10 +99,10 @@ impl std::error::Error for StartError {}
 // === impl Proxy ===
 
 impl Proxy {
-    /// Binds every socket of `config` and starts serving. Must run inside a tokio runtime.
-    /// Every socket is bound before anything is served, so a bad address fails start-up as a
-    /// whole.
-    pub async fn start(config: Config) -> Result<Arc<Proxy>, StartError> {
+    /// Binds every socket of `config` and starts serving on `workers`. Must run inside a
+    /// tokio runtime (the admin listener and pool tasks run on it). Every socket is bound
+    /// before anything is served, so a bad address fails start-up as a whole.
+    pub async fn start(config: Config, workers: Workers) -> Result<Arc<Proxy>, StartError> {
         let admin_sock = match config.admin.listen {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -155,7 +118,7 @@ impl Proxy {
             slots: Mutex::new(Vec::new()),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            workers: workers::handles(),
+            workers,
         });
         proxy.apply(config)?;
         for l in &proxy.current().listeners {
@@ -165,7 +128,8 @@ impl Proxy {
             tracing::info!(listener = %l.cfg.name, protocol = %l.cfg.protocol, addr = %at, "listening");
         }
         if let Some(sock) = admin_sock {
-            tokio::spawn(admin::serve(sock, proxy.clone()));
+            let control: Arc<dyn Control> = proxy.clone();
+            tokio::spawn(admin::serve(sock, control));
         }
         Ok(proxy)
     }
@@ -221,7 +185,7 @@ impl Proxy {
 
     /// Closes every idle pooled connection (ledger reason `drain`).
     pub fn drain_pools(&self) {
-        for up in &self.current().upstreams {
+        for up in self.current().upstreams() {
             up.drain();
         }
     }
@@ -243,7 +207,7 @@ impl Proxy {
                 fresh.push(None);
                 continue;
             }
-            let n = self.workers.len();
+            let n = self.workers.count();
             let bound = Listening::bind(&l.listen, l.mode, l.defer_accept, n).and_then(|s| {
                 let tcp = s.tcp_handles()?;
                 Ok((s.split(n)?, tcp))
@@ -257,6 +221,12 @@ impl Proxy {
             fresh.push(Some(socks));
         }
         // Services next, so that nothing is started until every one could be built.
+        let cx = Context {
+            config: &config,
+            old: &old.pools,
+            ledger: &self.ledger,
+            workers: &self.workers,
+        };
         let mut services = Vec::new();
         for l in &config.listeners {
             let upstream = config.upstream(&l.upstream).ok_or_else(|| {
@@ -265,18 +235,6 @@ impl Proxy {
                     l.name, l.upstream
                 ))
             })?;
-            match pools.protocol.get(&upstream.name) {
-                Some(p) if *p != l.protocol => {
-                    return Err(StartError(format!(
-                        "listener {}: upstream {} already serves {p} listeners; one upstream \
-                         pools connections of one protocol",
-                        l.name, upstream.name
-                    )))
-                }
-                _ => {
-                    pools.protocol.insert(upstream.name.clone(), l.protocol);
-                }
-            }
             let key = slot_key(l);
             let existing = slots
                 .iter()
@@ -289,28 +247,14 @@ impl Proxy {
             let ledger = self.ledger.side(SideId::Listener {
                 name: l.name.clone(),
             });
-            let service = match l.protocol {
-                Protocol::Http => Service::Http(Arc::new(HttpListener {
-                    cfg: l.clone(),
-                    upstream: pools.http(upstream, &old.pools, &self.ledger),
-                    ledger: ledger.clone(),
-                    stats: stats.clone(),
-                    stop: stop.clone(),
-                })),
-                Protocol::Tcp => Service::Tcp(TcpRelay::new(
-                    l.clone(),
-                    pools.tcp(upstream, &old.pools, &self.ledger),
-                    ledger.clone(),
-                    stats.clone(),
-                )),
-                Protocol::Mysql => Service::Mysql(MysqlListener::new(
-                    l.clone(),
-                    pools.mysql(upstream, &old.pools, &self.ledger),
-                    config.mysql_users.clone(),
-                    ledger.clone(),
-                    stats.clone(),
-                )),
+            let parts = Parts {
+                cfg: l.clone(),
+                ledger: ledger.clone(),
+                stats: stats.clone(),
+                stop: stop.clone(),
             };
+            let service = frontend::build(parts, upstream, &mut pools, &cx)
+                .map_err(|e| StartError(format!("listener {}: {e}", l.name)))?;
             services.push((service, stop, stats, ledger));
         }
 
@@ -329,7 +273,10 @@ impl Proxy {
                     else {
                         continue;
                     };
-                    slot.service.swap(service);
+                    if !slot.service.swap(service) {
+                        tracing::error!(listener = %l.name,
+                            "reload: protocol mismatch on a kept listener");
+                    }
                     for fd in &slot.tcp {
                         if let Err(e) = set_defer_accept(fd, l.defer_accept) {
                             tracing::warn!(listener = %l.name, error = %e,
@@ -383,15 +330,14 @@ impl Proxy {
             keep
         });
         // Pools not carried over close their idle connections.
-        for up in &old.upstreams {
-            if !pools.all.iter().any(|p| Arc::ptr_eq(p, up)) {
+        for up in old.upstreams() {
+            if !pools.all().iter().any(|p| Arc::ptr_eq(p, up)) {
                 up.drain();
             }
         }
         let gen = Generation {
             config: Some(config),
             listeners,
-            upstreams: pools.all.clone(),
             pools,
         };
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(gen);
@@ -399,139 +345,28 @@ impl Proxy {
     }
 }
 
-/// A listener's service, ready to be started on a socket or swapped into a running slot.
-enum Service {
-    Http(Arc<HttpListener>),
-    Tcp(Arc<TcpRelay>),
-    Mysql(Arc<MysqlListener>),
-}
+// === impl Control ===
 
-impl Service {
-    /// Starts an accept loop on each worker, each on its own share of the sockets.
-    fn start(self, socks: Vec<Listening>, opts: AcceptOpts, workers: &[Handle]) -> SlotService {
-        match self {
-            Service::Http(s) => {
-                let (tx, rx) = watch::channel(s);
-                spawn_loops(rx, socks, opts, workers);
-                SlotService::Http(tx)
-            }
-            Service::Tcp(s) => {
-                let (tx, rx) = watch::channel(s);
-                spawn_loops(rx, socks, opts, workers);
-                SlotService::Tcp(tx)
-            }
-            Service::Mysql(s) => {
-                let (tx, rx) = watch::channel(s);
-                spawn_loops(rx, socks, opts, workers);
-                SlotService::Mysql(tx)
-            }
+impl Control for Proxy {
+    fn inputs(&self) -> Inputs {
+        let gen = self.current();
+        Inputs {
+            listeners: gen.listeners.clone(),
+            upstreams: gen.upstreams().to_vec(),
         }
     }
-}
 
-/// One accept loop per worker, each registering its socket in its own runtime.
-fn spawn_loops<T: Serve>(
-    svc: watch::Receiver<Arc<T>>,
-    socks: Vec<Listening>,
-    opts: AcceptOpts,
-    workers: &[Handle],
-) {
-    for (sock, worker) in socks.into_iter().zip(workers) {
-        let (svc, opts) = (svc.clone(), opts.clone());
-        worker.spawn(async move {
-            match Bound::register(sock) {
-                Ok(bound) => accept_loop(svc, bound, opts).await,
-                Err(e) => tracing::error!(listener = %opts.name, error = %e,
-                    "cannot accept on this worker"),
-            }
-        });
+    fn reload(&self) -> Result<(), String> {
+        Proxy::reload(self)
     }
 }
 
-impl SlotService {
-    /// Replaces the service; the protocol matched when the slot was chosen.
-    fn swap(&self, service: Service) {
-        match (self, service) {
-            (SlotService::Http(tx), Service::Http(s)) => drop(tx.send_replace(s)),
-            (SlotService::Tcp(tx), Service::Tcp(s)) => drop(tx.send_replace(s)),
-            (SlotService::Mysql(tx), Service::Mysql(s)) => drop(tx.send_replace(s)),
-            _ => tracing::error!("reload: protocol mismatch on a kept listener"),
-        }
-    }
-}
+// === impl Generation ===
 
-// === impl Pools ===
-
-impl Pools {
-    fn http(&mut self, cfg: &config::Upstream, old: &Pools, ledger: &Ledger) -> Arc<HttpUpstream> {
-        let up = pick(&mut self.http, &old.http, cfg, |c| {
-            HttpUpstream::new(c, ledger)
-        });
-        self.register(up.clone());
-        up
-    }
-
-    fn tcp(&mut self, cfg: &config::Upstream, old: &Pools, ledger: &Ledger) -> Arc<TcpUpstream> {
-        let up = pick(&mut self.tcp, &old.tcp, cfg, |c| {
-            TcpUpstream::new(c, ledger)
-        });
-        self.register(up.clone());
-        up
-    }
-
-    fn mysql(
-        &mut self,
-        cfg: &config::Upstream,
-        old: &Pools,
-        ledger: &Ledger,
-    ) -> Arc<MysqlUpstream> {
-        let up = pick(&mut self.mysql, &old.mysql, cfg, |c| {
-            MysqlUpstream::new(c, ledger)
-        });
-        self.register(up.pool.clone());
-        up
-    }
-
-    fn register(&mut self, up: Arc<dyn UpstreamInfo>) {
-        if !self.all.iter().any(|p| Arc::ptr_eq(p, &up)) {
-            self.all.push(up);
-        }
-    }
-}
-
-/// The pool of `cfg` in this generation: already made, carried over from the old one when
-/// its settings are unchanged (keeping its warm connections), or new.
-fn pick<T: Configured>(
-    now: &mut HashMap<String, Arc<T>>,
-    old: &HashMap<String, Arc<T>>,
-    cfg: &config::Upstream,
-    make: impl FnOnce(&config::Upstream) -> Arc<T>,
-) -> Arc<T> {
-    if let Some(up) = now.get(&cfg.name) {
-        return up.clone();
-    }
-    let up = match old.get(&cfg.name) {
-        Some(up) if up.upstream_cfg() == cfg => up.clone(),
-        _ => make(cfg),
-    };
-    now.insert(cfg.name.clone(), up.clone());
-    up
-}
-
-/// A pool that knows its settings, whatever its protocol.
-trait Configured {
-    fn upstream_cfg(&self) -> &config::Upstream;
-}
-
-impl<C: crate::pool::PoolConn + std::fmt::Debug> Configured for crate::pool::Upstream<C> {
-    fn upstream_cfg(&self) -> &config::Upstream {
-        &self.cfg
-    }
-}
-
-impl Configured for MysqlUpstream {
-    fn upstream_cfg(&self) -> &config::Upstream {
-        &self.pool.cfg
+impl Generation {
+    /// Upstream pools, whatever their protocol, in creation order.
+    pub fn upstreams(&self) -> &[Arc<dyn UpstreamInfo>] {
+        self.pools.all()
     }
 }
 
