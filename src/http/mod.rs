@@ -36,7 +36,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
-use crate::close::{ClientPolicy, Reason, SideLedger, Socket, Tracked};
+use crate::close::{ClientPolicy, Ending, Reason, SideLedger, Socket, Tracked};
 use crate::config;
 use crate::listener::{ListenerStats, Serve};
 use crate::pool::Server;
@@ -196,7 +196,7 @@ impl HttpListener {
         let result = poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
         let io = conn.into_parts().io.into_inner();
         if result.is_ok() {
-            io.finish_client(Reason::Error, false).await;
+            io.finish_client(Ending::Over(Reason::Error)).await;
         }
     }
 
@@ -232,7 +232,7 @@ impl HttpListener {
                 };
                 if let Some(reason) = reason {
                     // Boxed, like serving below: only the wait itself lives in every idle task.
-                    return Box::pin(io.finish_client(reason, false)).await;
+                    return Box::pin(io.finish_client(Ending::Over(reason))).await;
                 }
                 match Box::pin(self.serve_requests(io, Bytes::new(), peer)).await {
                     Some(back) => (io, released) = (back, true),
@@ -421,8 +421,12 @@ impl HttpListener {
                 return Session::Over;
             }
         };
-        io.finish_client(reason, state.eof_reader.load(Ordering::Relaxed))
-            .await;
+        let ending = if state.eof_reader.load(Ordering::Relaxed) {
+            Ending::ReadsToEof
+        } else {
+            Ending::Over(reason)
+        };
+        io.finish_client(ending).await;
         Session::Over
     }
 

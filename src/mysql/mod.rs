@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::close::{ClientPolicy, Ledger, Reason, SideLedger, Socket, Tracked};
+use crate::close::{ClientPolicy, Ending, Ledger, Reason, SideLedger, Socket, Tracked};
 use crate::config::{self, MysqlUser};
 use crate::listener::{ListenerStats, Serve};
 use crate::pool::{self, Pooled, Server};
@@ -332,7 +332,7 @@ impl MysqlListener {
         let policy = self.policy();
         let mut client = PacketIo::new(Tracked::client(stream, self.ledger.clone(), policy));
         match self.session(&mut client, peer).await {
-            End::Done(reason) => client.into_inner().finish_client(reason, false).await,
+            End::Done(why) => client.into_inner().finish_client(Ending::Over(why)).await,
             End::Broken(e) => {
                 tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e,
                     "mysql client connection failed");
@@ -348,7 +348,7 @@ impl MysqlListener {
         let mut client = PacketIo::new(Tracked::client(stream, self.ledger.clone(), self.policy()));
         let err = err_payload(ER_CON_COUNT_ERROR, b"08004", "Too many connections");
         match answer(&mut client, 0, &err).await {
-            End::Done(reason) => client.into_inner().finish_client(reason, false).await,
+            End::Done(why) => client.into_inner().finish_client(Ending::Over(why)).await,
             End::Broken(e) => {
                 tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e,
                     "mysql client turned away");
