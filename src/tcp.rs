@@ -238,6 +238,10 @@ impl Serve for TcpRelay {
     ) -> impl std::future::Future<Output = ()> + Send {
         self.serve_client(stream, peer)
     }
+
+    fn track<S: Socket>(&self, stream: S) -> Tracked<S> {
+        Tracked::client(stream, self.ledger.clone(), ClientPolicy::of(&self.cfg))
+    }
 }
 
 /// The server side after a relay, and how the relay ended.

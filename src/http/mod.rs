@@ -161,23 +161,25 @@ impl Serve for HttpListener {
         self.serve_client(io, peer)
     }
 
+    fn track<S: Socket>(&self, stream: S) -> Tracked<S> {
+        Tracked::client(stream, self.ledger.clone(), ClientPolicy::of(&self.cfg))
+    }
+
     /// At `max_clients`: every request on the connection gets a 503, then it closes.
     fn reject<S: Socket>(
         self: Arc<Self>,
-        stream: S,
+        client: Tracked<S>,
         peer: Option<SocketAddr>,
     ) -> impl std::future::Future<Output = ()> + Send {
-        self.reject_client(stream, peer)
+        self.reject_client(client, peer)
     }
 }
 
 impl HttpListener {
     /// At `max_clients`: answers 503 and closes.
-    async fn reject_client<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
+    async fn reject_client<S: Socket>(self: Arc<Self>, io: Tracked<S>, peer: Option<SocketAddr>) {
         tracing::warn!(listener = %self.cfg.name, peer = ?peer, max_clients = self.cfg.max_clients,
             "too many client connections: answering 503");
-        let policy = ClientPolicy::of(&self.cfg);
-        let io = Tracked::client(stream, self.ledger.clone(), policy);
         let name = self.cfg.name.clone();
         let svc = service_fn(move |_req| {
             let mut resp = error_response(
@@ -196,7 +198,7 @@ impl HttpListener {
         let result = poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
         let io = conn.into_parts().io.into_inner();
         if result.is_ok() {
-            io.finish_client(Ending::Over(Reason::Error)).await;
+            io.finish_client(Ending::Over(Reason::Refused)).await;
         }
     }
 

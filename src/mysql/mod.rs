@@ -299,12 +299,16 @@ impl Serve for MysqlListener {
         self.serve_client(stream, peer)
     }
 
+    fn track<S: Socket>(&self, stream: S) -> Tracked<S> {
+        Tracked::client(stream, self.ledger.clone(), self.policy())
+    }
+
     fn reject<S: Socket>(
         self: Arc<Self>,
-        stream: S,
+        client: Tracked<S>,
         peer: Option<SocketAddr>,
     ) -> impl std::future::Future<Output = ()> + Send {
-        self.reject_client(stream, peer)
+        self.reject_client(client, peer)
     }
 }
 
@@ -344,11 +348,14 @@ impl MysqlListener {
 
     /// Turns a client away at `max_clients` as a full server does: ERR 1040 in place of the
     /// greeting.
-    async fn reject_client<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
-        let mut client = PacketIo::new(Tracked::client(stream, self.ledger.clone(), self.policy()));
+    async fn reject_client<S: Socket>(self: Arc<Self>, io: Tracked<S>, peer: Option<SocketAddr>) {
+        let mut client = PacketIo::new(io);
         let err = err_payload(ER_CON_COUNT_ERROR, b"08004", "Too many connections");
         match answer(&mut client, 0, &err).await {
-            End::Done(why) => client.into_inner().finish_client(Ending::Over(why)).await,
+            End::Done(_) => {
+                let ending = Ending::Over(Reason::Refused);
+                client.into_inner().finish_client(ending).await
+            }
             End::Broken(e) => {
                 tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e,
                     "mysql client turned away");
