@@ -16,7 +16,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-use waitless::close::{ClientPolicy, Ledger, Reason, SideId, SideLedger, Tracked};
+use waitless::close::{ClientPolicy, Ending, Ledger, Reason, SideId, SideLedger, Tracked};
 use waitless::config::{ClientTimeWait, LingerFallback};
 
 /// The accepted (proxy) side of a fresh loopback connection and the client side, which
@@ -96,7 +96,7 @@ fn bench_close(c: &mut Criterion) {
                 async move {
                     let s = TcpStream::from_std(p.server).expect("register");
                     let t = Tracked::client(s, side, policy(ClientTimeWait::None));
-                    t.finish_client(Reason::Done, false).await;
+                    t.finish_client(Ending::Over(Reason::Done)).await;
                     p.client
                 }
             },
@@ -141,7 +141,7 @@ fn bench_close(c: &mut Criterion) {
                     async move {
                         let s = TcpStream::from_std(p.server).expect("register");
                         let t = Tracked::client(s, side, policy(tw));
-                        t.finish_client(Reason::Done, false).await;
+                        t.finish_client(Ending::Over(Reason::Done)).await;
                         p.client
                     }
                 },

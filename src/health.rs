@@ -6,14 +6,14 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 
+use crate::close::{CloseCtl, Ending, SideLedger, Socket, Tracked};
 use crate::config::{self, Address, CheckKind, HealthCheck};
 
 /// One server's health, lock-free: read on every request.
@@ -66,26 +66,46 @@ impl Health {
     }
 }
 
-/// Runs one active check of `addr`. The check's connection is closed with RST, so checking a
-/// server every few seconds leaves no TIME_WAIT on either side.
-pub async fn check(addr: &Address, hc: &HealthCheck, timeout: Duration) -> io::Result<()> {
+/// Runs one active check of `addr`, a server of the upstream `up`, within its
+/// `connect_timeout`. The probe connection is closed as the close policy decides for a check
+/// (with RST, so checking a server every few seconds leaves no TIME_WAIT on either side) and
+/// recorded in the server's `ledger`.
+pub async fn check(
+    addr: &Address,
+    hc: &HealthCheck,
+    up: &config::Upstream,
+    ledger: &Arc<SideLedger>,
+) -> io::Result<()> {
     let run = async {
         match addr {
             Address::Tcp(sa) => {
-                let mut s = TcpStream::connect(sa).await?;
-                let result = probe(&mut s, hc, &sa.to_string()).await;
-                let _ = SockRef::from(&s).set_linger(Some(Duration::ZERO));
-                result
+                let s = TcpStream::connect(sa).await?;
+                probe_tracked(s, hc, &sa.to_string(), up, ledger).await
             }
             Address::Unix(path) => {
-                let mut s = UnixStream::connect(path).await?;
-                probe(&mut s, hc, "localhost").await
+                let s = UnixStream::connect(path).await?;
+                probe_tracked(s, hc, "localhost", up, ledger).await
             }
         }
     };
-    tokio::time::timeout(timeout, run)
+    // A probe cut by the timeout is dropped: the close mechanism records it as an error.
+    tokio::time::timeout(up.connect_timeout, run)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "health check timed out"))?
+}
+
+/// Probes over a tracked connection, then closes it as a check's.
+async fn probe_tracked<S: Socket>(
+    s: S,
+    hc: &HealthCheck,
+    host: &str,
+    up: &config::Upstream,
+    ledger: &Arc<SideLedger>,
+) -> io::Result<()> {
+    let mut s = Tracked::upstream(s, ledger.clone(), up.time_wait, CloseCtl::new());
+    let result = probe(&mut s, hc, host).await;
+    s.finish_upstream(Ending::Checked, Duration::ZERO).await;
+    result
 }
 
 async fn probe<S>(s: &mut S, hc: &HealthCheck, host: &str) -> io::Result<()>

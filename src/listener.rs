@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::close::{Closer, How, Reason, SideLedger, Socket};
+use crate::close::{Ending, SideLedger, Socket, Tracked};
 use crate::config::Address;
 use crate::eager::EagerTcp;
 use crate::proxy_protocol;
@@ -37,15 +37,20 @@ pub trait Serve: Send + Sync + 'static {
         peer: Option<SocketAddr>,
     ) -> impl std::future::Future<Output = ()> + Send;
 
+    /// Wraps a client connection in the listener's close tracking (its ledger, its client
+    /// policy), for connections turned away before `serve` saw them.
+    fn track<S: Socket>(&self, stream: S) -> Tracked<S>;
+
     /// Turns a client away because the listener is at `max_clients`. By default the
-    /// connection is closed; protocols with an error message say it first.
+    /// connection is closed as a refusal (reset: nothing was sent); protocols with an error
+    /// message say it first.
     fn reject<S: Socket>(
         self: Arc<Self>,
-        stream: S,
+        client: Tracked<S>,
         peer: Option<SocketAddr>,
     ) -> impl std::future::Future<Output = ()> + Send {
         let _ = peer;
-        async move { drop(stream) }
+        client.finish_client(Ending::Refused)
     }
 }
 
@@ -285,7 +290,8 @@ pub struct AcceptOpts {
     pub name: Arc<str>,
     /// Clients send a PROXY header first; read it within this long.
     pub proxy_header: Option<Duration>,
-    /// The listener's ledger, for connections refused before the protocol saw them.
+    /// The listener's ledger. Unused here: connections refused before the protocol saw them
+    /// are tracked by the service (`Serve::track`), whose ledger follows reloads.
     pub ledger: Arc<SideLedger>,
     /// The listener's counters (`active` bounds connections by `max_clients`).
     pub stats: Arc<ListenerStats>,
@@ -320,8 +326,12 @@ pub async fn accept_loop<T: Serve>(svc: watch::Receiver<Arc<T>>, sock: Bound, op
                 let opts = opts.clone();
                 opts.tasks.clone().spawn(Box::pin(async move {
                     let _active = active;
-                    if let Some(client) = client_addr(&mut stream, peer, &opts).await {
-                        svc.reject(stream, Some(client)).await
+                    match client_addr(&mut stream, peer, &opts).await {
+                        Some(client) => {
+                            let tracked = svc.track(stream);
+                            svc.reject(tracked, Some(client)).await
+                        }
+                        None => svc.track(stream).finish_client(Ending::Refused).await,
                     }
                 }));
             }
@@ -331,8 +341,9 @@ pub async fn accept_loop<T: Serve>(svc: watch::Receiver<Arc<T>>, sock: Bound, op
                     let _active = active;
                     let client = Box::pin(client_addr(&mut stream, peer, &opts)).await;
                     drop(opts);
-                    if let Some(client) = client {
-                        svc.serve(stream, Some(client)).await
+                    match client {
+                        Some(client) => svc.serve(stream, Some(client)).await,
+                        None => Box::pin(svc.track(stream).finish_client(Ending::Refused)).await,
                     }
                 });
             }
@@ -345,7 +356,8 @@ pub async fn accept_loop<T: Serve>(svc: watch::Receiver<Arc<T>>, sock: Bound, op
             Accepted::Unix(stream) if over => {
                 opts.tasks.spawn(Box::pin(async move {
                     let _active = active;
-                    svc.reject(stream, None).await
+                    let tracked = svc.track(stream);
+                    svc.reject(tracked, None).await
                 }));
             }
             Accepted::Unix(stream) => {
@@ -360,8 +372,7 @@ pub async fn accept_loop<T: Serve>(svc: watch::Receiver<Arc<T>>, sock: Bound, op
 }
 
 /// The client's address: from its PROXY header when the listener reads one, else the peer's.
-/// None when the header is bad: the connection is then reset (nothing was sent, and a
-/// refused client keeps no TIME_WAIT) and recorded.
+/// None when the header is bad: the caller then closes the connection as a refusal.
 async fn client_addr(
     stream: &mut EagerTcp,
     peer: SocketAddr,
@@ -375,8 +386,6 @@ async fn client_addr(
         Err(e) => {
             tracing::warn!(listener = %opts.name, peer = %peer, error = %e,
                 "refusing connection: bad PROXY protocol header");
-            let _ = SockRef::from(&*stream).set_linger(Some(Duration::ZERO));
-            opts.ledger.record(Closer::Proxy, How::Rst, Reason::Error);
             None
         }
     }

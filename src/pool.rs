@@ -599,7 +599,7 @@ fn spawn_checks<C: PoolConn>(up: Weak<Upstream<C>>, hc: HealthCheck) {
             tick.tick().await;
             let Some(up) = up.upgrade() else { return };
             for server in &up.servers {
-                match health::check(&server.addr, &hc, up.cfg.connect_timeout).await {
+                match health::check(&server.addr, &hc, &up.cfg, &server.ledger).await {
                     Ok(()) => {
                         if !server.health.is_up() {
                             tracing::info!(upstream = %up.cfg.name, server = %server.label,

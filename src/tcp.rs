@@ -24,8 +24,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
-use crate::close::{ClientPolicy, Reason, ServerSocket, SideLedger, Socket, Tracked};
-use crate::config::{self, Address, ClientTimeWait, LingerFallback, ProxyProtocol};
+use crate::close::{ClientPolicy, Ending, Reason, ServerSocket, SideLedger, Socket, Tracked};
+use crate::config::{self, Address, ProxyProtocol};
 use crate::connector::{self, GetError, OpenError, Plain, Reuse};
 use crate::listener::{ListenerStats, Serve};
 use crate::pool::{self, PoolConn};
@@ -73,8 +73,9 @@ struct Half {
 enum End {
     /// Both directions finished.
     Both,
-    /// The server closed and the client gets an RST after the fallback rules.
-    ServerClosedReset,
+    /// The server closed, and the client's policy ends its connection now (with the
+    /// fallback's RST) rather than relaying on.
+    ServerClosed,
     /// Nothing moved for the listener's keepalive_timeout.
     Idle,
 }
@@ -172,15 +173,14 @@ impl TcpRelay {
                 self.stats.errors_busy.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(listener = %self.cfg.name, peer = ?peer, upstream = %up.cfg.name,
                     "all upstream connections busy (max_connections); closing the client connection");
-                return client.finish_client(Reason::Error, true).await;
+                return client.finish_client(Ending::Refused).await;
             }
             Err(_) => {}
         }
         self.stats.errors_connect.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(listener = %self.cfg.name, peer = ?peer, upstream = %up.cfg.name,
             "no upstream server reachable; closing the client connection");
-        // Nothing was sent: an RST leaves no TIME_WAIT and tells the client at once.
-        client.finish_client(Reason::Error, true).await;
+        client.finish_client(Ending::Refused).await;
     }
 
     /// The PROXY header to send first, if the upstream wants one.
@@ -212,12 +212,10 @@ impl TcpRelay {
                 };
             }
         }
-        let reset_on_server_close =
-            policy.time_wait != ClientTimeWait::Proxy && policy.fallback == LingerFallback::Reset;
         let end = relay(
             client,
             &mut server,
-            reset_on_server_close,
+            policy.ends_relay_at_server_close(),
             self.cfg.keepalive_timeout,
         )
         .await;
@@ -236,6 +234,10 @@ impl Serve for TcpRelay {
     ) -> impl std::future::Future<Output = ()> + Send {
         self.serve_client(stream, peer)
     }
+
+    fn track<S: Socket>(&self, stream: S) -> Tracked<S> {
+        Tracked::client(stream, self.ledger.clone(), ClientPolicy::of(&self.cfg))
+    }
 }
 
 /// The server side after a relay, and how the relay ended.
@@ -247,30 +249,20 @@ struct Outcome<U: Socket> {
 impl<U: Socket> Outcome<U> {
     /// Closes both sides by their policies.
     async fn finish<C: Socket>(self, client: Tracked<C>, linger: Duration) {
-        match self.end {
-            Ok(End::Both) => {
-                let server_first = self.server.peer_eof() && !client.peer_eof();
-                tokio::join!(
-                    client.finish_client(Reason::Done, server_first),
-                    self.server.finish_upstream(linger),
-                );
-            }
-            Ok(End::ServerClosedReset) => {
-                tokio::join!(
-                    client.finish_client(Reason::Done, true),
-                    self.server.finish_upstream(linger),
-                );
-            }
-            Ok(End::Idle) => {
-                tokio::join!(
-                    client.finish_client(Reason::Idle, false),
-                    self.server.finish_upstream(linger),
-                );
-            }
+        let client_ending = match self.end {
+            // The relay ends only once the client's EOF was read, so it closed by itself.
+            Ok(End::Both) => Ending::Over(Reason::Done),
+            Ok(End::ServerClosed) => Ending::ServerClosed,
+            Ok(End::Idle) => Ending::Over(Reason::Idle),
             // Dropped: the close mechanism records an error (or the peer's close) and RSTs
             // where its policy says.
-            Err(_) => {}
-        }
+            Err(_) => return,
+        };
+        tokio::join!(
+            client.finish_client(client_ending),
+            self.server
+                .finish_upstream(Ending::Over(Reason::Done), linger),
+        );
     }
 }
 
@@ -306,7 +298,7 @@ async fn keep_preconnected(up: Weak<TcpUpstream>, taken: Arc<Notify>, listener: 
 async fn relay<C: Socket, U: Socket>(
     client: &mut Tracked<C>,
     server: &mut Tracked<U>,
-    reset_on_server_close: bool,
+    end_at_server_close: bool,
     idle: Duration,
 ) -> io::Result<End> {
     let mut up = Half::new();
@@ -318,8 +310,8 @@ async fn relay<C: Socket, U: Socket>(
             // server → client
             match down.poll_copy(cx, server, client, &mut moved) {
                 Poll::Ready(Ok(())) => {
-                    if reset_on_server_close && !up.done {
-                        return Poll::Ready(Ok(End::ServerClosedReset));
+                    if end_at_server_close && !up.done {
+                        return Poll::Ready(Ok(End::ServerClosed));
                     }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),

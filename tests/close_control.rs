@@ -316,3 +316,44 @@ async fn stats_command_shows_ledger_and_census() {
     assert!(text.contains("closed       20"), "{text}");
     assert!(text.contains("census"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_probes_are_reset_and_recorded_in_the_servers_ledger() {
+    for kind in ["tcp", "http"] {
+        let backend = Backend::start(BackendMode::Echo).await;
+        let proxy = Waitless::start(
+            &[backend.addr],
+            "",
+            &format!("health_check = {{ kind = \"{kind}\", path = \"/bytes/10\", interval = \"100ms\" }}"),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        settle().await;
+        let stats = proxy.stats().await;
+        let server = &stats["upstreams"][0]["servers"][0];
+        let ledger = &server["ledger"];
+        let probes: u64 = ledger["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reason"] == "health_check" && e["how"] == "rst")
+            .map(|e| n(&e["count"]))
+            .sum();
+        let opened = backend.accepts() as u64;
+        let backend_tw = time_wait_on_port(backend.port());
+        let proxy_tw = sockets_to_port("time-wait", backend.port());
+        println!(
+            "{kind} checks: {opened} probes, ledger {probes}, TIME_WAIT backend {backend_tw}, \
+             proxy {proxy_tw}"
+        );
+        assert!(opened >= 3, "few probes: {opened}");
+        // A probe may be in flight as the stats are read.
+        assert!(
+            (opened.saturating_sub(1)..=opened).contains(&probes),
+            "{opened} probes, ledger: {ledger}"
+        );
+        assert_eq!(n(&ledger["closed"]), probes, "ledger: {ledger}");
+        assert_eq!((backend_tw, proxy_tw), (0, 0));
+        assert_eq!(n(&server["census_server"]["time_wait"]), 0);
+    }
+}

@@ -47,6 +47,45 @@ where
     (addr, accepts)
 }
 
+/// Closes in a ledger (a side's `ledger` in /stats) by who closed first, how and why.
+fn closes(ledger: &serde_json::Value, closer: &str, how: &str, reason: &str) -> u64 {
+    ledger["entries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no entries: {ledger}"))
+        .iter()
+        .filter(|e| e["closer"] == closer && e["how"] == how && e["reason"] == reason)
+        .map(|e| e["count"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+fn count(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Connects and reads until EOF or an error; what arrived, and whether the end was a reset
+/// (an RST right after the handshake may already fail the connect).
+async fn refused_or_read(addr: SocketAddr) -> (Vec<u8>, bool) {
+    match TcpStream::connect(addr).await {
+        Ok(mut s) => read_to_end_or_reset(&mut s).await,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => (Vec::new(), true),
+        Err(e) => panic!("connect failed: {e}"),
+    }
+}
+
+/// Reads until EOF or an error; what arrived, and whether the end was a reset.
+async fn read_to_end_or_reset(s: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => return (got, false),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (got, true),
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+}
+
 /// xorshift bytes: the same seed gives the same stream, so both ends can check without
 /// holding a gigabyte.
 struct Stream(u64);
@@ -405,6 +444,14 @@ async fn address_from_the_load_balancers_proxy_header_is_passed_on() {
     let mut rest = Vec::new();
     let _ = bad.read_to_end(&mut rest).await; // EOF or reset
     assert!(rest.is_empty());
+    // Reset and recorded as a refusal, as every connection turned away before an exchange.
+    let stats = proxy.stats().await;
+    let ledger = &stats["listeners"][0]["ledger"];
+    assert_eq!(
+        closes(ledger, "proxy", "rst", "refused"),
+        1,
+        "ledger: {ledger}"
+    );
     let mut again = TcpStream::connect(proxy.addr()).await.unwrap();
     again
         .write_all(b"PROXY TCP4 192.0.2.9 127.0.0.1 6666 80\r\nx")
@@ -480,4 +527,122 @@ async fn unix_socket_listeners_serve_http_and_tcp_and_replace_stale_files() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
     drop(proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_clients_refused_at_max_clients_are_reset_and_in_the_ledger() {
+    const REFUSED: usize = 50;
+    // The server echoes until the client leaves.
+    let (addr, _) = server(|mut s, _| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
+    let proxy = tcp_proxy(&[addr], "max_clients = 2", "").await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        s.write_all(b"hi").await.unwrap();
+        let mut back = [0u8; 2];
+        s.read_exact(&mut back).await.unwrap();
+        held.push(s);
+    }
+    for i in 0..REFUSED {
+        let (got, reset) = refused_or_read(proxy.addr()).await;
+        assert!(got.is_empty(), "refused client {i} got {got:?}");
+        assert!(reset, "refused client {i} was not reset");
+    }
+    settle().await;
+
+    let stats = proxy.stats().await;
+    let listener = &stats["listeners"][0];
+    let ledger = &listener["ledger"];
+    assert_eq!(
+        closes(ledger, "proxy", "rst", "refused"),
+        REFUSED as u64,
+        "ledger: {ledger}"
+    );
+    assert_eq!(count(&ledger["closed"]), REFUSED as u64, "ledger: {ledger}");
+    // Where the ledger says TIME_WAIT went, the kernel has it: nowhere.
+    let proxy_tw = time_wait_on_port(proxy.port);
+    let client_tw = sockets_to_port("time-wait", proxy.port);
+    println!("refused at max_clients: TIME_WAIT proxy {proxy_tw}, client {client_tw}");
+    assert_eq!(count(&ledger["time_wait_proxy"]), proxy_tw as u64);
+    assert_eq!(count(&ledger["time_wait_peer"]), client_tw as u64);
+    assert_eq!(count(&listener["census"]["time_wait"]), proxy_tw as u64);
+    assert_eq!((proxy_tw, client_tw), (0, 0));
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_that_greets_and_closes_first_is_reset_and_labelled_peer_closed() {
+    const N: usize = 200;
+    let (backend, _) = server(|mut s: TcpStream, _| async move {
+        let _ = s.write_all(b"220 hello\r\n").await;
+        drop(s); // the server closes first
+    })
+    .await;
+    // "reset": the relay ends the client connection as soon as the server closed.
+    let proxy = tcp_proxy(&[backend], "linger_fallback = \"reset\"", "").await;
+    for i in 0..N {
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        let (got, _) = read_to_end_or_reset(&mut s).await;
+        assert_eq!(got, b"220 hello\r\n", "client {i}");
+    }
+    settle().await;
+
+    let stats = proxy.stats().await;
+    let server_ledger = &stats["upstreams"][0]["servers"][0]["ledger"];
+    assert_eq!(
+        closes(server_ledger, "peer", "rst", "peer_closed"),
+        N as u64,
+        "server ledger: {server_ledger}"
+    );
+    assert_eq!(count(&server_ledger["closed"]), N as u64);
+    // The client side says what happened to it: its server closed first.
+    let client_ledger = &stats["listeners"][0]["ledger"];
+    let server_closed = closes(client_ledger, "proxy", "rst", "server_closed")
+        + closes(client_ledger, "proxy", "fin", "server_closed");
+    assert_eq!(server_closed, N as u64, "client ledger: {client_ledger}");
+
+    let server_tw = time_wait_on_port(backend.port());
+    let to_server_tw = sockets_to_port("time-wait", backend.port());
+    let listener_tw = time_wait_on_port(proxy.port);
+    println!(
+        "server closes first: TIME_WAIT server {server_tw}, waitless to it {to_server_tw}, \
+         listener {listener_tw}"
+    );
+    assert_eq!(server_tw, 0, "TIME_WAIT on the server");
+    assert_eq!(
+        to_server_tw, 0,
+        "TIME_WAIT on waitless's side of the server connections"
+    );
+    assert_eq!(count(&client_ledger["time_wait_proxy"]), listener_tw as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_with_no_upstream_reachable_is_reset_under_fin_fallback() {
+    const N: usize = 20;
+    // A port nobody listens on.
+    let gone = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = tcp_proxy(&[gone], "linger_fallback = \"fin\"", "").await;
+    for i in 0..N {
+        let (got, reset) = refused_or_read(proxy.addr()).await;
+        assert!(got.is_empty(), "client {i} got {got:?}");
+        assert!(reset, "client {i} was closed with FIN, not reset");
+    }
+    settle().await;
+    let stats = proxy.stats().await;
+    let ledger = &stats["listeners"][0]["ledger"];
+    assert_eq!(
+        closes(ledger, "proxy", "rst", "refused"),
+        N as u64,
+        "ledger: {ledger}"
+    );
+    let proxy_tw = time_wait_on_port(proxy.port);
+    println!("no upstream reachable: TIME_WAIT proxy {proxy_tw}");
+    assert_eq!(proxy_tw, 0, "TIME_WAIT on waitless's listener port");
 }

@@ -48,6 +48,13 @@ pub enum Reason {
     Error,
     /// waitless is shutting down.
     Drain,
+    /// Turned away: at `max_clients`, for a bad PROXY header, or with no upstream server
+    /// reachable.
+    Refused,
+    /// A tcp relay's server closed first, and the client connection was ended after it.
+    ServerClosed,
+    /// A health check's probe connection.
+    HealthCheck,
 }
 
 /// Where the TIME_WAIT socket of a close ended up.
@@ -100,7 +107,7 @@ pub struct Ledger {
     sides: Mutex<Vec<Arc<SideLedger>>>,
 }
 
-const REASONS: [Reason; 9] = [
+const REASONS: [Reason; 12] = [
     Reason::Done,
     Reason::EofReader,
     Reason::LingerExpired,
@@ -110,6 +117,9 @@ const REASONS: [Reason; 9] = [
     Reason::PeerClosed,
     Reason::Error,
     Reason::Drain,
+    Reason::Refused,
+    Reason::ServerClosed,
+    Reason::HealthCheck,
 ];
 const SLOTS: usize = 2 * 2 * REASONS.len();
 
@@ -145,6 +155,9 @@ impl Reason {
             Reason::PeerClosed => "peer_closed",
             Reason::Error => "error",
             Reason::Drain => "drain",
+            Reason::Refused => "refused",
+            Reason::ServerClosed => "server_closed",
+            Reason::HealthCheck => "health_check",
         }
     }
 

@@ -2,9 +2,10 @@
 //!
 //! It watches the socket for the peer's FIN, swallows the protocol code's own shutdown
 //! (hyper calls `poll_shutdown` when it is done with a connection, which would send FIN
-//! before the policy had its say), and at the end carries out the close policy and writes
-//! the ledger — exactly once, whether the connection ends cleanly (`finish_client`) or is
-//! simply dropped (errors, pooled connections retired by the pool).
+//! before the policy had its say), and at the end carries out the step `policy::decide`
+//! chose and writes the ledger — exactly once, whether the connection ends cleanly
+//! (`finish_client`, `finish_upstream`) or is simply dropped (errors, pooled connections
+//! retired by the pool).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -19,7 +20,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::ledger::{Closer, How, Reason, SideLedger};
-use crate::config::{ClientTimeWait, LingerFallback, UpstreamTimeWait};
+use super::policy::{
+    decide, ClientPolicy, Close, Ending, Expired, Facts, Side, Step, UpstreamPolicy, Wait,
+};
+use crate::config::UpstreamTimeWait;
 
 /// A stream socket a `Tracked` can wrap.
 pub trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send + Sync + 'static {
@@ -69,14 +73,6 @@ pub fn peek_one<S: AsFd>(sock: &S) -> io::Result<usize> {
     SockRef::from(sock).peek(&mut probe)
 }
 
-/// The client-side close policy of a listener.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientPolicy {
-    pub time_wait: ClientTimeWait,
-    pub linger: Duration,
-    pub fallback: LingerFallback,
-}
-
 /// Shared between a pooled connection's handle and its socket, so that the pool can say why
 /// it let the connection go before the socket (inside hyper's connection task) is dropped.
 #[derive(Debug, Default)]
@@ -84,7 +80,7 @@ pub struct CloseCtl {
     reason: AtomicU8,
 }
 
-/// What to do when a `Tracked` is dropped without `finish_client`.
+/// Which side the connection is on, with what its close needs.
 #[derive(Debug)]
 enum Role {
     Client(ClientPolicy),
@@ -108,9 +104,9 @@ pub struct Tracked<S: Socket> {
     first: Option<Closer>,
     /// The close was carried out and recorded; drop does nothing more.
     done: bool,
-    /// The TCP state read just now (by `peer_closed` or `await_acked`), for the `close_now`
-    /// that follows, so a close reads TCP_INFO once; cleared before anything that waits.
-    state_seen: Option<u8>,
+    /// What TCP_INFO said just now (read by `peer_closed` or `await_acked`), for the steps
+    /// that follow at once, so a close reads it once; cleared before anything that waits.
+    seen: Option<TcpView>,
 }
 
 const REASON_UNSET: u8 = u8::MAX;
@@ -122,19 +118,6 @@ const TCP_FIN_WAIT2: u8 = 5;
 const TCP_CLOSE: u8 = 7;
 const TCP_CLOSE_WAIT: u8 = 8;
 const TCP_LAST_ACK: u8 = 9;
-
-// === impl ClientPolicy ===
-
-impl ClientPolicy {
-    /// The policy a listener's settings ask for.
-    pub fn of(listener: &crate::config::Listener) -> ClientPolicy {
-        ClientPolicy {
-            time_wait: listener.time_wait,
-            linger: listener.linger,
-            fallback: listener.linger_fallback,
-        }
-    }
-}
 
 // === impl CloseCtl ===
 
@@ -187,7 +170,7 @@ impl<S: Socket> Tracked<S> {
             sent_fin: false,
             first: None,
             done: false,
-            state_seen: None,
+            seen: None,
         }
     }
 
@@ -202,83 +185,73 @@ impl<S: Socket> Tracked<S> {
         &mut self.inner
     }
 
-    /// Ends a client connection whose exchange is over, by the listener's policy.
-    ///
-    /// `eof_reader`: the client can only see the end of the response by the close (HTTP/1.0
-    /// without keep-alive), so waiting for its FIN would only waste `linger`.
-    pub async fn finish_client(mut self, reason: Reason, eof_reader: bool) {
-        let policy = match self.role {
-            Role::Client(p) => p,
-            // Upstream sockets are closed by the drop path.
-            Role::Upstream(..) => return,
-        };
-        if !S::IS_TCP {
-            // No TIME_WAIT on a unix socket: any close is free.
-            return self.close_now(How::Fin, reason);
-        }
-        let deadline = Instant::now() + policy.linger;
-        match policy.time_wait {
-            ClientTimeWait::Client => {
-                if self.peer_closed() {
-                    self.close_now(How::Fin, reason)
-                } else if eof_reader {
-                    self.fallback(policy, deadline, Reason::EofReader).await
-                } else if self.await_peer_fin(deadline).await {
-                    self.close_now(How::Fin, reason)
-                } else {
-                    self.fallback(policy, deadline, Reason::LingerExpired).await
-                }
-            }
-            ClientTimeWait::Proxy => {
-                if !self.peer_closed() {
-                    self.send_fin().await;
-                    // Read what the client still sends until its FIN, so that closing with
-                    // unread data does not turn into an RST that destroys the response.
-                    self.await_peer_fin(deadline).await;
-                }
-                self.close_now(How::Fin, reason)
-            }
-            // An EOF reader treats an RST as an error even after it has every byte: it gets
-            // the fallback, as under "client".
-            ClientTimeWait::None if eof_reader => {
-                self.fallback(policy, deadline, Reason::EofReader).await
-            }
-            ClientTimeWait::None => {
-                if self.await_acked(deadline).await {
-                    self.close_now(How::Rst, reason)
-                } else {
-                    // Never drop unacknowledged response bytes: a graceful FIN keeps them.
-                    self.close_now(How::Fin, Reason::LingerExpired)
-                }
-            }
+    /// Ends a client connection, by the listener's policy, for how it ended.
+    pub async fn finish_client(self, ending: Ending) {
+        self.finish(ending, Duration::ZERO).await
+    }
+
+    /// Ends an upstream connection: a relay's exchange being over, or a health check's probe.
+    /// A close may wait up to `linger` for the server to acknowledge what it was sent.
+    pub async fn finish_upstream(self, ending: Ending, linger: Duration) {
+        self.finish(ending, linger).await
+    }
+
+    async fn finish(mut self, ending: Ending, upstream_linger: Duration) {
+        let step = decide(self.side(upstream_linger), self.facts(), ending);
+        self.carry_out(step).await
+    }
+
+    /// The side to decide for: the role's policy, and how long an upstream close may wait.
+    fn side(&self, upstream_linger: Duration) -> Side {
+        match &self.role {
+            Role::Client(policy) => Side::Client(*policy),
+            Role::Upstream(time_wait, _) => Side::Upstream(UpstreamPolicy {
+                time_wait: *time_wait,
+                linger: upstream_linger,
+            }),
         }
     }
 
-    /// What `linger_fallback` says, for a client that did not close in time (or never will).
-    async fn fallback(mut self, policy: ClientPolicy, deadline: Instant, reason: Reason) {
-        match policy.fallback {
-            LingerFallback::Fin => self.close_now(How::Fin, reason),
-            LingerFallback::Reset => {
-                // "reset" only once the send queue is empty; for EOF readers that means the
-                // response arrived, and a Linux client still reads it after the RST.
-                let deadline = match reason {
-                    Reason::EofReader => deadline,
-                    _ => Instant::now() + policy.linger,
-                };
-                let how = if self.await_acked(deadline).await {
+    /// What the socket says now; one TCP_INFO read at most, kept for the steps that follow.
+    fn facts(&mut self) -> Facts {
+        Facts {
+            tcp: S::IS_TCP,
+            peer_fin: self.peer_closed(),
+            sent_fin: self.sent_fin,
+        }
+    }
+
+    /// Takes `step`: its FIN, its wait, then the close the wait's outcome calls for.
+    async fn carry_out(mut self, step: Step) {
+        if step.fin_first {
+            // The facts just read said the peer had not closed: waitless's FIN is first.
+            self.first.get_or_insert(Closer::Proxy);
+            self.send_fin().await;
+        }
+        let waited = match step.wait {
+            Wait::Nothing => true,
+            Wait::PeerFin(within) => self.await_peer_fin(Instant::now() + within).await,
+            Wait::Acked(within) => self.await_acked(Instant::now() + within).await,
+        };
+        let close = match (waited, step.expired) {
+            (true, _) => step.close,
+            (false, Expired::Close(close)) => close,
+            (false, Expired::ResetOnceAcked { within, reason }) => {
+                let how = if self.await_acked(Instant::now() + within).await {
                     How::Rst
                 } else {
                     How::Fin
                 };
-                self.close_now(how, reason)
+                Close { how, reason }
             }
-        }
+        };
+        self.close_now(close.how, close.reason)
     }
 
     /// Waits until the peer's FIN (or RST) arrives, discarding what it sends; false when the
     /// deadline passed first.
     async fn await_peer_fin(&mut self, deadline: Instant) -> bool {
-        self.state_seen = None;
+        self.seen = None;
         // Small: what a client sends after its response is rare, and this buffer lives in
         // every connection task's state.
         let mut scratch = [0u8; 256];
@@ -299,12 +272,13 @@ impl<S: Socket> Tracked<S> {
     async fn await_acked(&mut self, deadline: Instant) -> bool {
         let mut pause = Duration::from_millis(1);
         loop {
-            let view = tcp_view(&self.inner);
-            self.state_seen = view.map(|v| v.state);
+            // What was read just now (the facts of the decision) is as good as a new read.
+            let view = self.seen.or_else(|| tcp_view(&self.inner));
+            self.seen = view;
             match view {
                 Some(v) if !v.all_acked && Instant::now() >= deadline => return false,
                 Some(v) if !v.all_acked => {
-                    self.state_seen = None;
+                    self.seen = None;
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(50));
                 }
@@ -324,7 +298,7 @@ impl<S: Socket> Tracked<S> {
         if self.sent_fin {
             return Poll::Ready(Ok(()));
         }
-        self.state_seen = None;
+        self.seen = None;
         if self.first.is_none() {
             // The peer's FIN may have arrived unread: then it was first.
             self.first = Some(if self.peer_closed() {
@@ -343,18 +317,6 @@ impl<S: Socket> Tracked<S> {
     /// True once a read returned EOF (the peer's FIN).
     pub fn peer_eof(&self) -> bool {
         self.peer_eof
-    }
-
-    /// Ends an upstream connection whose exchange is over (a relay, not a pool): a server
-    /// that closed first is answered with RST once everything sent was acknowledged, so it
-    /// keeps no TIME_WAIT; otherwise waitless's FIN already went out and the close completes.
-    pub async fn finish_upstream(mut self, linger: Duration) {
-        if self.peer_closed() && !self.sent_fin {
-            self.await_acked(Instant::now() + linger).await;
-            self.close_now(How::Rst, Reason::PeerClosed)
-        } else {
-            self.close_now(How::Fin, Reason::Done)
-        }
     }
 
     fn saw_eof(&mut self) {
@@ -379,11 +341,9 @@ impl<S: Socket> Tracked<S> {
     /// The TCP state read just now if there is one, else read now (and kept for the close
     /// that follows).
     fn tcp_state(&mut self) -> Option<u8> {
-        let state = self
-            .state_seen
-            .or_else(|| tcp_view(&self.inner).map(|v| v.state));
-        self.state_seen = state;
-        state
+        let view = self.seen.or_else(|| tcp_view(&self.inner));
+        self.seen = view;
+        view.map(|v| v.state)
     }
 
     /// Sets up the close (`how`) and records it; the fd itself closes when `inner` drops.
@@ -409,14 +369,17 @@ impl<S: Socket> Tracked<S> {
         } else {
             how
         };
-        let how = if S::IS_TCP && how == How::Rst {
-            // SO_LINGER {on, 0}: close() sends RST and skips TIME_WAIT.
-            match SockRef::from(&self.inner).set_linger(Some(Duration::ZERO)) {
-                Ok(()) => How::Rst,
-                Err(_) => How::Fin,
+        let how = match how {
+            // SO_LINGER {on, 0}: close() sends RST and skips TIME_WAIT. A unix socket has no
+            // RST: its close is an EOF.
+            How::Rst if S::IS_TCP => {
+                match SockRef::from(&self.inner).set_linger(Some(Duration::ZERO)) {
+                    Ok(()) => How::Rst,
+                    Err(_) => How::Fin,
+                }
             }
-        } else {
-            how
+            _ if !S::IS_TCP => How::Fin,
+            how => how,
         };
         self.ledger.record(closer, how, reason);
     }
@@ -427,42 +390,13 @@ impl<S: Socket> Drop for Tracked<S> {
         if self.done {
             return;
         }
-        let peer_closed = self.peer_closed();
-        let (how, reason) = match &self.role {
-            Role::Client(policy) => {
-                let reason = if peer_closed {
-                    Reason::PeerClosed
-                } else {
-                    Reason::Error
-                };
-                let how = match policy.time_wait {
-                    ClientTimeWait::None => How::Rst,
-                    _ => How::Fin,
-                };
-                (how, reason)
-            }
-            Role::Upstream(policy, ctl) => {
-                let given = ctl.reason();
-                let reason = match given {
-                    Some(r) if !peer_closed => r,
-                    _ if peer_closed => Reason::PeerClosed,
-                    _ => Reason::Error,
-                };
-                // Only a deliberate retirement of a healthy connection under "proxy" closes
-                // with FIN; a server that closed (or announced it would) is answered with RST
-                // so that it keeps no TIME_WAIT, and so is every error.
-                let deliberate = matches!(
-                    reason,
-                    Reason::Idle | Reason::Lifetime | Reason::PoolFull | Reason::Drain
-                );
-                let how = match policy {
-                    UpstreamTimeWait::Proxy if deliberate => How::Fin,
-                    _ => How::Rst,
-                };
-                (how, reason)
-            }
+        let ending = match &self.role {
+            Role::Client(_) => Ending::Error,
+            Role::Upstream(_, ctl) => ctl.reason().map_or(Ending::Error, Ending::Retired),
         };
-        self.close_now(how, reason);
+        // For these endings the decision never waits (a drop cannot): its close is the step.
+        let step = decide(self.side(Duration::ZERO), self.facts(), ending);
+        self.close_now(step.close.how, step.close.reason);
     }
 }
 

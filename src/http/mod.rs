@@ -36,7 +36,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
-use crate::close::{ClientPolicy, Reason, SideLedger, Socket, Tracked};
+use crate::close::{ClientPolicy, Ending, Reason, SideLedger, Socket, Tracked};
 use crate::config;
 use crate::connector::{self, GetError, OpenError, Reuse};
 use crate::listener::{ListenerStats, Serve};
@@ -162,23 +162,25 @@ impl Serve for HttpListener {
         self.serve_client(io, peer)
     }
 
+    fn track<S: Socket>(&self, stream: S) -> Tracked<S> {
+        Tracked::client(stream, self.ledger.clone(), ClientPolicy::of(&self.cfg))
+    }
+
     /// At `max_clients`: every request on the connection gets a 503, then it closes.
     fn reject<S: Socket>(
         self: Arc<Self>,
-        stream: S,
+        client: Tracked<S>,
         peer: Option<SocketAddr>,
     ) -> impl std::future::Future<Output = ()> + Send {
-        self.reject_client(stream, peer)
+        self.reject_client(client, peer)
     }
 }
 
 impl HttpListener {
     /// At `max_clients`: answers 503 and closes.
-    async fn reject_client<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
+    async fn reject_client<S: Socket>(self: Arc<Self>, io: Tracked<S>, peer: Option<SocketAddr>) {
         tracing::warn!(listener = %self.cfg.name, peer = ?peer, max_clients = self.cfg.max_clients,
             "too many client connections: answering 503");
-        let policy = ClientPolicy::of(&self.cfg);
-        let io = Tracked::client(stream, self.ledger.clone(), policy);
         let name = self.cfg.name.clone();
         let svc = service_fn(move |_req| {
             let mut resp = error_response(
@@ -197,7 +199,7 @@ impl HttpListener {
         let result = poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
         let io = conn.into_parts().io.into_inner();
         if result.is_ok() {
-            io.finish_client(Reason::Error, false).await;
+            io.finish_client(Ending::Over(Reason::Refused)).await;
         }
     }
 
@@ -233,7 +235,7 @@ impl HttpListener {
                 };
                 if let Some(reason) = reason {
                     // Boxed, like serving below: only the wait itself lives in every idle task.
-                    return Box::pin(io.finish_client(reason, false)).await;
+                    return Box::pin(io.finish_client(Ending::Over(reason))).await;
                 }
                 match Box::pin(self.serve_requests(io, Bytes::new(), peer)).await {
                     Some(back) => (io, released) = (back, true),
@@ -422,8 +424,12 @@ impl HttpListener {
                 return Session::Over;
             }
         };
-        io.finish_client(reason, state.eof_reader.load(Ordering::Relaxed))
-            .await;
+        let ending = if state.eof_reader.load(Ordering::Relaxed) {
+            Ending::ReadsToEof
+        } else {
+            Ending::Over(reason)
+        };
+        io.finish_client(ending).await;
         Session::Over
     }
 

@@ -32,7 +32,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::upstream::BodyError;
 use super::{headers, idle, validate, wire, Answer, Bodyless, HttpListener, RespBody};
-use crate::close::{Reason, Socket, Tracked};
+use crate::close::{Ending, Reason, Socket, Tracked};
 
 /// Longest head this path reads before leaving it to hyper (cookies make heads of several
 /// KiB; a longer one is rare).
@@ -173,7 +173,7 @@ impl HttpListener {
     }
 
     async fn finish<S: Socket>(&self, io: Tracked<S>, reason: Reason) -> Simple<S> {
-        io.finish_client(reason, false).await;
+        io.finish_client(Ending::Over(reason)).await;
         Simple::Over
     }
 }

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::close::{ClientPolicy, Ledger, Reason, SideLedger, Socket, Tracked};
+use crate::close::{ClientPolicy, Ending, Ledger, Reason, SideLedger, Socket, Tracked};
 use crate::config::{self, MysqlUser};
 use crate::connector::{self, OpenError};
 use crate::listener::{ListenerStats, Serve};
@@ -282,12 +282,16 @@ impl Serve for MysqlListener {
         self.serve_client(stream, peer)
     }
 
+    fn track<S: Socket>(&self, stream: S) -> Tracked<S> {
+        Tracked::client(stream, self.ledger.clone(), self.policy())
+    }
+
     fn reject<S: Socket>(
         self: Arc<Self>,
-        stream: S,
+        client: Tracked<S>,
         peer: Option<SocketAddr>,
     ) -> impl std::future::Future<Output = ()> + Send {
-        self.reject_client(stream, peer)
+        self.reject_client(client, peer)
     }
 }
 
@@ -315,7 +319,7 @@ impl MysqlListener {
         let policy = self.policy();
         let mut client = PacketIo::new(Tracked::client(stream, self.ledger.clone(), policy));
         match self.session(&mut client, peer).await {
-            End::Done(reason) => client.into_inner().finish_client(reason, false).await,
+            End::Done(why) => client.into_inner().finish_client(Ending::Over(why)).await,
             End::Broken(e) => {
                 tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e,
                     "mysql client connection failed");
@@ -327,11 +331,14 @@ impl MysqlListener {
 
     /// Turns a client away at `max_clients` as a full server does: ERR 1040 in place of the
     /// greeting.
-    async fn reject_client<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
-        let mut client = PacketIo::new(Tracked::client(stream, self.ledger.clone(), self.policy()));
+    async fn reject_client<S: Socket>(self: Arc<Self>, io: Tracked<S>, peer: Option<SocketAddr>) {
+        let mut client = PacketIo::new(io);
         let err = err_payload(ER_CON_COUNT_ERROR, b"08004", "Too many connections");
         match answer(&mut client, 0, &err).await {
-            End::Done(reason) => client.into_inner().finish_client(reason, false).await,
+            End::Done(_) => {
+                let ending = Ending::Over(Reason::Refused);
+                client.into_inner().finish_client(ending).await
+            }
             End::Broken(e) => {
                 tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e,
                     "mysql client turned away");
