@@ -19,7 +19,8 @@
 //! - `mysql`: the MySQL front: logins checked here, server connections lent per session.
 //! - `tcp`: the byte relay for any protocol, with half-close and preconnected servers.
 //! - `proxy_protocol`: PROXY v1/v2 headers read from load balancers and sent to servers.
-//! - `admin`: /metrics, /stats and /healthz, and the `waitless stats` table.
+//! - `admin`: /metrics, /stats, /healthz and /reload, and the `waitless stats` table; it
+//!   sees the running proxy only through `admin::Control`.
 //! - `demo`: `waitless demo`, where TIME_WAIT lands under each policy, measured.
 //! - `frontend`: each protocol as the composition root builds it (service and pool).
 //! - `proxy`: the running proxy: one config wired into listeners and pools, reloaded and
