@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::close::{Ending, SideLedger, Socket, Tracked};
+use crate::close::{Ending, Socket, Tracked};
 use crate::config::Address;
 use crate::eager::EagerTcp;
 use crate::proxy_protocol;
@@ -290,9 +290,6 @@ pub struct AcceptOpts {
     pub name: Arc<str>,
     /// Clients send a PROXY header first; read it within this long.
     pub proxy_header: Option<Duration>,
-    /// The listener's ledger. Unused here: connections refused before the protocol saw them
-    /// are tracked by the service (`Serve::track`), whose ledger follows reloads.
-    pub ledger: Arc<SideLedger>,
     /// The listener's counters (`active` bounds connections by `max_clients`).
     pub stats: Arc<ListenerStats>,
     /// Most client connections at once; 0 = unlimited.

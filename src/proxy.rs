@@ -292,7 +292,6 @@ impl Proxy {
                     let opts = AcceptOpts {
                         name: l.name.clone().into(),
                         proxy_header: l.accept_proxy_protocol.then_some(PROXY_HEADER_TIMEOUT),
-                        ledger: ledger.clone(),
                         stats: stats.clone(),
                         max_clients: l.max_clients,
                         stop: stop.clone(),
