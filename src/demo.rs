@@ -96,15 +96,15 @@ async fn direct(requests: usize, concurrency: usize) -> Result<Row, String> {
     let errors = load(backend.addr, requests, concurrency).await;
     let secs = started.elapsed().as_secs_f64();
     settle().await;
-    let c = census(&[
+    let [backend_tw, client_tw] = census([
         Scope::LocalPort(backend.addr.port()),
         Scope::Remote(backend.addr),
     ])?;
     Ok(Row {
         mode: "direct".into(),
-        backend_tw: c[0],
+        backend_tw,
         proxy_tw: None,
-        client_tw: c[1],
+        client_tw,
         backend_conns: backend.accepts.load(Ordering::Relaxed),
         req_per_s: requests as f64 / secs,
         errors,
@@ -131,7 +131,7 @@ async fn through_waitless(
     let errors = load(listen, requests, concurrency).await;
     let secs = started.elapsed().as_secs_f64();
     settle().await;
-    let c = census(&[
+    let [backend_tw, listener_tw, upstream_tw, client_tw] = census([
         Scope::LocalPort(backend.addr.port()),
         Scope::LocalPort(listen.port()),
         Scope::Remote(backend.addr),
@@ -139,9 +139,9 @@ async fn through_waitless(
     ])?;
     Ok(Row {
         mode: format!("waitless time_wait={}", policy_name(policy)),
-        backend_tw: c[0],
-        proxy_tw: Some(c[1] + c[2]),
-        client_tw: c[3],
+        backend_tw,
+        proxy_tw: Some(listener_tw + upstream_tw),
+        client_tw,
         backend_conns: backend.accepts.load(Ordering::Relaxed),
         req_per_s: requests as f64 / secs,
         errors,
@@ -168,10 +168,14 @@ fn demo_config(backend: SocketAddr, time_wait: ClientTimeWait) -> Result<Config,
 }
 
 /// TIME_WAIT counts of each scope.
-fn census(scopes: &[Scope]) -> Result<Vec<u64>, String> {
-    count_many(scopes)
-        .map(|c| c.iter().map(|s| s.time_wait).collect())
-        .map_err(|e| format!("census: {e}"))
+/// TIME_WAIT sockets in each of `scopes`, in their order.
+fn census<const N: usize>(scopes: [Scope; N]) -> Result<[u64; N], String> {
+    let counts = count_many(&scopes).map_err(|e| format!("census: {e}"))?;
+    let mut tw = [0; N];
+    for (out, c) in tw.iter_mut().zip(&counts) {
+        *out = c.time_wait;
+    }
+    Ok(tw)
 }
 
 /// Lets the last FIN/ACK exchanges on loopback finish before counting.

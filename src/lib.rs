@@ -28,6 +28,18 @@
 //! - `workers`: thread-per-core runtimes; listeners and pools are spread over them.
 //! - `alloc`: mimalloc as the global allocator, on its plain entry points.
 
+// Network input never panics the process: outside tests, no unwrap, expect or unchecked
+// indexing (a `get` says what happens when the index is out of range).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
+
 pub mod admin;
 pub mod alloc;
 pub mod close;

@@ -376,7 +376,8 @@ impl Half {
     ) -> Poll<io::Result<()>> {
         loop {
             while self.pos < self.cap {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.cap]))?;
+                let pending = self.buf.get(self.pos..self.cap).unwrap_or_default();
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, pending))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }

@@ -220,7 +220,9 @@ impl SideLedger {
 
     /// Records one close.
     pub fn record(&self, closer: Closer, how: How, reason: Reason) {
-        self.counts[slot(closer, how, reason)].fetch_add(1, Ordering::Relaxed);
+        if let Some(count) = self.counts.get(slot(closer, how, reason)) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The nonzero cells.
@@ -229,7 +231,8 @@ impl SideLedger {
         for closer in [Closer::Peer, Closer::Proxy] {
             for how in [How::Fin, How::Rst] {
                 for reason in REASONS {
-                    let count = self.counts[slot(closer, how, reason)].load(Ordering::Relaxed);
+                    let cell = self.counts.get(slot(closer, how, reason));
+                    let count = cell.map_or(0, |c| c.load(Ordering::Relaxed));
                     if count > 0 {
                         out.push(Entry {
                             closer,
