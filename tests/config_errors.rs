@@ -124,3 +124,13 @@ fn unparsable_duration_is_refused() {
         "idle_timeout",
     );
 }
+
+#[test]
+fn a_server_name_that_does_not_resolve_is_refused_at_its_line() {
+    // `.invalid` never resolves (RFC 6761), so this needs no network to fail.
+    let (ok, _, err) = check(&GOOD.replace("127.0.0.1:8081", "nowhere.invalid:8081"));
+    assert!(!ok, "accepted an unresolvable server");
+    assert!(err.contains("bad.toml:12"), "no file:line in: {err}");
+    assert!(err.contains("upstream[0].servers[0]"), "no key in: {err}");
+    assert!(err.contains("cannot resolve `nowhere.invalid`"), "{err}");
+}
