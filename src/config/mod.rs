@@ -7,7 +7,9 @@
 //! without touching the network or the environment:
 //!
 //! 1. **Parsing is pure** ([`parse`]): text in, a checked [`Config<Unresolved>`] out, with host
-//!    names and `password_env` as written. Every rule knowable from the file is checked here.
+//!    names and `password_env` as written. Every rule knowable from the file is checked here,
+//!    including those that would otherwise stop start-up (two protocols on one upstream,
+//!    overlapping listen addresses, a unix path too long to bind).
 //! 2. **Resolving** ([`Parsed::resolve`]) looks host names up and reads `password_env`, giving
 //!    the [`Config`] the proxy runs.
 //!

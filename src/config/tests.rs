@@ -822,3 +822,61 @@ fn two_names_of_one_address_clash_once_resolved() {
         "{e}"
     );
 }
+
+#[test]
+fn an_upstream_serves_listeners_of_one_protocol() {
+    let text = format!(
+        "{MINIMAL}\n[[listener]]\nname = \"raw\"\nlisten = \"127.0.0.1:8090\"\nprotocol = \"tcp\"\n\
+         upstream = \"web\"\n"
+    );
+    let message = error(&text);
+    assert!(
+        message.starts_with("test.toml:15: key `listener[1].upstream`: listener `raw` is tcp, and upstream `web` already serves http listener `web` at `listener[0].upstream` (line 5)"),
+        "{message}"
+    );
+    let mysql = with_mysql_users("\n[[mysql_user]]\nuser = \"app\"\npassword = \"pw\"\n");
+    let text = format!(
+        "{mysql}\n[[listener]]\nname = \"raw\"\nlisten = \"127.0.0.1:8090\"\nprotocol = \"tcp\"\n\
+         upstream = \"web\"\n"
+    );
+    assert!(error(&text).contains("listener `raw` is tcp"), "{text}");
+    let text = format!(
+        "{MINIMAL}\n[[listener]]\nname = \"more\"\nlisten = \"127.0.0.1:8090\"\nupstream = \"web\"\n"
+    );
+    assert_eq!(parse(&text).unwrap().listeners.len(), 2);
+}
+
+#[test]
+fn wildcard_listen_addresses_overlap_the_specific_ones_of_their_family_and_port() {
+    let message = error(&MINIMAL.replace("127.0.0.1:8080", "0.0.0.0:9901"));
+    assert!(
+        message.starts_with(
+            "test.toml:4: key `listener[0].listen`: 0.0.0.0:9901 overlaps `admin.listen`"
+        ),
+        "{message}"
+    );
+    let second = |listen: &str| {
+        format!(
+            "{MINIMAL}\n[[listener]]\nname = \"b\"\nlisten = \"{listen}\"\nupstream = \"web\"\n"
+        )
+    };
+    let message = error(&second("0.0.0.0:8080"));
+    assert!(
+        message.starts_with("test.toml:13: key `listener[1].listen`: 0.0.0.0:8080 overlaps `listener[0].listen` (line 4)"),
+        "{message}"
+    );
+    for apart in ["0.0.0.0:8081", "127.0.0.2:8080", "[::]:8080", "[::1]:8080"] {
+        assert_eq!(parse(&second(apart)).unwrap().listeners.len(), 2, "{apart}");
+    }
+}
+
+#[test]
+fn a_unix_listener_path_must_fit_the_kernel_s_socket_address() {
+    let fits = format!("unix:/{}", "x".repeat(106));
+    assert!(parse(&MINIMAL.replace("127.0.0.1:8080", &fits)).is_ok());
+    let message = error(&MINIMAL.replace("127.0.0.1:8080", &format!("{fits}x")));
+    assert!(
+        message.starts_with("test.toml:4: key `listener[0].listen`: the socket path is 108 bytes"),
+        "{message}"
+    );
+}

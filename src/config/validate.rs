@@ -1,17 +1,29 @@
-//! The checks that need the whole config, and the warnings. The same checks run on the
-//! config as written and again once names are resolved (two names may resolve to one
-//! address).
+//! The checks that need the whole config, and the warnings. Every rule that would stop
+//! start-up and is knowable from the file is here, so that `waitless check` refuses what
+//! `waitless run` would: the same checks run on the config as written and again once names
+//! are resolved (two names may resolve to one address).
+
+use std::net::SocketAddr;
+use std::path::Path;
 
 use super::locate::Locator;
 use super::units::format_duration;
 use super::{Address, Config, ConfigError, Endpoint, Protocol, ProxyProtocol, Stage};
 
+/// Longest unix socket path the kernel binds: `sun_path` holds 108 bytes with the final NUL.
+const MAX_UNIX_PATH: usize = 107;
+
 /// What validation asks of an address, written or resolved.
 pub trait Place {
     /// A `unix:/path` address.
     fn is_unix(&self) -> bool;
+    /// The unix socket path, if a unix address.
+    fn unix_path(&self) -> Option<&Path>;
     /// The TCP port, if a TCP address.
     fn port(&self) -> Option<u16>;
+    /// Whether a listener bound here keeps one bound at `other` from binding: the same
+    /// address, or the same port of one family where either takes every interface.
+    fn overlaps(&self, other: &Self) -> bool;
 }
 
 // === impl Config ===
@@ -87,15 +99,34 @@ impl<S: Stage> Config<S> {
                 ),
             ));
         }
-        if let Some(other) = self.listen_clash(i) {
-            return Err(at.error(
-                key("listen"),
+        if let Some(path) = listener.listen.unix_path() {
+            let len = path.as_os_str().len();
+            if len > MAX_UNIX_PATH {
+                return Err(at.error(
+                    key("listen"),
+                    format!(
+                        "the socket path is {len} bytes, and the kernel binds unix sockets of at \
+                         most {MAX_UNIX_PATH}: choose a shorter path"
+                    ),
+                ));
+            }
+        }
+        if let Some((other, same)) = self.listen_clash(i) {
+            let message = if same {
                 format!(
                     "{} is already the address of {}",
                     listener.listen,
                     at.describe(&other)
-                ),
-            ));
+                )
+            } else {
+                format!(
+                    "{} overlaps {}: a wildcard address takes its port on every interface of \
+                     its family, so the second listener could not bind",
+                    listener.listen,
+                    at.describe(&other)
+                )
+            };
+            return Err(at.error(key("listen"), message));
         }
         let Some(up) = self.upstream(&listener.upstream) else {
             return Err(at.error(
@@ -107,6 +138,30 @@ impl<S: Stage> Config<S> {
                 ),
             ));
         };
+        // A pool's connections speak one protocol (an HTTP keep-alive connection cannot carry
+        // a tcp relay or a MySQL session), and the proxy builds one pool per upstream.
+        if let Some((j, other)) = self
+            .listeners
+            .iter()
+            .enumerate()
+            .take(i)
+            .find(|(_, l)| l.upstream == listener.upstream && l.protocol != listener.protocol)
+        {
+            return Err(at.error(
+                key("upstream"),
+                format!(
+                    "listener `{}` is {}, and upstream `{}` already serves {} listener `{}` at \
+                     {}: one upstream pools connections of one protocol; give each protocol an \
+                     [[upstream]] of its own",
+                    listener.name,
+                    listener.protocol,
+                    up.name,
+                    other.protocol,
+                    other.name,
+                    at.describe(&format!("listener[{j}].upstream")),
+                ),
+            ));
+        }
         if listener.accept_proxy_protocol && listener.listen.is_unix() {
             return Err(at.error(
                 key("accept_proxy_protocol"),
@@ -288,22 +343,26 @@ impl<S: Stage> Config<S> {
     }
 
     /// The key of an address listener `i` would share with the admin listener or an earlier
-    /// listener, if any. Port 0 never clashes: the kernel picks a distinct port for each.
-    fn listen_clash(&self, i: usize) -> Option<String> {
+    /// listener, if any, and whether it is the same address (else one overlaps the other).
+    /// Port 0 never clashes: the kernel picks a distinct port for each.
+    fn listen_clash(&self, i: usize) -> Option<(String, bool)> {
         let listen = &self.listeners.get(i)?.listen;
         if listen.port() == Some(0) {
             return None;
         }
-        if let Some(j) = self
+        if let Some((j, other)) = self
             .listeners
             .iter()
+            .enumerate()
             .take(i)
-            .position(|l| &l.listen == listen)
+            .find(|(_, l)| l.listen.overlaps(listen))
         {
-            return Some(format!("listener[{j}].listen"));
+            return Some((format!("listener[{j}].listen"), &other.listen == listen));
         }
         let admin = S::admin_address(self.admin.listen.as_ref()?);
-        (&admin == listen).then(|| "admin.listen".to_string())
+        admin
+            .overlaps(listen)
+            .then(|| ("admin.listen".to_string(), &admin == listen))
     }
 
     /// " (defined: `a`, `b`)" or "; none is defined", to end a message about a missing upstream.
@@ -327,10 +386,24 @@ impl Place for Address {
         matches!(self, Address::Unix(_))
     }
 
+    fn unix_path(&self) -> Option<&Path> {
+        match self {
+            Address::Unix(path) => Some(path),
+            Address::Tcp(_) => None,
+        }
+    }
+
     fn port(&self) -> Option<u16> {
         match self {
             Address::Tcp(addr) => Some(addr.port()),
             Address::Unix(_) => None,
+        }
+    }
+
+    fn overlaps(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Address::Tcp(a), Address::Tcp(b)) => sockets_overlap(a, b),
+            (a, b) => a == b,
         }
     }
 }
@@ -340,6 +413,13 @@ impl Place for Endpoint {
         matches!(self, Endpoint::Unix(_))
     }
 
+    fn unix_path(&self) -> Option<&Path> {
+        match self {
+            Endpoint::Unix(path) => Some(path),
+            _ => None,
+        }
+    }
+
     fn port(&self) -> Option<u16> {
         match self {
             Endpoint::Ip(addr) => Some(addr.port()),
@@ -347,4 +427,22 @@ impl Place for Endpoint {
             Endpoint::Unix(_) => None,
         }
     }
+
+    /// Names are compared as written; a name and an IP, once the name is resolved.
+    fn overlaps(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Endpoint::Ip(a), Endpoint::Ip(b)) => sockets_overlap(a, b),
+            (a, b) => a == b,
+        }
+    }
+}
+
+// === helpers ===
+
+/// Whether listening on `a` keeps a listener from binding `b` (or the reverse). IPv6
+/// listeners are IPV6_V6ONLY (src/listener.rs), so the families never overlap.
+fn sockets_overlap(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
