@@ -33,8 +33,8 @@ mod validate;
 mod tests;
 
 use locate::Locator;
-pub use resolve::{Resolve, System};
-pub use units::{format_duration, parse_address, parse_duration, parse_endpoint, parse_mode};
+pub use resolve::{parse_address, Resolve, System};
+pub use units::{format_duration, parse_duration, parse_endpoint, parse_mode};
 
 /// The whole, validated configuration. `Config` alone is the resolved one the proxy runs;
 /// `Config<Unresolved>` is what pure parsing gives.

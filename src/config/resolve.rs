@@ -5,6 +5,7 @@
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 
+use super::units::parse_endpoint;
 use super::{
     Address, Admin, Config, ConfigError, Endpoint, Listener, MysqlUser, Parsed, Resolved,
     Unresolved, Upstream,
@@ -108,6 +109,12 @@ impl Resolve for System {
 }
 
 // === helpers ===
+
+/// Parses `HOST:PORT`, `[V6]:PORT` or `unix:/path`, looking a host name up now, once, with
+/// the system's resolver; the first address is kept.
+pub fn parse_address(text: &str) -> Result<Address, String> {
+    lookup(&parse_endpoint(text)?, &System)
+}
 
 /// The address `endpoint` names: an IP or a path as written, a name looked up.
 pub(super) fn lookup(endpoint: &Endpoint, with: &impl Resolve) -> Result<Address, String> {

@@ -136,12 +136,6 @@ pub fn parse_mode(text: &str) -> Result<u32, String> {
     }
 }
 
-/// Parses `HOST:PORT`, `[V6]:PORT` or `unix:/path`, looking a host name up now, once, with
-/// the system's resolver; the first address is kept.
-pub fn parse_address(text: &str) -> Result<Address, String> {
-    super::resolve::lookup(&parse_endpoint(text)?, &super::System)
-}
-
 /// The word a [`Keyword`] value is spelled with.
 fn word_of<T: Keyword>(value: T) -> &'static str {
     T::WORDS
