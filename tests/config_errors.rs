@@ -124,3 +124,72 @@ fn unparsable_duration_is_refused() {
         "idle_timeout",
     );
 }
+
+/// GOOD with a second listener of `protocol` on `listen`, forwarding to upstream `web`.
+fn with_second_listener(protocol: &str, listen: &str) -> String {
+    GOOD.replace(
+        "\n[[upstream]]",
+        &format!(
+            "\n[[listener]]\nname = \"raw\"\nlisten = \"{listen}\"\nprotocol = \"{protocol}\"\n\
+             upstream = \"web\"\n\n[[upstream]]"
+        ),
+    )
+}
+
+#[test]
+fn an_upstream_shared_by_an_http_and_a_tcp_listener_is_refused_naming_both() {
+    // `waitless run` would bind both and then refuse: one pool speaks one protocol.
+    let text = with_second_listener("tcp", "127.0.0.1:8090");
+    let (ok, _, err) = check(&text);
+    assert!(!ok, "accepted two protocols on one upstream:\n{text}");
+    assert!(err.contains("bad.toml:14"), "no file:line in: {err}");
+    assert!(err.contains("listener[1].upstream"), "no key in: {err}");
+    for named in ["listener `web`", "listener `raw`", "upstream `web`"] {
+        assert!(err.contains(named), "{named} not named in: {err}");
+    }
+    assert!(
+        err.contains("line 8"),
+        "the first listener's line not named: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one message: {err}");
+
+    let (ok, _, err) = check(&with_second_listener("http", "127.0.0.1:8090"));
+    assert!(ok, "two http listeners may share an upstream: {err}");
+}
+
+#[test]
+fn a_wildcard_listener_and_a_specific_one_on_the_same_port_are_refused() {
+    // The second could not bind: 0.0.0.0:8080 holds the port on 127.0.0.1 too.
+    let text = with_second_listener("http", "0.0.0.0:8080");
+    let (ok, _, err) = check(&text);
+    assert!(!ok, "accepted overlapping listen addresses:\n{text}");
+    assert!(err.contains("bad.toml:12"), "no file:line in: {err}");
+    assert!(err.contains("listener[1].listen"), "no key in: {err}");
+    assert!(err.contains("listener[0].listen` (line 6)"), "{err}");
+
+    let (ok, _, err) = check(&with_second_listener("http", "[::]:8080"));
+    assert!(
+        ok,
+        "IPv6 listeners are v6-only and do not overlap IPv4 ones: {err}"
+    );
+}
+
+#[test]
+fn a_unix_socket_path_too_long_to_bind_is_refused() {
+    let long = format!("unix:/tmp/{}.sock", "x".repeat(100));
+    let (ok, _, err) = check(&GOOD.replace("127.0.0.1:8080", &long));
+    assert!(!ok, "accepted a {}-byte socket path", long.len() - 5);
+    assert!(err.contains("bad.toml:6"), "no file:line in: {err}");
+    assert!(err.contains("listener[0].listen"), "no key in: {err}");
+    assert!(err.contains("at most 107"), "{err}");
+}
+
+#[test]
+fn a_server_name_that_does_not_resolve_is_refused_at_its_line() {
+    // `.invalid` never resolves (RFC 6761), so this needs no network to fail.
+    let (ok, _, err) = check(&GOOD.replace("127.0.0.1:8081", "nowhere.invalid:8081"));
+    assert!(!ok, "accepted an unresolvable server");
+    assert!(err.contains("bad.toml:12"), "no file:line in: {err}");
+    assert!(err.contains("upstream[0].servers[0]"), "no key in: {err}");
+    assert!(err.contains("cannot resolve `nowhere.invalid`"), "{err}");
+}

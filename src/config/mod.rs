@@ -1,0 +1,408 @@
+//! The configuration model and the public way in: `Config::load` reads a file, parses it and
+//! resolves it; the steps are also open one by one (`parse`, then `Parsed::resolve`).
+//!
+//! A config is read from TOML. Every error names the file, the line and the key, because an
+//! operator who restarts a proxy at 3 a.m. should not have to guess which of forty lines is
+//! wrong. Loading is two steps, kept apart so that the first can be fuzzed, tested and re-run
+//! without touching the network or the environment:
+//!
+//! 1. **Parsing is pure** ([`parse`]): text in, a checked [`Config<Unresolved>`] out, with host
+//!    names and `password_env` as written. Every rule knowable from the file is checked here,
+//!    including those that would otherwise stop start-up (two protocols on one upstream,
+//!    overlapping listen addresses, a unix path too long to bind).
+//! 2. **Resolving** ([`Parsed::resolve`]) looks host names up and reads `password_env`, giving
+//!    the [`Config`] the proxy runs.
+//!
+//! The jobs live one per file: `raw` (the file as written, serde and defaults), `validate`
+//! (the cross-checks and warnings), `resolve`, `print` (the effective config), `locate`
+//! (file/line/key of an error) and `units` (durations, modes, addresses, keywords).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+mod locate;
+mod print;
+mod raw;
+mod resolve;
+mod units;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use locate::Locator;
+pub use resolve::{parse_address, Resolve, System};
+pub use units::{format_duration, parse_duration, parse_endpoint, parse_mode};
+
+/// The whole, validated configuration. `Config` alone is the resolved one the proxy runs;
+/// `Config<Unresolved>` is what pure parsing gives.
+#[derive(Debug, Clone)]
+pub struct Config<S: Stage = Resolved> {
+    /// The file this config was read from (for messages and reloads).
+    pub source: PathBuf,
+    /// Worker threads of the runtime; 0 = one per core.
+    pub workers: usize,
+    /// On SIGTERM, how long requests and sessions in flight may take to finish.
+    pub drain_timeout: Duration,
+    /// The admin listener (metrics, stats, health).
+    pub admin: Admin<S>,
+    /// Client-facing listeners.
+    pub listeners: Vec<Listener<S>>,
+    /// Backend groups the listeners forward to.
+    pub upstreams: Vec<Upstream<S>>,
+    /// Accounts of mysql listeners (`[[mysql_user]]`).
+    pub mysql_users: Vec<MysqlUser<S>>,
+}
+
+/// How far a config has been carried: the types of the parts that the resolve step fills in.
+/// Everything else is the same at both stages, so there is one model, not two.
+pub trait Stage: fmt::Debug + Clone + PartialEq {
+    /// A listen or server address: an [`Endpoint`] as written, an [`Address`] once resolved.
+    type Address: fmt::Debug + fmt::Display + Clone + PartialEq + Eq + validate::Place;
+    /// The admin listener's address: an [`Endpoint`] as written, a `SocketAddr` once resolved.
+    type AdminAddress: fmt::Debug + fmt::Display + Clone + PartialEq + Eq;
+    /// A mysql user's password: as written, `None` when it comes from `password_env`; once
+    /// resolved, the password itself.
+    type Password: Clone + PartialEq + Eq;
+
+    /// The admin address as a listen address, to check listeners against it.
+    fn admin_address(admin: &Self::AdminAddress) -> Self::Address;
+}
+
+/// The stage pure parsing gives: host names and `password_env` as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unresolved;
+
+/// The stage the proxy runs: every name looked up, every password read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved;
+
+/// A config parsed from text and checked, ready to be resolved. It keeps what it needs to
+/// name the line of a key, so that a name that does not resolve is reported where it is
+/// written.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    /// The config as written, defaults filled in.
+    pub config: Config<Unresolved>,
+    /// Where each key is written, for the resolve step's errors.
+    at: Locator,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct Admin<S: Stage = Resolved> {
+    /// Where /metrics, /stats and /healthz are served; None disables the admin listener.
+    pub listen: Option<S::AdminAddress>,
+}
+
+/// Where a listener accepts or a server is reached, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// `HOST:PORT` or `[V6]:PORT`, resolved once at load time.
+    Tcp(SocketAddr),
+    /// `unix:/path`.
+    Unix(PathBuf),
+}
+
+/// An address as written in the file, before any name is looked up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// An IP literal and port: nothing to look up.
+    Ip(SocketAddr),
+    /// A host name and port, looked up by the resolve step (the first address is kept).
+    Name {
+        /// The host as written.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+    /// `unix:/path`.
+    Unix(PathBuf),
+}
+
+/// The protocol a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    #[default]
+    Http,
+    Tcp,
+    Mysql,
+}
+
+/// Client side close policy: where TIME_WAIT lands for client connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientTimeWait {
+    /// Wait up to `linger` for the client's FIN, then close passively: TIME_WAIT on the client.
+    #[default]
+    Client,
+    /// Close first with FIN: TIME_WAIT on the proxy.
+    Proxy,
+    /// RST once every sent byte is acknowledged: TIME_WAIT nowhere.
+    None,
+}
+
+/// What to do when `linger` runs out before the client closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LingerFallback {
+    #[default]
+    Fin,
+    Reset,
+}
+
+/// Upstream side close policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamTimeWait {
+    /// waitless retires pooled connections itself with FIN; a server FIN is answered with RST.
+    #[default]
+    Proxy,
+    /// Every close of a pooled connection is RST after the send queue drained.
+    None,
+}
+
+/// The PROXY protocol header sent to upstream servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProxyProtocol {
+    /// No header: servers see waitless's address.
+    #[default]
+    Off,
+    /// The text header (`PROXY TCP4 ...`).
+    V1,
+    /// The binary header.
+    V2,
+}
+
+/// `[[listener]]`.
+#[derive(Debug, Clone)]
+pub struct Listener<S: Stage = Resolved> {
+    /// Unique name, used in metrics and logs.
+    pub name: String,
+    /// Where to accept.
+    pub listen: S::Address,
+    /// The protocol spoken on accepted connections.
+    pub protocol: Protocol,
+    /// Name of the `[[upstream]]` requests go to.
+    pub upstream: String,
+    /// Who closes first on client connections.
+    pub time_wait: ClientTimeWait,
+    /// How long to wait for the client's FIN (client) or for the send queue to drain (none).
+    pub linger: Duration,
+    /// Close used when linger runs out.
+    pub linger_fallback: LingerFallback,
+    /// How long an idle keep-alive client connection is kept open between requests.
+    pub keepalive_timeout: Duration,
+    /// File mode of a unix socket listener (e.g. 0o660).
+    pub mode: Option<u32>,
+    /// Clients (a load balancer) send a PROXY protocol header first; its addresses are used.
+    pub accept_proxy_protocol: bool,
+    /// Most client connections open at once; beyond it 503 (http), ERR 1040 (mysql), close
+    /// (tcp). 0 = unlimited.
+    pub max_clients: usize,
+    /// Bound on receiving a request head once its first byte arrived (slow-header clients).
+    pub header_timeout: Duration,
+    /// TCP_DEFER_ACCEPT: a client connection is accepted when its first bytes arrive, so
+    /// serving it starts with a read that finds the request (no wait for readiness). Only for
+    /// protocols whose client speaks first; default on for http over TCP.
+    pub defer_accept: bool,
+}
+
+/// How an upstream picks a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// In turn, in proportion to the weights.
+    #[default]
+    RoundRobin,
+    /// The server with the fewest connections in use (relative to its weight).
+    LeastConn,
+}
+
+/// What an active health check does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CheckKind {
+    /// A TCP connect.
+    #[default]
+    Tcp,
+    /// An HTTP GET of `path`, expecting 2xx or 3xx.
+    Http,
+}
+
+/// `health_check = { kind, path, interval }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// How a server is probed.
+    pub kind: CheckKind,
+    /// The path an http check asks for.
+    pub path: String,
+    /// Time between probes of one server.
+    pub interval: Duration,
+}
+
+/// `[[upstream]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream<S: Stage = Resolved> {
+    /// Unique name, referenced by listeners.
+    pub name: String,
+    /// The servers, tried round-robin.
+    pub servers: Vec<S::Address>,
+    /// Most idle keep-alive connections kept per server (>= 1).
+    pub pool_size: usize,
+    /// Most connections open per server; 0 = unlimited.
+    pub max_connections: usize,
+    /// Idle pooled connections are closed by waitless after this.
+    pub idle_timeout: Duration,
+    /// Bound on establishing a connection to a server.
+    pub connect_timeout: Duration,
+    /// Bound on waiting for a response's head once the request was sent.
+    pub response_timeout: Duration,
+    /// Pooled connections are retired after this age; None = never.
+    pub max_lifetime: Option<Duration>,
+    /// Pooled connections are retired after this many requests; 0 = unlimited.
+    pub max_requests: u64,
+    /// The server's own keep-alive timeout, if known (check warns when idle_timeout >= it).
+    pub server_keepalive: Option<Duration>,
+    /// Who closes first on pooled connections.
+    pub time_wait: UpstreamTimeWait,
+    /// Fresh, never-used connections kept open per server (tcp listeners).
+    pub preconnect: usize,
+    /// PROXY protocol header sent first on each server connection (tcp listeners).
+    pub proxy_protocol: ProxyProtocol,
+    /// How a server is picked.
+    pub balance: Balance,
+    /// Per server, in `servers` order (all 1 when absent).
+    pub weights: Vec<u32>,
+    /// Consecutive failed connects (or timeouts) that mark a server down.
+    pub fail_threshold: u32,
+    /// How long a server marked down is skipped before it is tried again.
+    pub fail_backoff: Duration,
+    /// Optional active checks.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// `[[mysql_user]]`: an account that clients of mysql listeners log in as and that waitless
+/// logs in to the servers with: the same name and password on both sides.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MysqlUser<S: Stage = Resolved> {
+    /// The account name.
+    pub user: String,
+    /// The password, from the file or (once resolved) from the environment.
+    pub password: S::Password,
+    /// The environment variable the password is read from, if it comes from one.
+    pub password_env: Option<String>,
+}
+
+/// A config that could not be loaded, with where it went wrong.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    /// The file, as given.
+    pub file: PathBuf,
+    /// 1-based line of the offending key, when known.
+    pub line: Option<usize>,
+    /// Dotted path of the offending key, e.g. `listener[0].upstream`, when known.
+    pub key: Option<String>,
+    /// What is wrong, in a sentence.
+    pub message: String,
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads the file at `path`, parses, checks and resolves it.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses, checks and resolves `text` (looking names up with the system's resolver),
+    /// naming `path` in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        parse(text, path)?.resolve(&System)
+    }
+}
+
+impl<S: Stage> Config<S> {
+    /// The upstream a listener forwards to (validation guarantees it exists).
+    pub fn upstream(&self, name: &str) -> Option<&Upstream<S>> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// The `[[mysql_user]]` named `user`.
+    pub fn mysql_user(&self, user: &str) -> Option<&MysqlUser<S>> {
+        self.mysql_users.iter().find(|u| u.user == user)
+    }
+}
+
+/// Parses and checks `text`, naming `path` in errors: no name is looked up, no variable read,
+/// no file opened. Every rule that does not need the network or the environment is checked.
+pub fn parse(text: &str, path: &Path) -> Result<Parsed, ConfigError> {
+    let at = Locator::new(text, path);
+    let config = raw::parse(text, &at)?;
+    config.validate(&at)?;
+    Ok(Parsed { config, at })
+}
+
+// === impl Stage ===
+
+impl Stage for Unresolved {
+    type Address = Endpoint;
+    type AdminAddress = Endpoint;
+    type Password = Option<String>;
+
+    fn admin_address(admin: &Endpoint) -> Endpoint {
+        admin.clone()
+    }
+}
+
+impl Stage for Resolved {
+    type Address = Address;
+    type AdminAddress = SocketAddr;
+    type Password = String;
+
+    fn admin_address(admin: &SocketAddr) -> Address {
+        Address::Tcp(*admin)
+    }
+}
+
+// === impl Parsed ===
+
+/// The config as written, defaults filled in: text that parses back to the same config.
+impl fmt::Display for Parsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.config.fmt(f)
+    }
+}
+
+// === impl MysqlUser ===
+
+/// The password is never shown.
+impl<S: Stage> fmt::Debug for MysqlUser<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MysqlUser")
+            .field("user", &self.user)
+            .field("password_env", &self.password_env)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Admin ===
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            listen: Some(raw::DEFAULT_ADMIN_LISTEN),
+        }
+    }
+}
+
+impl Default for Admin<Unresolved> {
+    fn default() -> Self {
+        Admin {
+            listen: Some(Endpoint::Ip(raw::DEFAULT_ADMIN_LISTEN)),
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The file as written: serde's view of the TOML, and the defaults that turn it into the
+//! model. Nothing here looks a name up or reads the environment.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use super::locate::Locator;
+use super::units::{parse_duration, parse_endpoint, parse_mode, Keyword};
+use super::{
+    Admin, Balance, CheckKind, ClientTimeWait, Config, ConfigError, Endpoint, HealthCheck,
+    LingerFallback, Listener, MysqlUser, Protocol, ProxyProtocol, Unresolved, Upstream,
+    UpstreamTimeWait,
+};
+
+// Defaults live here, once, so the parser, the printer and config/waitless.toml cannot disagree.
+
+/// `[admin] listen` when the key is absent.
+pub(super) const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9901));
+/// `linger` when absent.
+const DEFAULT_LINGER: Duration = Duration::from_secs(2);
+/// `keepalive_timeout` when absent.
+const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `pool_size` when absent.
+const DEFAULT_POOL_SIZE: usize = 64;
+/// `idle_timeout` when absent: below nginx's default 75 s keep-alive, so waitless, not the
+/// server, closes an idle pooled connection.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// `connect_timeout` when absent.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// `response_timeout` when absent.
+const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `drain_timeout` when absent.
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// `header_timeout` when absent: generous for real clients, short for slowloris.
+const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// `max_clients` when absent: far above what one proxy process should hold, below the fd
+/// limit a systemd unit sets (LimitNOFILE=1048576), so the limit answers before accept fails.
+const DEFAULT_MAX_CLIENTS: usize = 100_000;
+/// `fail_threshold` when absent.
+const DEFAULT_FAIL_THRESHOLD: u32 = 3;
+/// `fail_backoff` when absent.
+const DEFAULT_FAIL_BACKOFF: Duration = Duration::from_secs(10);
+/// `health_check.interval` when absent.
+const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The file as written, before defaults and cross-checks.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// `workers`.
+    workers: Option<usize>,
+    drain_timeout: Option<RawDuration>,
+    /// `[admin]`.
+    admin: Option<RawAdmin>,
+    /// `[[listener]]` tables, in file order (validation names them by index).
+    #[serde(default)]
+    listener: Vec<RawListener>,
+    /// `[[upstream]]` tables, in file order.
+    #[serde(default)]
+    upstream: Vec<RawUpstream>,
+    /// `[[mysql_user]]` tables, in file order.
+    #[serde(default)]
+    mysql_user: Vec<RawMysqlUser>,
+}
+
+/// `[admin]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// `listen`; absent means the default address.
+    listen: Option<RawAdminListen>,
+}
+
+/// `[[listener]]` as written; the fields mirror [`Listener`], None where the key is absent.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: String,
+    listen: RawEndpoint,
+    protocol: Option<RawWord<Protocol>>,
+    upstream: String,
+    time_wait: Option<RawWord<ClientTimeWait>>,
+    linger: Option<RawDuration>,
+    linger_fallback: Option<RawWord<LingerFallback>>,
+    keepalive_timeout: Option<RawDuration>,
+    mode: Option<RawMode>,
+    accept_proxy_protocol: Option<bool>,
+    max_clients: Option<usize>,
+    header_timeout: Option<RawDuration>,
+    defer_accept: Option<bool>,
+}
+
+/// `[[upstream]]` as written; the fields mirror [`Upstream`], None where the key is absent.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: String,
+    /// Kept as spanned strings: the deserializer blames the whole array for an element's
+    /// error, and a bad server should be reported at its own line.
+    servers: Vec<toml::Spanned<String>>,
+    pool_size: Option<usize>,
+    max_connections: Option<usize>,
+    idle_timeout: Option<RawDuration>,
+    connect_timeout: Option<RawDuration>,
+    response_timeout: Option<RawDuration>,
+    max_lifetime: Option<RawDuration>,
+    max_requests: Option<u64>,
+    server_keepalive: Option<RawDuration>,
+    time_wait: Option<RawWord<UpstreamTimeWait>>,
+    preconnect: Option<usize>,
+    proxy_protocol: Option<RawWord<ProxyProtocol>>,
+    balance: Option<RawWord<Balance>>,
+    weights: Option<Vec<u32>>,
+    fail_threshold: Option<u32>,
+    fail_backoff: Option<RawDuration>,
+    health_check: Option<RawHealthCheck>,
+}
+
+/// `health_check = { ... }` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    kind: Option<RawWord<CheckKind>>,
+    path: Option<String>,
+    interval: Option<RawDuration>,
+}
+
+/// `[[mysql_user]]` as written: exactly one of `password` and `password_env`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMysqlUser {
+    user: String,
+    password: Option<String>,
+    password_env: Option<String>,
+}
+
+/// A duration: `"500ms"`, `"1.5s"`, ... or an integer number of seconds.
+struct RawDuration(Duration);
+
+/// A listen address: `HOST:PORT`, `[V6]:PORT` or `unix:/path`.
+struct RawEndpoint(Endpoint);
+
+/// The admin address: `HOST:PORT`, or `""` / `"off"` for none.
+struct RawAdminListen(Option<Endpoint>);
+
+/// A unix socket file mode, written as an octal string.
+struct RawMode(u32);
+
+/// One of the words of a [`Keyword`] enum.
+struct RawWord<T>(T);
+
+/// Deserializes `text` and fills in defaults. Fails on what serde refuses (syntax, types,
+/// unknown keys) and on a bad server address, which is parsed here rather than by the
+/// deserializer so that the error names the element's own line.
+pub(super) fn parse(text: &str, at: &Locator) -> Result<Config<Unresolved>, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| at.deserialize_error(&e))?;
+    raw.into_config(at)
+}
+
+// === impl RawConfig ===
+
+impl RawConfig {
+    fn into_config(self, at: &Locator) -> Result<Config<Unresolved>, ConfigError> {
+        let admin = match self.admin.and_then(|a| a.listen) {
+            Some(RawAdminListen(listen)) => Admin { listen },
+            None => Admin::<Unresolved>::default(),
+        };
+        let upstreams = self
+            .upstream
+            .into_iter()
+            .map(|u| u.into_upstream(at))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mysql_users = self
+            .mysql_user
+            .into_iter()
+            .enumerate()
+            .map(|(i, u)| u.into_user(i, at))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Config {
+            source: at.file().to_path_buf(),
+            workers: self.workers.unwrap_or(0),
+            drain_timeout: self.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
+            admin,
+            listeners: self
+                .listener
+                .into_iter()
+                .map(RawListener::into_listener)
+                .collect(),
+            upstreams,
+            mysql_users,
+        })
+    }
+}
+
+// === impl RawMysqlUser ===
+
+impl RawMysqlUser {
+    /// Exactly one of `password` and `password_env`; the variable is read by the resolve step.
+    fn into_user(self, i: usize, at: &Locator) -> Result<MysqlUser<Unresolved>, ConfigError> {
+        match (&self.password, &self.password_env) {
+            (Some(_), None) | (None, Some(_)) => Ok(MysqlUser {
+                user: self.user,
+                password: self.password,
+                password_env: self.password_env,
+            }),
+            (Some(_), Some(_)) => Err(at.error(
+                format!("mysql_user[{i}].password_env"),
+                "give either password or password_env, not both",
+            )),
+            (None, None) => Err(at.error(
+                format!("mysql_user[{i}]"),
+                "password or password_env is required",
+            )),
+        }
+    }
+}
+
+// === impl RawListener ===
+
+impl RawListener {
+    fn into_listener(self) -> Listener<Unresolved> {
+        let protocol = self.protocol.map(|w| w.0).unwrap_or_default();
+        // Clients of HTTP speak first; of tcp, perhaps not; of mysql, never.
+        let defer_default =
+            protocol == Protocol::Http && !matches!(self.listen.0, Endpoint::Unix(_));
+        Listener {
+            name: self.name,
+            listen: self.listen.0,
+            protocol,
+            upstream: self.upstream,
+            time_wait: self.time_wait.map(|w| w.0).unwrap_or_default(),
+            linger: self.linger.map_or(DEFAULT_LINGER, |d| d.0),
+            linger_fallback: self.linger_fallback.map(|w| w.0).unwrap_or_default(),
+            keepalive_timeout: self
+                .keepalive_timeout
+                .map_or(DEFAULT_KEEPALIVE_TIMEOUT, |d| d.0),
+            mode: self.mode.map(|m| m.0),
+            accept_proxy_protocol: self.accept_proxy_protocol.unwrap_or(false),
+            max_clients: self.max_clients.unwrap_or(DEFAULT_MAX_CLIENTS),
+            header_timeout: self.header_timeout.map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
+            defer_accept: self.defer_accept.unwrap_or(defer_default),
+        }
+    }
+}
+
+// === impl RawUpstream ===
+
+impl RawUpstream {
+    fn into_upstream(self, at: &Locator) -> Result<Upstream<Unresolved>, ConfigError> {
+        let servers = self
+            .servers
+            .iter()
+            .map(|server| {
+                parse_endpoint(server.get_ref())
+                    .map_err(|message| at.error_at(server.span(), message))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let servers_len = servers.len();
+        Ok(Upstream {
+            name: self.name,
+            servers,
+            pool_size: self.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
+            max_connections: self.max_connections.unwrap_or(0),
+            idle_timeout: self.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+            connect_timeout: self
+                .connect_timeout
+                .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+            response_timeout: self
+                .response_timeout
+                .map_or(DEFAULT_RESPONSE_TIMEOUT, |d| d.0),
+            max_lifetime: self.max_lifetime.map(|d| d.0),
+            max_requests: self.max_requests.unwrap_or(0),
+            server_keepalive: self.server_keepalive.map(|d| d.0),
+            time_wait: self.time_wait.map(|w| w.0).unwrap_or_default(),
+            preconnect: self.preconnect.unwrap_or(0),
+            proxy_protocol: self.proxy_protocol.map(|w| w.0).unwrap_or_default(),
+            balance: self.balance.map(|w| w.0).unwrap_or_default(),
+            weights: self.weights.unwrap_or_else(|| vec![1; servers_len]),
+            fail_threshold: self.fail_threshold.unwrap_or(DEFAULT_FAIL_THRESHOLD),
+            fail_backoff: self.fail_backoff.map_or(DEFAULT_FAIL_BACKOFF, |d| d.0),
+            health_check: self.health_check.map(|h| HealthCheck {
+                kind: h.kind.map(|w| w.0).unwrap_or_default(),
+                path: h.path.unwrap_or_else(|| "/healthz".to_string()),
+                interval: h.interval.map_or(DEFAULT_CHECK_INTERVAL, |d| d.0),
+            }),
+        })
+    }
+}
+
+// === impl RawDuration, RawEndpoint, RawAdminListen, RawMode, RawWord ===
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(DurationVisitor)
+    }
+}
+
+/// Accepts a duration string or whole seconds as an integer.
+struct DurationVisitor;
+
+impl Visitor<'_> for DurationVisitor {
+    type Value = RawDuration;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration such as \"2s\", \"500ms\" or \"1.5m\", or whole seconds")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<RawDuration, E> {
+        parse_duration(text)
+            .map(RawDuration)
+            .map_err(|e| E::custom(format!("invalid duration `{text}`: {e}")))
+    }
+
+    fn visit_u64<E: de::Error>(self, secs: u64) -> Result<RawDuration, E> {
+        Ok(RawDuration(Duration::from_secs(secs)))
+    }
+
+    fn visit_i64<E: de::Error>(self, secs: i64) -> Result<RawDuration, E> {
+        u64::try_from(secs)
+            .map(|secs| RawDuration(Duration::from_secs(secs)))
+            .map_err(|_| E::custom(format!("invalid duration `{secs}`: must not be negative")))
+    }
+}
+
+impl<'de> Deserialize<'de> for RawEndpoint {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_endpoint(&text)
+            .map(RawEndpoint)
+            .map_err(de::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawAdminListen {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.as_str() {
+            "" | "off" => Ok(RawAdminListen(None)),
+            _ => match parse_endpoint(&text).map_err(de::Error::custom)? {
+                Endpoint::Unix(_) => Err(de::Error::custom(
+                    "the admin listener takes HOST:PORT, not a unix socket",
+                )),
+                tcp => Ok(RawAdminListen(Some(tcp))),
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RawMode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // An integer is refused rather than guessed at: `mode = 660` reads as octal to a
+        // person and as decimal to TOML.
+        let text = String::deserialize(deserializer)?;
+        parse_mode(&text).map(RawMode).map_err(de::Error::custom)
+    }
+}
+
+impl<'de, T: Keyword> Deserialize<'de> for RawWord<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match T::WORDS.iter().find(|(word, _)| *word == text) {
+            Some((_, value)) => Ok(RawWord(*value)),
+            None => {
+                let words: Vec<String> = T::WORDS.iter().map(|(w, _)| format!("`{w}`")).collect();
+                Err(de::Error::custom(format!(
+                    "unknown value `{text}`, expected one of {}",
+                    words.join(", ")
+                )))
+            }
+        }
+    }
+}

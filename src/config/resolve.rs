@@ -1,0 +1,195 @@
+//! The step after parsing that meets the outside world: host names are looked up and
+//! `password_env` variables read, through a [`Resolve`], so that parsing stays pure and a
+//! test or the fuzzer can run everything before this step without a network.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use super::units::parse_endpoint;
+use super::{
+    Address, Admin, Config, ConfigError, Endpoint, Listener, MysqlUser, Parsed, Resolved,
+    Unresolved, Upstream,
+};
+
+/// Where names and secrets come from.
+pub trait Resolve {
+    /// The addresses of `host` at `port`, in the resolver's order.
+    fn lookup(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>>;
+    /// The value of environment variable `name`, if it is set and UTF-8.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The system's resolver (getaddrinfo) and this process's environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct System;
+
+// === impl Parsed ===
+
+impl Parsed {
+    /// Looks every host name up (the first address is kept) and reads every `password_env`,
+    /// then checks again what resolving may have changed (two names, one address). Each error
+    /// names the key and its line. `self` stays as written, to be resolved again later.
+    pub fn resolve(&self, with: &impl Resolve) -> Result<Config, ConfigError> {
+        let (written, at) = (&self.config, &self.at);
+        let admin = match &written.admin.listen {
+            None => None,
+            Some(endpoint) => match lookup(endpoint, with) {
+                Ok(Address::Tcp(addr)) => Some(addr),
+                // The raw layer refuses a unix admin address; kept an error, not a panic.
+                Ok(Address::Unix(_)) => {
+                    return Err(at.error(
+                        "admin.listen",
+                        "the admin listener takes HOST:PORT, not a unix socket",
+                    ))
+                }
+                Err(message) => return Err(at.error("admin.listen", message)),
+            },
+        };
+        let listeners = written
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let listen = lookup(&l.listen, with)
+                    .map_err(|message| at.error(format!("listener[{i}].listen"), message))?;
+                Ok(with_listen(l, listen))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let upstreams = written
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let servers = u
+                    .servers
+                    .iter()
+                    .enumerate()
+                    .map(|(j, s)| {
+                        lookup(s, with).map_err(|message| {
+                            at.error(format!("upstream[{i}].servers[{j}]"), message)
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(with_servers(u, servers))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let mysql_users = written
+            .mysql_users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                read_password(u, with)
+                    .map_err(|m| at.error(format!("mysql_user[{i}].password_env"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let config = Config {
+            source: written.source.clone(),
+            workers: written.workers,
+            drain_timeout: written.drain_timeout,
+            admin: Admin { listen: admin },
+            listeners,
+            upstreams,
+            mysql_users,
+        };
+        config.validate(at)?;
+        Ok(config)
+    }
+}
+
+// === impl System ===
+
+impl Resolve for System {
+    fn lookup(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        Ok((host, port).to_socket_addrs()?.collect())
+    }
+
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+// === helpers ===
+
+/// Parses `HOST:PORT`, `[V6]:PORT` or `unix:/path`, looking a host name up now, once, with
+/// the system's resolver; the first address is kept.
+pub fn parse_address(text: &str) -> Result<Address, String> {
+    lookup(&parse_endpoint(text)?, &System)
+}
+
+/// The address `endpoint` names: an IP or a path as written, a name looked up.
+pub(super) fn lookup(endpoint: &Endpoint, with: &impl Resolve) -> Result<Address, String> {
+    match endpoint {
+        Endpoint::Ip(addr) => Ok(Address::Tcp(*addr)),
+        Endpoint::Unix(path) => Ok(Address::Unix(path.clone())),
+        Endpoint::Name { host, port } => with
+            .lookup(host, *port)
+            .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
+            .into_iter()
+            .next()
+            .map(Address::Tcp)
+            .ok_or_else(|| format!("`{host}` resolved to no address")),
+    }
+}
+
+/// The password of `user`: from the file, or from its variable, which must be set now.
+fn read_password(
+    user: &MysqlUser<Unresolved>,
+    with: &impl Resolve,
+) -> Result<MysqlUser<Resolved>, String> {
+    let password = match (&user.password, &user.password_env) {
+        (Some(password), _) => password.clone(),
+        (None, Some(var)) => with
+            .var(var)
+            .ok_or_else(|| format!("environment variable `{var}` is not set (or not UTF-8)"))?,
+        // The raw layer requires one of the two.
+        (None, None) => return Err("password or password_env is required".to_string()),
+    };
+    Ok(MysqlUser {
+        user: user.user.clone(),
+        password,
+        password_env: user.password_env.clone(),
+    })
+}
+
+/// `l` with its address resolved; every other field as written.
+fn with_listen(l: &Listener<Unresolved>, listen: Address) -> Listener<Resolved> {
+    Listener {
+        name: l.name.clone(),
+        listen,
+        protocol: l.protocol,
+        upstream: l.upstream.clone(),
+        time_wait: l.time_wait,
+        linger: l.linger,
+        linger_fallback: l.linger_fallback,
+        keepalive_timeout: l.keepalive_timeout,
+        mode: l.mode,
+        accept_proxy_protocol: l.accept_proxy_protocol,
+        max_clients: l.max_clients,
+        header_timeout: l.header_timeout,
+        defer_accept: l.defer_accept,
+    }
+}
+
+/// `u` with its servers resolved; every other field as written.
+fn with_servers(u: &Upstream<Unresolved>, servers: Vec<Address>) -> Upstream<Resolved> {
+    Upstream {
+        name: u.name.clone(),
+        servers,
+        pool_size: u.pool_size,
+        max_connections: u.max_connections,
+        idle_timeout: u.idle_timeout,
+        connect_timeout: u.connect_timeout,
+        response_timeout: u.response_timeout,
+        max_lifetime: u.max_lifetime,
+        max_requests: u.max_requests,
+        server_keepalive: u.server_keepalive,
+        time_wait: u.time_wait,
+        preconnect: u.preconnect,
+        proxy_protocol: u.proxy_protocol,
+        balance: u.balance,
+        weights: u.weights.clone(),
+        fail_threshold: u.fail_threshold,
+        fail_backoff: u.fail_backoff,
+        health_check: u.health_check.clone(),
+    }
+}
