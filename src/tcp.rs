@@ -135,7 +135,7 @@ impl TcpRelay {
             .local_addr()
             .ok()
             .and_then(|a| a.as_socket());
-        let policy = ClientPolicy::of(&self.cfg);
+        let policy = self.cfg.close_policy();
         let mut client = Tracked::client(stream, self.ledger.clone(), policy);
         let header = self.header(peer, local);
         let up = &self.upstream;
@@ -236,7 +236,7 @@ impl Serve for TcpRelay {
     }
 
     fn track<S: Socket>(&self, stream: S) -> Tracked<S> {
-        Tracked::client(stream, self.ledger.clone(), ClientPolicy::of(&self.cfg))
+        Tracked::client(stream, self.ledger.clone(), self.cfg.close_policy())
     }
 }
 

@@ -10,7 +10,37 @@
 use std::time::Duration;
 
 use super::ledger::{How, Reason};
-use crate::config::{ClientTimeWait, LingerFallback, UpstreamTimeWait};
+
+/// A listener's `time_wait`: where TIME_WAIT lands for client connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientTimeWait {
+    /// Wait up to `linger` for the client's FIN, then close passively: TIME_WAIT on the client.
+    #[default]
+    Client,
+    /// Close first with FIN: TIME_WAIT on the proxy.
+    Proxy,
+    /// RST once every sent byte is acknowledged: TIME_WAIT nowhere.
+    None,
+}
+
+/// A listener's `linger_fallback`: what to do when `linger` runs out before the client
+/// closed, or for a client that will never close first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LingerFallback {
+    #[default]
+    Fin,
+    Reset,
+}
+
+/// An upstream's `time_wait`: how waitless closes connections to its servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamTimeWait {
+    /// waitless retires pooled connections itself with FIN; a server FIN is answered with RST.
+    #[default]
+    Proxy,
+    /// Every close of a pooled connection is RST after the send queue drained.
+    None,
+}
 
 /// The client-side close policy of a listener.
 #[derive(Debug, Clone, Copy)]
@@ -120,15 +150,6 @@ pub enum Expired {
 // === impl ClientPolicy ===
 
 impl ClientPolicy {
-    /// The policy a listener's settings ask for.
-    pub fn of(listener: &crate::config::Listener) -> ClientPolicy {
-        ClientPolicy {
-            time_wait: listener.time_wait,
-            linger: listener.linger,
-            fallback: listener.linger_fallback,
-        }
-    }
-
     /// A tcp relay ends the client connection as soon as its server closed (instead of
     /// passing the half-close on and relaying on), so that the client can be reset once it
     /// has everything: only where a reset is what the policy falls back to.

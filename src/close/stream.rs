@@ -21,9 +21,9 @@ use tokio::time::Instant;
 
 use super::ledger::{Closer, How, Reason, SideLedger};
 use super::policy::{
-    decide, ClientPolicy, Close, Ending, Expired, Facts, Side, Step, UpstreamPolicy, Wait,
+    decide, ClientPolicy, Close, Ending, Expired, Facts, Side, Step, UpstreamPolicy,
+    UpstreamTimeWait, Wait,
 };
-use crate::config::UpstreamTimeWait;
 
 /// A stream socket a `Tracked` can wrap.
 pub trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send + Sync + 'static {

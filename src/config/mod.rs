@@ -22,6 +22,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::close::ClientPolicy;
+
 mod locate;
 mod print;
 mod raw;
@@ -33,6 +35,8 @@ mod validate;
 mod tests;
 
 use locate::Locator;
+// The close policies are the close mechanism's types; the config names them.
+pub use crate::close::policy::{ClientTimeWait, LingerFallback, UpstreamTimeWait};
 pub use resolve::{parse_address, Resolve, System};
 pub use units::{format_duration, parse_duration, parse_endpoint, parse_mode};
 
@@ -129,36 +133,6 @@ pub enum Protocol {
     Http,
     Tcp,
     Mysql,
-}
-
-/// Client side close policy: where TIME_WAIT lands for client connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ClientTimeWait {
-    /// Wait up to `linger` for the client's FIN, then close passively: TIME_WAIT on the client.
-    #[default]
-    Client,
-    /// Close first with FIN: TIME_WAIT on the proxy.
-    Proxy,
-    /// RST once every sent byte is acknowledged: TIME_WAIT nowhere.
-    None,
-}
-
-/// What to do when `linger` runs out before the client closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LingerFallback {
-    #[default]
-    Fin,
-    Reset,
-}
-
-/// Upstream side close policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum UpstreamTimeWait {
-    /// waitless retires pooled connections itself with FIN; a server FIN is answered with RST.
-    #[default]
-    Proxy,
-    /// Every close of a pooled connection is RST after the send queue drained.
-    None,
 }
 
 /// The PROXY protocol header sent to upstream servers.
@@ -344,6 +318,19 @@ pub fn parse(text: &str, path: &Path) -> Result<Parsed, ConfigError> {
     let config = raw::parse(text, &at)?;
     config.validate(&at)?;
     Ok(Parsed { config, at })
+}
+
+// === impl Listener ===
+
+impl<S: Stage> Listener<S> {
+    /// The client-side close policy its settings ask for.
+    pub fn close_policy(&self) -> ClientPolicy {
+        ClientPolicy {
+            time_wait: self.time_wait,
+            linger: self.linger,
+            fallback: self.linger_fallback,
+        }
+    }
 }
 
 // === impl Stage ===

@@ -36,7 +36,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
-use crate::close::{ClientPolicy, Ending, Reason, SideLedger, Socket, Tracked};
+use crate::close::{Ending, Reason, SideLedger, Socket, Tracked};
 use crate::config;
 use crate::connector::{self, GetError, OpenError, Reuse};
 use crate::listener::{ListenerStats, Serve};
@@ -158,12 +158,12 @@ impl Serve for HttpListener {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         // Wrapped here, not inside the async fn: its arguments live as long as its future,
         // and a bare socket beside the wrapped one would be dead weight in every idle task.
-        let io = Tracked::client(stream, self.ledger.clone(), ClientPolicy::of(&self.cfg));
+        let io = Tracked::client(stream, self.ledger.clone(), self.cfg.close_policy());
         self.serve_client(io, peer)
     }
 
     fn track<S: Socket>(&self, stream: S) -> Tracked<S> {
-        Tracked::client(stream, self.ledger.clone(), ClientPolicy::of(&self.cfg))
+        Tracked::client(stream, self.ledger.clone(), self.cfg.close_policy())
     }
 
     /// At `max_clients`: every request on the connection gets a 503, then it closes.

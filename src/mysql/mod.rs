@@ -347,7 +347,7 @@ impl MysqlListener {
     }
 
     fn policy(&self) -> ClientPolicy {
-        ClientPolicy::of(&self.cfg)
+        self.cfg.close_policy()
     }
 
     /// Login, borrow, commands, give back.
