@@ -4,11 +4,13 @@
 //! connections. On every connection waitless chooses who sends the first FIN — and so where
 //! TIME_WAIT lands — and records each close in a ledger checked against the kernel's census.
 //!
-//! - `config`: the TOML model and its validation (errors name file, line and key).
+//! - `config`: the TOML model, pure parsing and validation (errors name file, line and key),
+//!   and the separate step that resolves names and reads `password_env`.
 //! - `listener`: binding and accepting client sockets.
 //! - `eager`: client sockets that join epoll only when an operation would block.
-//! - `close`: the heart — `Tracked`, the one close mechanism every protocol uses, the ledger
-//!   of closes and the kernel's socket census.
+//! - `close`: the heart — the close policy (`policy::decide`, the one place FIN or RST is
+//!   chosen), `Tracked`, the socket wrapper that carries it out for every protocol, the
+//!   ledger of closes and the kernel's socket census.
 //! - `connector`: the one way to an upstream server for every protocol: picks a server,
 //!   lends an idle connection or opens one (permit, connect, handshake, health), as a lease.
 //! - `pool`: per-server pools of persistent upstream connections, protocol-neutral, with
