@@ -23,6 +23,8 @@ struct ConnLog {
     bytes: Vec<u8>,
     /// The request lines of the requests it parsed whole.
     requests: Vec<String>,
+    /// Their bodies, as the server decoded them.
+    bodies: Vec<Vec<u8>>,
     /// The peer closed (or broke) the connection.
     ended: bool,
     /// It ended inside a request (head or body incomplete).
@@ -31,7 +33,10 @@ struct ConnLog {
 
 /// A hand-written HTTP/1.1 server on loopback: it records every byte of every connection
 /// and answers each request with `path=<its path>`, except under `/evil/` where it sends
-/// malformed responses and `/early/` where it answers before reading the body.
+/// malformed responses and `/early/` where it answers before reading the body. It frames
+/// requests as CGI-style servers do, reading `_` in a header name as `-`
+/// (`Transfer_Encoding` is Transfer-Encoding to it): what waitless lets through must frame
+/// alike for such a server too.
 struct Recorder {
     addr: SocketAddr,
     conns: Arc<Mutex<Vec<ConnLog>>>,
@@ -110,11 +115,12 @@ async fn serve_raw(mut s: TcpStream, id: usize, log: Arc<Mutex<Vec<ConnLog>>>) {
         let path = line.split(' ').nth(1).unwrap_or("/").to_string();
         let lower = head.to_ascii_lowercase();
         let header = |name: &str| {
-            lower
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}:")))
-                .map(|v| v.trim().to_string())
+            lower.lines().skip(1).find_map(|l| {
+                let (field, value) = l.split_once(':')?;
+                (field.replace('_', "-") == name).then(|| value.trim().to_string())
+            })
         };
+        let mut body = Vec::new();
         let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
         let length: usize = header("content-length")
             .and_then(|v| v.parse().ok())
@@ -160,6 +166,7 @@ async fn serve_raw(mut s: TcpStream, id: usize, log: Arc<Mutex<Vec<ConnLog>>>) {
                         return end(true);
                     }
                 }
+                body.extend_from_slice(&buf[..size]);
                 buf.drain(..size + 2);
             }
         } else {
@@ -168,9 +175,14 @@ async fn serve_raw(mut s: TcpStream, id: usize, log: Arc<Mutex<Vec<ConnLog>>>) {
                     return end(true);
                 }
             }
+            body.extend_from_slice(&buf[..length]);
             buf.drain(..length);
         }
-        log.lock().unwrap()[id].requests.push(line.clone());
+        {
+            let mut all = log.lock().unwrap();
+            all[id].requests.push(line.clone());
+            all[id].bodies.push(body);
+        }
 
         if path.starts_with("/early/") {
             continue;
@@ -195,6 +207,13 @@ async fn serve_raw(mut s: TcpStream, id: usize, log: Arc<Mutex<Vec<ConnLog>>>) {
             "/evil/two-responses" => {
                 let mut r = ok_response("/evil/two-responses");
                 r.extend_from_slice(&ok_response("/not-yours"));
+                r
+            }
+            // The head alone: a response to HEAD has no body.
+            _ if line.starts_with("HEAD ") => {
+                let mut r = ok_response(&path);
+                let head_end = find(&r, b"\r\n\r\n").unwrap() + 4;
+                r.truncate(head_end);
                 r
             }
             _ => ok_response(&path),
@@ -312,7 +331,7 @@ fn refused_cases() -> Vec<(&'static str, Vec<u8>, &'static [u16])> {
         ("space in target", b("GET /a b HTTP/1.1\r\nHost: t\r\n\r\n"), &[400]),
         ("HTTP/9.9", b("GET / HTTP/9.9\r\nHost: t\r\n\r\n"), &[400]),
         ("HTTP/2.0 as text", b("GET / HTTP/2.0\r\nHost: t\r\n\r\n"), &[400]),
-        ("HTTP/1.2", b("GET / HTTP/1.2\r\nHost: t\r\n\r\n"), &[400]),
+        ("HTTP/1.10 (two minor digits)", b("GET / HTTP/1.10\r\nHost: t\r\n\r\n"), &[400]),
         ("lowercase http/1.1", b("GET / http/1.1\r\nHost: t\r\n\r\n"), &[400]),
         ("header without colon", b("GET / HTTP/1.1\r\nHost: t\r\nBadHeader\r\n\r\n"), &[400]),
         ("space before colon", b("GET / HTTP/1.1\r\nHost : t\r\n\r\n"), &[400]),
@@ -322,6 +341,9 @@ fn refused_cases() -> Vec<(&'static str, Vec<u8>, &'static [u16])> {
             &[400],
         ),
         ("NUL in header value", b("GET / HTTP/1.1\r\nHost: t\r\nX-A: a\0b\r\n\r\n"), &[400]),
+        ("control byte in header value", b("GET / HTTP/1.1\r\nHost: t\r\nX-A: a\x01b\r\n\r\n"), &[400]),
+        ("DEL in header value", b("GET / HTTP/1.1\r\nHost: t\r\nX-A: a\x7fb\r\n\r\n"), &[400]),
+        ("control byte in target", b("GET /a\x01b HTTP/1.1\r\nHost: t\r\n\r\n"), &[400]),
         ("bare CR in header value", b("GET / HTTP/1.1\r\nHost: t\r\nX-A: a\rb\r\n\r\n"), &[400]),
         ("bad char in header name", b("GET / HTTP/1.1\r\nHost: t\r\nX(A): 1\r\n\r\n"), &[400]),
         ("obs-fold", b("GET / HTTP/1.1\r\nHost: t\r\nX-A: a\r\n b\r\n\r\n"), &[400]),
@@ -379,6 +401,27 @@ fn refused_cases() -> Vec<(&'static str, Vec<u8>, &'static [u16])> {
             b("POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding : chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
             &[400],
         ),
+        (
+            "Transfer_Encoding hiding a request",
+            b("POST /foo/bar HTTP/1.1\r\nHost: a\r\nTransfer_Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"),
+            &[400],
+        ),
+        (
+            "Content_Length",
+            b("POST / HTTP/1.1\r\nHost: t\r\nContent_Length: 1000\r\n\r\nhello"),
+            &[400],
+        ),
+        (
+            "GET with transfer_encoding",
+            b("GET / HTTP/1.1\r\nHost: t\r\ntransfer_encoding: chunked\r\n\r\n0\r\n\r\n"),
+            &[400],
+        ),
+        ("GET with Keep_Alive", b("GET / HTTP/1.1\r\nHost: t\r\nKeep_Alive: 300\r\n\r\n"), &[400]),
+        (
+            "GET with Proxy_Authorization",
+            b("GET / HTTP/1.1\r\nHost: t\r\nProxy_Authorization: x\r\n\r\n"),
+            &[400],
+        ),
         ("HTTP/1.1 without Host", b("GET / HTTP/1.1\r\n\r\n"), &[400]),
         ("two Host headers", b("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), &[400]),
         ("Host with a space", b("GET / HTTP/1.1\r\nHost: a b\r\n\r\n"), &[400]),
@@ -397,8 +440,10 @@ fn refused_cases() -> Vec<(&'static str, Vec<u8>, &'static [u16])> {
 }
 
 /// `n` normal requests at once, each on its own connection: every body must name its own
-/// path, so no client gets a response meant for another request.
-async fn next_clients_get_their_own(proxy: &Waitless, tag: &str, n: usize) {
+/// path, so no client gets a response meant for another request; and each arrived at the
+/// backend at a request boundary, on whichever pooled connection it went (none was
+/// swallowed as a body, or read as the tail of a request before it).
+async fn next_clients_get_their_own(backend: &Recorder, proxy: &Waitless, tag: &str, n: usize) {
     let tag = tag.replace(|c: char| !c.is_ascii_alphanumeric(), "-");
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -418,6 +463,27 @@ async fn next_clients_get_their_own(proxy: &Waitless, tag: &str, n: usize) {
             ),
             other => panic!("after {tag}: {path} got {other:?}"),
         }
+    }
+    at_request_boundaries(backend, &format!("/after/{tag}/"));
+}
+
+/// Every request for a path starting with `prefix` that reached the backend, on every
+/// connection, was read by it as a request of its own: its request line is one the server
+/// parsed as such.
+fn at_request_boundaries(backend: &Recorder, prefix: &str) {
+    for (i, c) in backend.snapshot().iter().enumerate() {
+        let text = String::from_utf8_lossy(&c.bytes);
+        let sent = text.matches(&format!("GET {prefix}")).count();
+        let parsed = c
+            .requests
+            .iter()
+            .filter(|r| r.starts_with(&format!("GET {prefix}")))
+            .count();
+        assert_eq!(
+            sent, parsed,
+            "backend connection {i}: {sent} requests for {prefix} arrived, {parsed} read as \
+             requests: {c:?}"
+        );
     }
 }
 
@@ -460,7 +526,7 @@ async fn hostile_requests_are_refused_closed_and_never_reach_the_backend() {
             "{name}: the backend received {:?}",
             String::from_utf8_lossy(&backend.all_bytes()[before..])
         );
-        next_clients_get_their_own(&proxy, name, 4).await;
+        next_clients_get_their_own(&backend, &proxy, name, 4).await;
     }
 }
 
@@ -504,7 +570,7 @@ async fn smuggling_with_both_lengths_is_read_as_chunked_and_the_connection_close
             .map(|c| c.requests.iter().filter(|r| **r == line).count())
             .sum();
         assert_eq!(times, 1, "{path}: forwarded {times} times");
-        next_clients_get_their_own(&proxy, path, 4).await;
+        next_clients_get_their_own(&backend, &proxy, path, 4).await;
     }
 }
 
@@ -517,6 +583,8 @@ async fn broken_request_bodies_get_400_and_their_upstream_connection_is_closed()
     let proxy = proxy_for(&backend).await;
     let chunked = "Transfer-Encoding: chunked\r\n\r\n";
     let cases: Vec<(&str, String, bool)> = vec![
+        // The corpus's case: the data runs into the next size line.
+        ("/chunk-runs-on", format!("{chunked}5\r\nABCDE0\r\n"), false),
         (
             "/bad-chunk",
             format!("{chunked}zz\r\nhello\r\n0\r\n\r\n"),
@@ -549,9 +617,17 @@ async fn broken_request_bodies_get_400_and_their_upstream_connection_is_closed()
             true,
         ),
     ];
-    for (path, rest, fin) in cases {
+    // A GET's body is caught as early as a POST's (it was forwarded bodiless, and the bad
+    // chunk noticed after the response).
+    let cases = ["POST", "GET"].into_iter().flat_map(|method| {
+        cases
+            .iter()
+            .map(move |(path, rest, fin)| (method, format!("/{method}{path}"), rest, *fin))
+    });
+    for (method, path, rest, fin) in cases {
+        let path = path.as_str();
         let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
-        s.write_all(format!("POST {path} HTTP/1.1\r\nHost: t\r\n{rest}").as_bytes())
+        s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: t\r\n{rest}").as_bytes())
             .await
             .unwrap();
         if fin {
@@ -578,7 +654,7 @@ async fn broken_request_bodies_get_400_and_their_upstream_connection_is_closed()
                 "{path}: connection left open: {c:?}"
             );
         }
-        next_clients_get_their_own(&proxy, path, 4).await;
+        next_clients_get_their_own(&backend, &proxy, path, 4).await;
     }
 }
 
@@ -604,7 +680,7 @@ async fn a_response_before_the_whole_request_body_does_not_pool_the_connection()
     );
     // The connection still owes the server 95 bytes: no other request may go on it (nor
     // wait for it).
-    next_clients_get_their_own(&proxy, "early", 8).await;
+    next_clients_get_their_own(&backend, &proxy, "early", 8).await;
     let early = conns_that_saw(&backend, "POST /early/1 ");
     assert_eq!(early.len(), 1);
     assert!(
@@ -636,7 +712,7 @@ async fn upstream_responses_with_invalid_framing_become_502_and_are_not_reused()
         for c in conns_that_saw(&backend, path) {
             assert!(c.ended, "{path}: the connection was kept: {c:?}");
         }
-        next_clients_get_their_own(&proxy, path, 4).await;
+        next_clients_get_their_own(&backend, &proxy, path, 4).await;
     }
     // Framing that breaks after the head was relayed: the client sees an incomplete
     // response and a close, never a complete wrong one.
@@ -649,7 +725,7 @@ async fn upstream_responses_with_invalid_framing_become_502_and_are_not_reused()
         for c in conns_that_saw(&backend, path) {
             assert!(c.ended, "{path}: the connection was kept: {c:?}");
         }
-        next_clients_get_their_own(&proxy, path, 4).await;
+        next_clients_get_their_own(&backend, &proxy, path, 4).await;
     }
     // Two responses to one request: the second must never answer somebody else.
     for round in 0..5 {
@@ -660,7 +736,7 @@ async fn upstream_responses_with_invalid_framing_become_502_and_are_not_reused()
             (status, String::from_utf8_lossy(&body).into_owned()),
             (200, "path=/evil/two-responses".to_string())
         );
-        next_clients_get_their_own(&proxy, &format!("two-responses-{round}"), 4).await;
+        next_clients_get_their_own(&backend, &proxy, &format!("two-responses-{round}"), 4).await;
     }
     let all = String::from_utf8_lossy(&backend.all_bytes()).into_owned();
     assert!(!all.contains("/not-yours"), "{all}");
@@ -707,7 +783,7 @@ async fn a_thousand_random_byte_strings_leave_the_proxy_alive_and_serving() {
         t.await.unwrap();
     }
     assert!(proxy.child.try_wait().unwrap().is_none(), "waitless exited");
-    next_clients_get_their_own(&proxy, "noise", 8).await;
+    next_clients_get_their_own(&backend, &proxy, "noise", 8).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -826,5 +902,223 @@ async fn heads_just_within_the_limits_are_forwarded() {
             text.get(..200).unwrap_or(&text)
         );
         assert!(text.ends_with(&format!("path={path}")));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Requests others' corpora showed to be valid, and how their bytes reach the backend
+
+/// The one backend connection that saw `needle`, and the index of the request on it whose
+/// line starts with `line`.
+fn the_request(backend: &Recorder, needle: &str, line: &str) -> (ConnLog, usize) {
+    let conns = conns_that_saw(backend, needle);
+    assert_eq!(conns.len(), 1, "{needle}: seen on {conns:?}");
+    let c = conns.into_iter().next().unwrap();
+    let at = c
+        .requests
+        .iter()
+        .position(|r| r.starts_with(line))
+        .unwrap_or_else(|| panic!("{line}: not read as a request: {c:?}"));
+    (c, at)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_are_forwarded_whatever_the_method() {
+    let backend = Recorder::start().await;
+    let proxy = proxy_for(&backend).await;
+    let framings = [
+        (
+            "chunked",
+            "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+        ("sized", "Content-Length: 5\r\n\r\nhello"),
+    ];
+    for method in ["GET", "HEAD", "DELETE", "OPTIONS", "POST", "PUT"] {
+        for (framing, rest) in framings {
+            let path = format!("/body/{method}/{framing}");
+            let req = format!("{method} {path} HTTP/1.1\r\nHost: t\r\n{rest}");
+            let out = exchange(proxy.addr(), req.as_bytes(), Duration::from_millis(300)).await;
+            let text = String::from_utf8_lossy(&out.raw).into_owned();
+            assert_eq!(out.status, Some(200), "{method} {framing}: {text}");
+            if method != "HEAD" {
+                assert!(text.ends_with(&format!("path={path}")), "{text}");
+            }
+            // The backend read the request, on one connection, with its body whole.
+            let (c, at) = the_request(&backend, &path, &format!("{method} {path} "));
+            assert_eq!(
+                c.bodies[at],
+                b"hello",
+                "{method} {framing}: the backend got {:?}",
+                String::from_utf8_lossy(&c.bytes)
+            );
+            next_clients_get_their_own(&backend, &proxy, &path, 4).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_http1_minor_versions_are_served_as_1_1() {
+    let backend = Recorder::start().await;
+    let proxy = proxy_for(&backend).await;
+    let cases = [
+        ("/v/get", "GET /v/get HTTP/1.2\r\nHost: t\r\n\r\n"),
+        ("/v/get9", "GET /v/get9 HTTP/1.9\r\nHost: t\r\n\r\n"),
+        (
+            "/v/post",
+            "POST /v/post HTTP/1.2\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello",
+        ),
+    ];
+    for (path, req) in cases {
+        let out = exchange(proxy.addr(), req.as_bytes(), Duration::from_millis(300)).await;
+        let text = String::from_utf8_lossy(&out.raw).into_owned();
+        assert_eq!(out.status, Some(200), "{path}: {text}");
+        assert!(text.starts_with("HTTP/1.1 200"), "{path}: {text}");
+        assert!(!out.closed, "{path}: a 1.1 connection is kept alive");
+        let line = req.lines().next().unwrap();
+        let method = line.split(' ').next().unwrap();
+        let (c, at) = the_request(&backend, path, &format!("{method} {path} HTTP/1.1"));
+        if method == "POST" {
+            assert_eq!(c.bodies[at], b"hello");
+        }
+        next_clients_get_their_own(&backend, &proxy, path, 4).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_browsers_and_clients_send_are_forwarded() {
+    let backend = Recorder::start().await;
+    let proxy = proxy_for(&backend).await;
+    // As they came where hyper's URI holds them; percent-encoded, as browsers send them,
+    // where it does not.
+    let cases = [
+        ("GET", "/q/\"quoted\"", "/q/\"quoted\""),
+        ("GET", "/q/{\"json\":1}", "/q/{\"json\":1}"),
+        ("GET", "/q/a|b^c[d]", "/q/a|b^c[d]"),
+        ("GET", "/q/search?q=\"exact\"", "/q/search?q=%22exact%22"),
+        ("GET", "/q/<tag>?a=<b>", "/q/%3Ctag%3E?a=%3Cb%3E"),
+        ("POST", "/q/post?q=\"x\"", "/q/post?q=%22x%22"),
+    ];
+    for (method, target, forwarded) in cases {
+        let body = if method == "POST" {
+            "Content-Length: 2\r\n\r\nhi"
+        } else {
+            "\r\n"
+        };
+        let req = format!("{method} {target} HTTP/1.1\r\nHost: t\r\n{body}");
+        let out = exchange(proxy.addr(), req.as_bytes(), Duration::from_millis(300)).await;
+        let text = String::from_utf8_lossy(&out.raw).into_owned();
+        assert_eq!(out.status, Some(200), "{target}: {text}");
+        the_request(
+            &backend,
+            forwarded,
+            &format!("{method} {forwarded} HTTP/1.1"),
+        );
+        next_clients_get_their_own(&backend, &proxy, target, 4).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscored_names_pass_unless_the_listener_drops_them() {
+    let backend = Recorder::start().await;
+    let keeps = proxy_for(&backend).await;
+    let drops = Waitless::start(
+        &[backend.addr],
+        "time_wait = \"proxy\"\ndrop_underscore_headers = true",
+        "pool_size = 4",
+    )
+    .await;
+    for (proxy, kept) in [(&keeps, true), (&drops, false)] {
+        // A GET the simple path serves, and a POST hyper's path does.
+        for (method, rest) in [("GET", "\r\n"), ("POST", "Content-Length: 5\r\n\r\nhello")] {
+            let path = format!("/underscore/{kept}/{method}");
+            let req = format!(
+                "{method} {path} HTTP/1.1\r\nHost: t\r\nX_Api_Key: k1\r\nX-Plain: p1\r\n{rest}"
+            );
+            let out = exchange(proxy.addr(), req.as_bytes(), Duration::from_millis(300)).await;
+            assert_eq!(out.status, Some(200), "{path}");
+            let (c, _) = the_request(&backend, &path, &format!("{method} {path} "));
+            let seen = String::from_utf8_lossy(&c.bytes).into_owned();
+            // hyper's path writes names in lower case.
+            let lower = seen.to_ascii_lowercase();
+            assert_eq!(lower.contains("x_api_key: k1"), kept, "{path}: {seen}");
+            assert!(seen.to_ascii_lowercase().contains("x-plain: p1"), "{seen}");
+            next_clients_get_their_own(&backend, proxy, &path, 4).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// How refused clients are closed
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_clients_are_closed_at_once_under_every_policy_and_recorded_as_refused() {
+    let backend = Recorder::start().await;
+    let b = |s: &str| s.as_bytes().to_vec();
+    let many_headers = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\n{}\r\n",
+        (0..150)
+            .map(|i| format!("X-H{i}: 1\r\n"))
+            .collect::<String>()
+    );
+    // Refused by waitless's checks, by hyper's parser, and mid-body.
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("two Hosts", b("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")),
+        (
+            "gzip, chunked",
+            b("POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        ),
+        ("Transfer_Encoding", b("POST / HTTP/1.1\r\nHost: t\r\nTransfer_Encoding: chunked\r\n\r\n0\r\n\r\n")),
+        ("bad request line", b("GET / HTTP/1.1 x\r\nHost: t\r\n\r\n")),
+        ("too many headers", many_headers.into_bytes()),
+        ("bad chunk", b("POST /refused-chunk HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n")),
+    ];
+    for policy in [
+        "time_wait = \"client\"",
+        "time_wait = \"client\"\nlinger_fallback = \"reset\"",
+        "time_wait = \"proxy\"",
+        "time_wait = \"none\"",
+    ] {
+        // A linger far beyond the wait below: a close that waited for it fails.
+        let listener = format!("{policy}\nlinger = \"30s\"");
+        let proxy = Waitless::start(&[backend.addr], &listener, "pool_size = 4").await;
+        // Counted from here: a socket of an earlier test may have had this port.
+        let (proxy_tw, client_tw) = (
+            time_wait_on_port(proxy.port),
+            sockets_to_port("time-wait", proxy.port),
+        );
+        for (name, req) in &cases {
+            let out = exchange(proxy.addr(), req, Duration::from_secs(3)).await;
+            assert!(
+                out.status.is_some_and(|s| (400..=501).contains(&s)),
+                "{policy}, {name}: {:?}",
+                String::from_utf8_lossy(&out.raw)
+            );
+            assert!(out.closed, "{policy}, {name}: not closed within 3 s");
+            assert!(
+                is_complete_response(&out.raw),
+                "{policy}, {name}: answer cut"
+            );
+        }
+        settle().await;
+        let stats = proxy.stats().await;
+        let entries = stats["listeners"][0]["ledger"]["entries"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let refused: u64 = entries
+            .iter()
+            .filter(|e| e["reason"] == "refused")
+            .map(|e| e["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(refused, cases.len() as u64, "{policy}: ledger {entries:?}");
+        // Closed once the answer was acknowledged, never by the client first: no TIME_WAIT
+        // on the clients; where the policy resets, on neither side.
+        if policy.contains("none") || policy.contains("reset") {
+            let now = time_wait_on_port(proxy.port);
+            assert_eq!(now, proxy_tw, "{policy}: on the proxy");
+        }
+        let now = sockets_to_port("time-wait", proxy.port);
+        assert_eq!(now, client_tw, "{policy}: on the clients");
+        next_clients_get_their_own(&backend, &proxy, policy, 2).await;
     }
 }

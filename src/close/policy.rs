@@ -86,9 +86,8 @@ pub struct Facts {
 /// What the protocol says about how the connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
-    /// The exchange is over, for `Reason` (done, idle, drain, or refused after an answer such
-    /// as a 503), and the client may close by itself once it has everything. For an
-    /// upstream: a relay's exchange is over.
+    /// The exchange is over, for `Reason` (done, idle, drain), and the client may close by
+    /// itself once it has everything. For an upstream: a relay's exchange is over.
     Over(Reason),
     /// The client sees the end of the response only by the close (HTTP/1.0 without
     /// keep-alive): waiting for its FIN would only waste `linger`.
@@ -98,6 +97,10 @@ pub enum Ending {
     /// Turned away before anything was sent (`max_clients` without an answer, a bad PROXY
     /// header, no upstream server reachable).
     Refused,
+    /// Turned away with an answer that must arrive whole (an HTTP 400, 414, 431, 501, or the
+    /// 503 at `max_clients`): a malformed or hostile client is not waited for (nor for its
+    /// FIN, whatever the policy), only for the acknowledgement of the answer.
+    RefusedAfterAnswer,
     /// A health check's probe connection is done with, passed or failed.
     Checked,
     /// An I/O or protocol error, or a connection dropped before it was finished.
@@ -202,6 +205,31 @@ fn client(policy: ClientPolicy, facts: Facts, ending: Ending) -> Step {
         // Nothing was sent: an RST loses nothing, tells the client at once and leaves no
         // TIME_WAIT anywhere.
         Ending::Refused => Step::now(How::Rst, Reason::Refused),
+        // The answer must arrive, but the client is not waited for: under `client` it would
+        // hold the socket for `linger`, and a client that sent garbage may never close. Once
+        // the answer is acknowledged (a close with the client's bytes unread would otherwise
+        // reset at once and may discard it unsent), the close a client that will not close
+        // first gets: RST where the policy resets (TIME_WAIT nowhere), else FIN; a FIN if the
+        // acknowledgement never comes, so that no byte of the answer is lost.
+        Ending::RefusedAfterAnswer => {
+            let how = match (policy.time_wait, policy.fallback) {
+                (ClientTimeWait::None, _) | (ClientTimeWait::Client, LingerFallback::Reset) => {
+                    How::Rst
+                }
+                (ClientTimeWait::Client, LingerFallback::Fin) | (ClientTimeWait::Proxy, _) => {
+                    How::Fin
+                }
+            };
+            Step::after(
+                Wait::Acked(linger),
+                how,
+                Reason::Refused,
+                Expired::Close(Close {
+                    how: How::Fin,
+                    reason: Reason::Refused,
+                }),
+            )
+        }
         // Nothing can be waited for from a connection being dropped.
         Ending::Error | Ending::Checked | Ending::Retired(_) => {
             let how = match policy.time_wait {
@@ -317,7 +345,9 @@ fn upstream(policy: UpstreamPolicy, facts: Facts, ending: Ending) -> Step {
             }
         }
         // Checking a server every few seconds must leave no TIME_WAIT on either side.
-        Ending::Checked | Ending::Refused => Step::now(How::Rst, reason),
+        Ending::Checked | Ending::Refused | Ending::RefusedAfterAnswer => {
+            Step::now(How::Rst, reason)
+        }
         // Only a deliberate retirement of a healthy connection under "proxy" closes with FIN;
         // a server that closed (or announced it would) is answered with RST so that it keeps
         // no TIME_WAIT, and so is every error.
@@ -343,7 +373,7 @@ fn label(ending: Ending, facts: Facts) -> Reason {
         // "proxy", a client that closed already) it closes as after any exchange.
         Ending::ReadsToEof => Reason::Done,
         Ending::ServerClosed => Reason::ServerClosed,
-        Ending::Refused => Reason::Refused,
+        Ending::Refused | Ending::RefusedAfterAnswer => Reason::Refused,
         Ending::Checked => Reason::HealthCheck,
         _ if facts.peer_fin => Reason::PeerClosed,
         Ending::Error => Reason::Error,
@@ -579,6 +609,38 @@ mod tests {
     }
 
     #[test]
+    fn clients_refused_after_an_answer_are_closed_once_it_is_acknowledged_never_waited_for() {
+        for time_wait in POLICIES {
+            for fallback in FALLBACKS {
+                // The close a client that will not close first gets.
+                let how = match (time_wait, fallback) {
+                    (ClientTimeWait::None, _) => How::Rst,
+                    (ClientTimeWait::Client, LingerFallback::Reset) => How::Rst,
+                    _ => How::Fin,
+                };
+                for facts in [open(), peer_closed()] {
+                    let step = decide(
+                        client(time_wait, fallback),
+                        facts,
+                        Ending::RefusedAfterAnswer,
+                    );
+                    assert_eq!(
+                        step,
+                        Step {
+                            fin_first: false,
+                            wait: Wait::Acked(LINGER),
+                            close: close(how, Reason::Refused),
+                            // Never at the cost of the answer: unacknowledged, it gets a FIN.
+                            expired: Expired::Close(close(How::Fin, Reason::Refused)),
+                        },
+                        "{time_wait:?} {fallback:?} {facts:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn unix_sockets_close_at_once_with_fin_whatever_the_policy() {
         let unix = Facts::default();
         for time_wait in POLICIES {
@@ -587,6 +649,7 @@ mod tests {
                     (Ending::Over(Reason::Done), Reason::Done),
                     (Ending::ReadsToEof, Reason::Done),
                     (Ending::Refused, Reason::Refused),
+                    (Ending::RefusedAfterAnswer, Reason::Refused),
                     (Ending::Error, Reason::Error),
                 ] {
                     let step = decide(client(time_wait, fallback), unix, ending);

@@ -179,6 +179,10 @@ pub struct Listener<S: Stage = Resolved> {
     /// serving it starts with a read that finds the request (no wait for readiness). Only for
     /// protocols whose client speaks first; default on for http over TCP.
     pub defer_accept: bool,
+    /// http: request header fields whose names contain `_` are not forwarded (as nginx's
+    /// `underscores_in_headers off`), for servers that read `_` as `-` and could be told a
+    /// forged `X_Forwarded_For` for the real one. Framing names with `_` are refused anyway.
+    pub drop_underscore_headers: bool,
 }
 
 /// How an upstream picks a server.

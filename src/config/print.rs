@@ -6,7 +6,7 @@ use std::fmt;
 
 use super::units::format_duration;
 use super::validate::Place;
-use super::{Config, Stage};
+use super::{Config, Protocol, Stage};
 
 // === impl Config ===
 
@@ -54,6 +54,10 @@ impl<S: Stage> fmt::Display for Config<S> {
             let header = format_duration(listener.header_timeout);
             writeln!(f, "header_timeout = \"{header}\"")?;
             writeln!(f, "defer_accept = {}", listener.defer_accept)?;
+            if listener.protocol == Protocol::Http {
+                let drop = listener.drop_underscore_headers;
+                writeln!(f, "drop_underscore_headers = {drop}")?;
+            }
         }
         for upstream in &self.upstreams {
             writeln!(f)?;

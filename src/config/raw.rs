@@ -93,6 +93,7 @@ struct RawListener {
     max_clients: Option<usize>,
     header_timeout: Option<RawDuration>,
     defer_accept: Option<bool>,
+    drop_underscore_headers: Option<bool>,
 }
 
 /// `[[upstream]]` as written; the fields mirror [`Upstream`], None where the key is absent.
@@ -244,6 +245,7 @@ impl RawListener {
             max_clients: self.max_clients.unwrap_or(DEFAULT_MAX_CLIENTS),
             header_timeout: self.header_timeout.map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
             defer_accept: self.defer_accept.unwrap_or(defer_default),
+            drop_underscore_headers: self.drop_underscore_headers.unwrap_or(false),
         }
     }
 }

@@ -167,6 +167,7 @@ fn with_listen(l: &Listener<Unresolved>, listen: Address) -> Listener<Resolved> 
         max_clients: l.max_clients,
         header_timeout: l.header_timeout,
         defer_accept: l.defer_accept,
+        drop_underscore_headers: l.drop_underscore_headers,
     }
 }
 

@@ -880,3 +880,22 @@ fn a_unix_listener_path_must_fit_the_kernel_s_socket_address() {
         "{message}"
     );
 }
+
+#[test]
+fn drop_underscore_headers_is_off_by_default_and_only_for_http_listeners() {
+    assert!(!parse(MINIMAL).unwrap().listeners[0].drop_underscore_headers);
+    let asked = parse(&with_listener_key("drop_underscore_headers = true")).unwrap();
+    assert!(asked.listeners[0].drop_underscore_headers);
+    let printed = asked.to_string();
+    assert!(
+        printed.contains("drop_underscore_headers = true"),
+        "{printed}"
+    );
+    let tcp = with_listener_key("protocol = \"tcp\"\ndrop_underscore_headers = true");
+    let message = error(&tcp);
+    assert!(
+        message.contains("listener[0].drop_underscore_headers"),
+        "{message}"
+    );
+    assert!(message.contains("http listeners"), "{message}");
+}

@@ -208,6 +208,16 @@ impl<S: Stage> Config<S> {
                 return Err(at.error(key("defer_accept"), why));
             }
         }
+        if listener.drop_underscore_headers && listener.protocol != Protocol::Http {
+            return Err(at.error(
+                key("drop_underscore_headers"),
+                format!(
+                    "drop_underscore_headers applies to http listeners, and this one is {}: \
+                     it has no header fields to drop",
+                    listener.protocol
+                ),
+            ));
+        }
         if listener.mode.is_some() && !listener.listen.is_unix() {
             return Err(at.error(
                 key("mode"),

@@ -117,6 +117,26 @@ pub fn is_hop_by_hop_name(lower: &[u8]) -> bool {
     )
 }
 
+/// The names that fold to a framing or hop-by-hop header when a server reads `_` as `-`
+/// (CGI and the frameworks built like it: `HTTP_TRANSFER_ENCODING` for either spelling),
+/// in lower case. Each name they stand for has one `-`, so each has one such spelling.
+const UNDERSCORED_FRAMING: [&[u8]; 6] = [
+    b"content_length",
+    b"transfer_encoding",
+    b"keep_alive",
+    b"proxy_connection",
+    b"proxy_authenticate",
+    b"proxy_authorization",
+];
+
+/// True for a name, in lower case (`lower`), that a server folding `_` into `-` reads as
+/// Content-Length, Transfer-Encoding or a hop-by-hop header: such a server would frame the
+/// request, or treat the connection, otherwise than waitless did.
+pub fn is_underscored_framing(lower: &[u8]) -> bool {
+    // Only names of these lengths can be one: the common ones cost a length compare.
+    matches!(lower.len(), 10 | 14 | 16..=19) && UNDERSCORED_FRAMING.contains(&lower)
+}
+
 /// Removes hop-by-hop headers, including those the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named = Named::of(headers);
@@ -138,12 +158,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn forward_request(
     headers: &HeaderMap,
     client: Option<&HeaderValue>,
+    drop_underscored: bool,
     mut emit: impl FnMut(&HeaderName, &HeaderValue),
 ) {
     let named = Named::of(headers);
-    let mut forwarding = Forwarding::new(client);
+    let mut forwarding = Forwarding::new(client, drop_underscored);
     for (name, value) in headers {
-        if forwarding.keeps(name.as_str().as_bytes(), value.as_bytes()) && !named.contains(name) {
+        let name_bytes = name.as_str().as_bytes();
+        if forwarding.keeps(name_bytes, name_bytes, value.as_bytes()) && !named.contains(name) {
             emit(name, value);
         }
     }
@@ -160,23 +182,30 @@ pub struct Forwarding<'a> {
     prior_for: Option<&'a [u8]>,
     /// The request came with an X-Forwarded-Proto.
     has_proto: bool,
+    /// `drop_underscore_headers`: names with `_` are left out.
+    drop_underscored: bool,
 }
 
 // === impl Forwarding ===
 
 impl<'a> Forwarding<'a> {
-    pub fn new(client: Option<&'a HeaderValue>) -> Forwarding<'a> {
+    pub fn new(client: Option<&'a HeaderValue>, drop_underscored: bool) -> Forwarding<'a> {
         Forwarding {
             client,
             prior_for: None,
             has_proto: false,
+            drop_underscored,
         }
     }
 
-    /// Whether a field, by its name in lower case (`lower`), goes upstream as it came
-    /// (those Connection names aside); notes the X-Forwarded ones.
-    pub fn keeps(&mut self, lower: &[u8], value: &'a [u8]) -> bool {
+    /// Whether a field, by its name as it came (`raw`) and in lower case (`lower`, empty
+    /// for a long name), goes upstream as it came (those Connection names aside); notes the
+    /// X-Forwarded ones.
+    pub fn keeps(&mut self, raw: &[u8], lower: &[u8], value: &'a [u8]) -> bool {
         if is_hop_by_hop_name(lower) || lower == b"expect" {
+            return false;
+        }
+        if self.drop_underscored && raw.contains(&b'_') {
             return false;
         }
         if self.client.is_some() && lower == b"x-forwarded-for" {
@@ -323,7 +352,7 @@ mod tests {
     fn forwarded(h: &HeaderMap, ip: Option<&str>) -> Vec<(String, String)> {
         let ip = forwarded_for(ip.map(|ip| ip.parse().unwrap()));
         let mut out = Vec::new();
-        forward_request(h, ip.as_ref(), |name, value| {
+        forward_request(h, ip.as_ref(), false, |name, value| {
             out.push((name.to_string(), value.to_str().unwrap().to_string()))
         });
         out
@@ -367,6 +396,63 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("1"));
         let names: Vec<String> = forwarded(&h, None).into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["x-kept", "x-forwarded-proto"]);
+    }
+
+    #[test]
+    fn underscored_framing_names_are_exactly_the_folds_of_framing_and_hop_by_hop_ones() {
+        let framing = [
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "upgrade",
+            "proxy-authenticate",
+            "proxy-authorization",
+        ];
+        // Every spelling with `_` for some `-`, and nothing else.
+        let mut folds = Vec::new();
+        for name in framing {
+            let dashes: Vec<usize> = name.match_indices('-').map(|(i, _)| i).collect();
+            for mask in 1..(1u32 << dashes.len()) {
+                let mut v = name.as_bytes().to_vec();
+                for (bit, &at) in dashes.iter().enumerate() {
+                    if mask & (1 << bit) != 0 {
+                        v[at] = b'_';
+                    }
+                }
+                folds.push(v);
+            }
+        }
+        for f in &folds {
+            assert!(is_underscored_framing(f), "{}", String::from_utf8_lossy(f));
+        }
+        assert_eq!(folds.len(), UNDERSCORED_FRAMING.len());
+        for other in [
+            "user_agent",
+            "x_forwarded_for",
+            "content-length",
+            "te",
+            "content_type",
+        ] {
+            assert!(!is_underscored_framing(other.as_bytes()), "{other}");
+        }
+    }
+
+    #[test]
+    fn underscored_names_are_dropped_only_when_asked() {
+        let mut h = HeaderMap::new();
+        h.insert("x_api_key", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let names = |drop| {
+            let mut out = Vec::new();
+            forward_request(&h, None, drop, |name, _| out.push(name.to_string()));
+            out
+        };
+        assert_eq!(names(false), ["x_api_key", "x-kept", "x-forwarded-proto"]);
+        assert_eq!(names(true), ["x-kept", "x-forwarded-proto"]);
     }
 
     #[test]

@@ -79,6 +79,9 @@ pub struct ConnState {
     eof_reader: AtomicBool,
     /// The request being served is HTTP/1.0.
     http10: AtomicBool,
+    /// waitless refused a request with an answer of its own: the connection ends after it,
+    /// closed as a refusal, not waited for.
+    refused: AtomicBool,
     /// Exchanges started and ended, for the idle check.
     activity: idle::Activity,
 }
@@ -199,7 +202,7 @@ impl HttpListener {
         let result = poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
         let io = conn.into_parts().io.into_inner();
         if result.is_ok() {
-            io.finish_client(Ending::Over(Reason::Refused)).await;
+            io.finish_client(Ending::RefusedAfterAnswer).await;
         }
     }
 
@@ -326,6 +329,7 @@ impl HttpListener {
             forwarded_for: headers::forwarded_for(peer.map(|p| p.ip())),
             eof_reader: AtomicBool::new(false),
             http10: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
             activity: idle::Activity::default(),
         });
         let svc = {
@@ -404,6 +408,17 @@ impl HttpListener {
         .await;
         let parts = conn.into_parts();
         let (io, replayed) = parts.io.into_inner().into_parts();
+        // Refused by waitless, or by hyper's parser (which answered 400, 414 or 431 before
+        // it returned the error): the answer is out, and the client is not waited for.
+        let parse_error = matches!(&result, Err(e) if e.is_parse());
+        if state.refused.load(Ordering::Relaxed) || parse_error {
+            if let Err(e) = &result {
+                tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e,
+                    "client request refused by the parser");
+            }
+            io.finish_client(Ending::RefusedAfterAnswer).await;
+            return Session::Over;
+        }
         let reason = match result {
             Ok(()) if ending == Some(Reason::Idle) && !io.peer_eof() => {
                 let rest = if replayed.is_empty() {
@@ -452,7 +467,7 @@ impl HttpListener {
                 Prepared::WithBody(req) => {
                     // Boxed, as connecting is: the rare path's large future (hyper's
                     // handshake) would otherwise size every request's future.
-                    let sending = Box::pin(this.send_with_body(*req, state.client_ip));
+                    let sending = Box::pin(this.send_with_body(*req, &state));
                     sending.await
                 }
             };
@@ -480,7 +495,7 @@ impl HttpListener {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let (mut parts, body) = req.into_parts();
         if let Err(refusal) = validate::request(&parts, validate::MAX_URI) {
-            return Prepared::Refused(Box::new(self.refuse(refusal, state.client_ip)));
+            return Prepared::Refused(Box::new(self.refuse(refusal, state)));
         }
         let version = parts.version;
         state
@@ -506,10 +521,12 @@ impl HttpListener {
         }
         // The headers are rewritten for upstream as the request goes out.
         let client = state.forwarded_for.as_ref();
+        let drop_underscored = self.cfg.drop_underscore_headers;
         if body.is_end_stream() {
             let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
             let mut head = Vec::with_capacity(512);
-            wire::encode_request(&mut head, &parts.method, target, &parts.headers, client);
+            let (method, headers) = (&parts.method, &parts.headers);
+            wire::encode_request(&mut head, method, target, headers, client, drop_underscored);
             let flags = Bodyless {
                 head_request: parts.method == Method::HEAD,
                 idempotent: is_idempotent(&parts.method),
@@ -517,9 +534,19 @@ impl HttpListener {
             return Prepared::Bodyless { head, flags };
         }
         let mut forwarded = http::HeaderMap::with_capacity(parts.headers.len() + 2);
-        headers::forward_request(&parts.headers, client, |name, value| {
+        headers::forward_request(&parts.headers, client, drop_underscored, |name, value| {
             forwarded.append(name.clone(), value.clone());
         });
+        if body.size_hint().exact().is_none() {
+            // A body of unknown length came chunked, and goes on chunked, whatever the method:
+            // Transfer-Encoding is hop-by-hop and was left out, and without it hyper's client
+            // sends a GET or HEAD with no body at all, dropping the client's bytes.
+            forwarded.remove(header::CONTENT_LENGTH);
+            forwarded.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         parts.headers = forwarded;
         parts.version = Version::HTTP_11;
         Prepared::WithBody(Box::new(Request::from_parts(parts, body)))
@@ -568,7 +595,7 @@ impl HttpListener {
     async fn send_with_body(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        client_ip: Option<IpAddr>,
+        state: &ConnState,
     ) -> Result<Response<UpstreamBody>, Response<RespBody>> {
         let (parts, body) = req.into_parts();
         let (body, sent) = ClientBody::new(body);
@@ -596,7 +623,7 @@ impl HttpListener {
         };
         if sent.is_failed() {
             // The client's body broke (bad chunk, or it went away mid-body), not the server.
-            return Err(self.refuse(validate::BROKEN_BODY, client_ip));
+            return Err(self.refuse(validate::BROKEN_BODY, state));
         }
         Err(self.upstream_failed(&server.label, &err.to_string()))
     }
@@ -631,9 +658,10 @@ impl HttpListener {
     }
 
     /// A request refused by waitless itself: nothing was forwarded (or, for a broken body,
-    /// nothing whole), and the client connection closes after the answer.
-    fn refuse(&self, refusal: validate::Refusal, client_ip: Option<IpAddr>) -> Response<RespBody> {
-        tracing::info!(listener = %self.cfg.name, peer = ?client_ip,
+    /// nothing whole), and the client connection closes after the answer, as a refusal.
+    fn refuse(&self, refusal: validate::Refusal, state: &ConnState) -> Response<RespBody> {
+        state.refused.store(true, Ordering::Relaxed);
+        tracing::info!(listener = %self.cfg.name, peer = ?state.client_ip,
             status = refusal.status.as_u16(), reason = refusal.reason, "request refused");
         let mut resp = error_response(refusal.status, refusal.reason);
         resp.headers_mut()

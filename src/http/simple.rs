@@ -10,7 +10,8 @@
 //! upstream's as they came (`wire::Head`): no header map is built either way.
 //!
 //! Anything else goes to hyper with the bytes read so far, before anything was sent: a head
-//! not whole in the buffer, another method, HTTP/1.0, a body or its framing headers, Expect,
+//! not whole in the buffer, another method, HTTP/1.0, a body or its framing headers (or a
+//! name with `_` that a CGI-style server reads as one, which hyper's path refuses), Expect,
 //! Upgrade, a Connection header naming other headers, a request target or Host this path
 //! does not vouch for, anything httparse refuses. hyper then serves it, checks and refusals
 //! included, exactly as before; so nothing the checks in `validate` refuse is sent from here.
@@ -91,6 +92,7 @@ impl HttpListener {
     ) -> Simple<S> {
         let mut buf = BytesMut::from(unread);
         let client = headers::forwarded_for(peer.map(|p| p.ip()));
+        let drop_underscored = self.cfg.drop_underscore_headers;
         let mut out = Vec::new();
         // One timer for the whole run, moved on once per period rather than per request:
         // the connection is idle once a full period passed without a request.
@@ -139,8 +141,12 @@ impl HttpListener {
                 }
             }
             let req = loop {
-                if let Some(req) = parse_request(&buf, client.as_ref()) {
+                if let Some(req) = parse_request(&buf, client.as_ref(), drop_underscored) {
                     break req;
+                }
+                // Only a head that is not simple as it came pays for this, once.
+                if lift_minor_version(&mut buf) || encode_target(&mut buf) {
+                    continue;
                 }
                 // A head cut by the read (a big one, or pipelined ones): the rest is usually
                 // in the socket already. Otherwise hyper waits for it, under its timeout.
@@ -188,9 +194,123 @@ async fn read_now<S: Socket>(io: &mut Tracked<S>, buf: &mut BytesMut) -> bool {
     matches!(read.await, Poll::Ready(Ok(n)) if n > 0)
 }
 
+/// RFC 9112 §2.3: a request of a later HTTP/1 minor version (`HTTP/1.2` to `HTTP/1.9`) is
+/// served as the highest one implemented, 1.1. httparse, and so hyper, take only 1.0 and
+/// 1.1: the digit is rewritten in place in the request line at the start of `buf`, before
+/// either parses it (no copy, and nothing on the way of a request that parsed as it came).
+/// True if it was rewritten; `HTTP/2.0`, `HTTP/0.9` and `HTTP/1.10` are left to be refused.
+fn lift_minor_version(buf: &mut [u8]) -> bool {
+    // httparse skips empty lines before the request line.
+    let start = buf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let Some(rest) = buf.get_mut(start..) else {
+        return false;
+    };
+    let Some(end) = rest
+        .iter()
+        .take(validate::MAX_URI + 64)
+        .position(|&b| b == b'\n')
+    else {
+        return false;
+    };
+    let Some(line) = rest.get_mut(..end) else {
+        return false;
+    };
+    let line = match line.split_last_mut() {
+        Some((b'\r', before)) => before,
+        _ => line,
+    };
+    let Some((minor, before)) = line.split_last_mut() else {
+        return false;
+    };
+    if before.ends_with(b" HTTP/1.") && (b'2'..=b'9').contains(minor) {
+        *minor = b'1';
+        return true;
+    }
+    false
+}
+
+/// Percent-encodes the visible bytes of the request target at the start of `buf` that
+/// hyper's URI (the `http` crate's) cannot hold although clients send them raw: `<`, `>` and
+/// `` ` `` in the path, `"`, `<` and `>` in the query, each as `%XX`, the form browsers send
+/// them in. True if the head was rewritten: a copy, paid only by a head that did not parse
+/// as simple and holds one of them. Control bytes and DEL stay, to be refused.
+fn encode_target(buf: &mut BytesMut) -> bool {
+    let start = buf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let Some(rest) = buf.get(start..) else {
+        return false;
+    };
+    let Some(end) = rest
+        .iter()
+        .take(validate::MAX_URI + 64)
+        .position(|&b| b == b'\n')
+    else {
+        return false;
+    };
+    let Some(line) = rest.get(..end) else {
+        return false;
+    };
+    // method SP target SP version
+    let (Some(first), Some(last)) = (
+        line.iter().position(|&b| b == b' '),
+        line.iter().rposition(|&b| b == b' '),
+    ) else {
+        return false;
+    };
+    let Some(target) = line.get(first + 1..last) else {
+        return false;
+    };
+    let needs = |in_query: bool, b: u8| match b {
+        b'<' | b'>' => true,
+        b'`' => !in_query,
+        b'"' => in_query,
+        _ => false,
+    };
+    let mut in_query = false;
+    let mut any = false;
+    for &b in target {
+        match b {
+            b'#' => break,
+            b'?' => in_query = true,
+            _ => any |= needs(in_query, b),
+        }
+    }
+    if !any {
+        return false;
+    }
+    let from = start + first + 1;
+    let mut out = BytesMut::with_capacity(buf.len() + 3 * target.len());
+    out.extend_from_slice(buf.get(..from).unwrap_or_default());
+    let (mut in_query, mut in_fragment) = (false, false);
+    for &b in target {
+        in_fragment |= b == b'#';
+        in_query |= b == b'?';
+        if !in_fragment && needs(in_query, b) {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            let hex = |n: u8| HEX.get(usize::from(n)).copied().unwrap_or(b'0');
+            out.extend_from_slice(&[b'%', hex(b >> 4), hex(b & 0xf)]);
+        } else {
+            out.extend_from_slice(&[b]);
+        }
+    }
+    out.extend_from_slice(buf.get(from + target.len()..).unwrap_or_default());
+    *buf = out;
+    true
+}
+
 /// The request at the start of `buf` and its head as it goes upstream, if it is simple;
-/// `client` is the X-Forwarded-For address.
-fn parse_request(buf: &[u8], client: Option<&HeaderValue>) -> Option<Parsed> {
+/// `client` is the X-Forwarded-For address, `drop_underscored` the listener's
+/// `drop_underscore_headers`.
+fn parse_request(
+    buf: &[u8],
+    client: Option<&HeaderValue>,
+    drop_underscored: bool,
+) -> Option<Parsed> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; wire::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default()
@@ -215,7 +335,7 @@ fn parse_request(buf: &[u8], client: Option<&HeaderValue>) -> Option<Parsed> {
     upstream.extend_from_slice(target.as_bytes());
     upstream.extend_from_slice(b" HTTP/1.1\r\n");
     let (mut hosts, mut close) = (0, false);
-    let mut forwarding = headers::Forwarding::new(client);
+    let mut forwarding = headers::Forwarding::new(client, drop_underscored);
     for h in req.headers.iter() {
         let mut lower = [0u8; 24];
         let name = headers::lower(h.name.as_bytes(), &mut lower);
@@ -240,9 +360,17 @@ fn parse_request(buf: &[u8], client: Option<&HeaderValue>) -> Option<Parsed> {
             b"content-length" | b"transfer-encoding" | b"expect" | b"upgrade" | b"close" => {
                 return None
             }
+            // A name a CGI-style server reads as one of those, or as hop-by-hop: hyper's
+            // path refuses it.
+            b"content_length"
+            | b"transfer_encoding"
+            | b"keep_alive"
+            | b"proxy_connection"
+            | b"proxy_authenticate"
+            | b"proxy_authorization" => return None,
             _ => {}
         }
-        if forwarding.keeps(name, h.value) {
+        if forwarding.keeps(h.name.as_bytes(), name, h.value) {
             wire::write_field(&mut upstream, h.name.as_bytes(), h.value);
         }
     }
@@ -501,7 +629,7 @@ mod tests {
 
     fn upstream(raw: &str, client: Option<&str>) -> Option<(String, Parsed)> {
         let ip = headers::forwarded_for(client.map(|c| c.parse().unwrap()));
-        let parsed = parse_request(raw.as_bytes(), ip.as_ref())?;
+        let parsed = parse_request(raw.as_bytes(), ip.as_ref(), false)?;
         Some((String::from_utf8(parsed.upstream.clone()).unwrap(), parsed))
     }
 
@@ -549,11 +677,85 @@ mod tests {
             "GET * HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET /{x} HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nX-A: \x01\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nTransfer_Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\ncontent_length: 5\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nProxy_Connection: close\r\n\r\n",
         ] {
             assert!(upstream(raw, None).is_none(), "{raw:?}");
         }
         let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(8192));
         assert!(upstream(&long, None).is_none());
+    }
+
+    #[test]
+    fn underscored_names_pass_unless_the_listener_drops_them() {
+        let raw = b"GET / HTTP/1.1\r\nHost: x\r\nX_Api_Key: 1\r\nX-A: 2\r\n\r\n";
+        let kept = parse_request(raw, None, false).unwrap();
+        let kept = String::from_utf8(kept.upstream).unwrap();
+        assert!(kept.contains("X_Api_Key: 1\r\n"), "{kept}");
+        let dropped = parse_request(raw, None, true).unwrap();
+        let dropped = String::from_utf8(dropped.upstream).unwrap();
+        assert!(!dropped.contains("X_Api_Key"), "{dropped}");
+        assert!(dropped.contains("X-A: 2\r\n"), "{dropped}");
+    }
+
+    #[test]
+    fn later_http1_minor_versions_are_rewritten_as_1_1_and_nothing_else() {
+        for (raw, want) in [
+            (
+                "GET / HTTP/1.2\r\nHost: x\r\n\r\n",
+                Some("GET / HTTP/1.1\r\n"),
+            ),
+            ("\r\nPOST /a HTTP/1.9\r\n", Some("\r\nPOST /a HTTP/1.1\r\n")),
+            ("GET / HTTP/1.2\n", Some("GET / HTTP/1.1\n")),
+            ("GET / HTTP/1.1\r\n", None),
+            ("GET / HTTP/1.0\r\n", None),
+            ("GET / HTTP/2.0\r\n", None),
+            ("GET / HTTP/0.9\r\n", None),
+            ("GET / HTTP/1.10\r\n", None),
+            ("GET / HTTP/1.2", None),
+            ("GET /HTTP/1.2\r\n", None),
+            ("GET / HTTP/1.1\r\nX-A: HTTP/1.2\r\n\r\n", None),
+        ] {
+            let mut buf = raw.as_bytes().to_vec();
+            let lifted = lift_minor_version(&mut buf);
+            assert_eq!(lifted, want.is_some(), "{raw:?}");
+            if let Some(want) = want {
+                assert!(buf.starts_with(want.as_bytes()), "{raw:?}");
+                assert_eq!(buf.len(), raw.len());
+            } else {
+                assert_eq!(buf, raw.as_bytes());
+            }
+        }
+    }
+
+    #[test]
+    fn targets_get_the_bytes_hyper_cannot_hold_percent_encoded_and_nothing_else() {
+        for (raw, want) in [
+            (
+                "GET /a?b=\"c\" HTTP/1.1\r\n",
+                Some("GET /a?b=%22c%22 HTTP/1.1\r\n"),
+            ),
+            (
+                "GET /<a>`?<\"`> HTTP/1.2\r\nX: <\r\n",
+                Some("GET /%3Ca%3E%60?%3C%22`%3E HTTP/1.2\r\nX: <\r\n"),
+            ),
+            ("\r\nGET /a#\"<\" HTTP/1.1\r\n", None),
+            ("GET /\"a\"{} HTTP/1.1\r\n", None),
+            ("GET /a\x01b HTTP/1.1\r\n", None),
+            ("GET /a?b HTTP/1.1\r\nX-A: \"<>\"\r\n", None),
+            ("GET /a<b", None),
+        ] {
+            let mut buf = BytesMut::from(raw);
+            let encoded = encode_target(&mut buf);
+            assert_eq!(encoded, want.is_some(), "{raw:?}");
+            assert_eq!(&buf[..], want.unwrap_or(raw).as_bytes(), "{raw:?}");
+        }
+        // What it gives is a URI hyper's parser takes.
+        let mut buf = BytesMut::from("GET /<a>`?<\"`> HTTP/1.1\r\n");
+        assert!(encode_target(&mut buf));
+        let target = std::str::from_utf8(&buf[4..buf.len() - 11]).unwrap();
+        assert!(target.parse::<http::Uri>().is_ok(), "{target}");
     }
 
     #[test]
@@ -579,7 +781,7 @@ mod tests {
                     _ => drop(raw.remove(at)),
                 }
             }
-            let Some(parsed) = parse_request(&raw, None) else {
+            let Some(parsed) = parse_request(&raw, None, false) else {
                 continue;
             };
             taken += 1;

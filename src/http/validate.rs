@@ -2,7 +2,8 @@
 //! forwarded or relayed.
 //!
 //! hyper's server already refuses, with 400 and a close, a malformed request line, method or
-//! version (anything but HTTP/1.0 and 1.1), header lines that are not `name: value` (no
+//! version (anything but HTTP/1.0 and 1.1; `HTTP/1.2` to `1.9` were rewritten as 1.1 by the
+//! simple path before hyper saw them), header lines that are not `name: value` (no
 //! colon, whitespace before it, NUL, bare CR, obs-fold), a missing, signed, non-numeric or
 //! conflicting Content-Length, and a Transfer-Encoding whose last coding is not `chunked`
 //! (or any in HTTP/1.0); with 431 more than 100 header fields or a head over `MAX_HEAD`
@@ -10,8 +11,8 @@
 //! Transfer-Encoding and Content-Length is read as chunked and the connection closed after
 //! the response (RFC 9112 §6.1); the Content-Length never reaches the server.
 //!
-//! What is left is checked here, on the parsed head: one allocation-free pass over a few
-//! headers, since it runs on every request.
+//! What is left is checked here, on the parsed head: allocation-free passes over a few
+//! headers and the names, since it runs on every request hyper's server reads.
 
 use http::header::{self, HeaderMap};
 use http::request::Parts;
@@ -54,6 +55,7 @@ pub fn request(parts: &Parts, max_uri: usize) -> Result<(), Refusal> {
     }
     target(parts, max_uri)?;
     host(&parts.headers, parts.version)?;
+    underscored_framing(&parts.headers)?;
     transfer_encoding(&parts.headers)
 }
 
@@ -137,6 +139,24 @@ fn host(headers: &HeaderMap, version: Version) -> Result<(), Refusal> {
         }
         _ => Ok(()),
     }
+}
+
+/// A name such as `Transfer_Encoding` or `Content_Length`, which a server that folds `_`
+/// into `-` (CGI-style) reads as framing or as a hop-by-hop header: refused rather than
+/// dropped, as any other ambiguous framing is, since no real client sends one and such a
+/// server would frame the request (and the next one on its pooled connection) otherwise
+/// than waitless did.
+fn underscored_framing(headers: &HeaderMap) -> Result<(), Refusal> {
+    let found = headers
+        .keys()
+        .any(|name| super::headers::is_underscored_framing(name.as_str().as_bytes()));
+    if found {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "header name with `_` standing for a framing or hop-by-hop header",
+        ));
+    }
+    Ok(())
 }
 
 /// hyper has made sure the last coding is `chunked`; anything else in the list is refused.
@@ -356,6 +376,22 @@ mod tests {
             ],
         );
         assert_eq!(status(&two), Some(501));
+    }
+
+    #[test]
+    fn underscored_framing_names_are_refused_other_underscored_names_pass() {
+        let v11 = Version::HTTP_11;
+        for name in [
+            "transfer_encoding",
+            "Content_Length",
+            "keep_alive",
+            "proxy_connection",
+        ] {
+            let p = parts("POST", "/", v11, &[("host", "a"), (name, "chunked")]);
+            assert_eq!(status(&p), Some(400), "{name}");
+        }
+        let p = parts("GET", "/", v11, &[("host", "a"), ("x_api_key", "1")]);
+        assert_eq!(status(&p), None);
     }
 
     #[test]
