@@ -42,6 +42,9 @@ const MAX_HEAD: usize = 16 * 1024;
 /// Body bytes up to this size are copied behind the head and go out in the same write.
 const COPY_BELOW: usize = 16 * 1024;
 
+/// The response buffer's first capacity: a usual response head and a small body.
+const OUT_START: usize = 1024;
+
 /// How a run of the simple path ended.
 pub enum Simple<S: Socket> {
     /// The connection ended and was closed by policy (or dropped on an error).
@@ -93,7 +96,9 @@ impl HttpListener {
         let mut buf = BytesMut::from(unread);
         let client = headers::forwarded_for(peer.map(|p| p.ip()));
         let drop_underscored = self.cfg.drop_underscore_headers;
-        let mut out = Vec::new();
+        // Grown from empty, a short connection's one response took six reallocations
+        // (1,000 instructions, callgrind).
+        let mut out = Vec::with_capacity(OUT_START);
         // One timer for the whole run, moved on once per period rather than per request:
         // the connection is idle once a full period passed without a request.
         let period = self.idle_wait().min(idle::TICK);
