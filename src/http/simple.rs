@@ -205,27 +205,8 @@ async fn read_now<S: Socket>(io: &mut Tracked<S>, buf: &mut BytesMut) -> bool {
 /// either parses it (no copy, and nothing on the way of a request that parsed as it came).
 /// True if it was rewritten; `HTTP/2.0`, `HTTP/0.9` and `HTTP/1.10` are left to be refused.
 fn lift_minor_version(buf: &mut [u8]) -> bool {
-    // httparse skips empty lines before the request line.
-    let start = buf
-        .iter()
-        .take_while(|&&b| b == b'\r' || b == b'\n')
-        .count();
-    let Some(rest) = buf.get_mut(start..) else {
+    let Some(line) = request_line(buf).and_then(|at| buf.get_mut(at)) else {
         return false;
-    };
-    let Some(end) = rest
-        .iter()
-        .take(validate::MAX_URI + 64)
-        .position(|&b| b == b'\n')
-    else {
-        return false;
-    };
-    let Some(line) = rest.get_mut(..end) else {
-        return false;
-    };
-    let line = match line.split_last_mut() {
-        Some((b'\r', before)) => before,
-        _ => line,
     };
     let Some((minor, before)) = line.split_last_mut() else {
         return false;
@@ -237,27 +218,34 @@ fn lift_minor_version(buf: &mut [u8]) -> bool {
     false
 }
 
+/// Where the request line is in `buf` (without its CR LF): after the empty lines httparse
+/// skips, and no longer than a target may be.
+fn request_line(buf: &[u8]) -> Option<std::ops::Range<usize>> {
+    let start = buf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let rest = buf.get(start..)?;
+    let end = rest
+        .iter()
+        .take(validate::MAX_URI + 64)
+        .position(|&b| b == b'\n')?;
+    let line = rest.get(..end)?;
+    let len = line.len() - usize::from(line.last() == Some(&b'\r'));
+    Some(start..start + len)
+}
+
 /// Percent-encodes the visible bytes of the request target at the start of `buf` that
 /// hyper's URI (the `http` crate's) cannot hold although clients send them raw: `<`, `>` and
 /// `` ` `` in the path, `"`, `<` and `>` in the query, each as `%XX`, the form browsers send
 /// them in. True if the head was rewritten: a copy, paid only by a head that did not parse
 /// as simple and holds one of them. Control bytes and DEL stay, to be refused.
 fn encode_target(buf: &mut BytesMut) -> bool {
-    let start = buf
-        .iter()
-        .take_while(|&&b| b == b'\r' || b == b'\n')
-        .count();
-    let Some(rest) = buf.get(start..) else {
+    let Some(at) = request_line(buf) else {
         return false;
     };
-    let Some(end) = rest
-        .iter()
-        .take(validate::MAX_URI + 64)
-        .position(|&b| b == b'\n')
-    else {
-        return false;
-    };
-    let Some(line) = rest.get(..end) else {
+    let start = at.start;
+    let Some(line) = buf.get(at) else {
         return false;
     };
     // method SP target SP version
