@@ -6,7 +6,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use super::stats::{Census, LedgerSnap, Snapshot};
+use super::stats::{LedgerSnap, Snapshot};
+use crate::close::census::StateCounts;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -152,7 +153,7 @@ fn closes(f: &Families, side: &'static str, name: &str, ledger: &LedgerSnap) {
     }
 }
 
-fn sockets(f: &Families, side: &'static str, name: &str, view: &'static str, c: &Census) {
+fn sockets(f: &Families, side: &'static str, name: &str, view: &'static str, c: &StateCounts) {
     for (state, n) in [
         ("established", c.established),
         ("syn_sent", c.syn_sent),

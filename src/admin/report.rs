@@ -1,7 +1,8 @@
 //! `waitless stats`: the /stats snapshot as a terminal table, ledger beside census, so an
 //! operator sees at a glance where TIME_WAIT is.
 
-use super::stats::{Census, LedgerSnap, Snapshot};
+use super::stats::{LedgerSnap, Snapshot};
+use crate::close::census::StateCounts;
 
 /// Renders a /stats snapshot.
 pub fn render(stats: &Snapshot) -> String {
@@ -62,7 +63,7 @@ fn ledger(out: &mut String, l: &LedgerSnap, peer: &str) {
     }
 }
 
-fn census(out: &mut String, c: Option<&Census>, what: &str) {
+fn census(out: &mut String, c: Option<&StateCounts>, what: &str) {
     let Some(c) = c else {
         return;
     };

@@ -38,7 +38,7 @@ pub struct ListenerSnap {
     pub errors: Errors,
     pub ledger: LedgerSnap,
     /// Sockets on the listener's port by state (accepted client connections).
-    pub census: Option<Census>,
+    pub census: Option<StateCounts>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,9 +69,9 @@ pub struct ServerSnap {
     pub retries: u64,
     pub ledger: LedgerSnap,
     /// waitless's own sockets to this server, by state.
-    pub census_proxy: Option<Census>,
+    pub census_proxy: Option<StateCounts>,
     /// The server's sockets on its port, when it runs on this host (loopback).
-    pub census_server: Option<Census>,
+    pub census_server: Option<StateCounts>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,22 +98,6 @@ pub struct EntrySnap {
     pub count: u64,
 }
 
-/// Sockets by TCP state, as the census counted them (`census::StateCounts`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Census {
-    pub established: u64,
-    pub syn_sent: u64,
-    pub syn_recv: u64,
-    pub fin_wait1: u64,
-    pub fin_wait2: u64,
-    pub time_wait: u64,
-    pub close: u64,
-    pub close_wait: u64,
-    pub last_ack: u64,
-    pub listen: u64,
-    pub closing: u64,
-}
-
 // === impl LedgerSnap ===
 
 impl LedgerSnap {
@@ -138,26 +122,6 @@ impl EntrySnap {
             reason: e.reason.as_str().to_string(),
             time_wait: e.time_wait.as_str().to_string(),
             count: e.count,
-        }
-    }
-}
-
-// === impl Census ===
-
-impl From<StateCounts> for Census {
-    fn from(c: StateCounts) -> Census {
-        Census {
-            established: c.established,
-            syn_sent: c.syn_sent,
-            syn_recv: c.syn_recv,
-            fin_wait1: c.fin_wait1,
-            fin_wait2: c.fin_wait2,
-            time_wait: c.time_wait,
-            close: c.close,
-            close_wait: c.close_wait,
-            last_ack: c.last_ack,
-            listen: c.listen,
-            closing: c.closing,
         }
     }
 }
@@ -192,7 +156,7 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
             .map(|s| (*s, StateCounts::default()))
             .collect(),
     };
-    let census_of = |scope: Scope| counts.get(&scope).copied().map(Census::from);
+    let census_of = |scope: Scope| counts.get(&scope).copied();
 
     let listeners = inputs
         .listeners

@@ -69,7 +69,7 @@ const BC_OP_LEN: u8 = 4;
 const BC_HOSTCOND_LEN: u8 = 8;
 
 /// Sockets by TCP state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StateCounts {
     /// Open connections.
     pub established: u64,
