@@ -109,6 +109,10 @@ pub struct ServerStats {
     pub connect_errors: AtomicU64,
     /// Requests retried on a fresh connection after a reused one failed (keep-alive race).
     pub retries: AtomicU64,
+    /// MySQL: sessions whose connection was reset before it went back to the pool.
+    pub resets: AtomicU64,
+    /// MySQL: sessions that provably left nothing behind, so went back without a reset.
+    pub resets_skipped: AtomicU64,
 }
 
 /// An upstream: its settings and servers.

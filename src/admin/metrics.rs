@@ -23,6 +23,7 @@ struct Families {
     closed: Family<Labels, Counter>,
     retries: Family<Labels, Counter>,
     connect_errors: Family<Labels, Counter>,
+    resets: Family<Labels, Counter>,
     idle: Family<Labels, Gauge>,
     closes: Family<Labels, Counter>,
     sockets: Family<Labels, Gauge>,
@@ -63,6 +64,13 @@ pub fn render(snap: &Snapshot) -> String {
             f.connect_errors
                 .get_or_create(&who())
                 .inc_by(s.connect_errors);
+            if s.resets + s.resets_skipped > 0 {
+                for (kind, n) in [("done", s.resets), ("skipped", s.resets_skipped)] {
+                    let mut labels = who();
+                    labels.push(("kind", kind.to_string()));
+                    f.resets.get_or_create(&labels).inc_by(n);
+                }
+            }
             f.idle.get_or_create(&who()).set(s.idle as i64);
             let name = format!("{}/{}", up.name, s.server);
             closes(&f, "server", &name, &s.ledger);
@@ -116,6 +124,11 @@ pub fn render(snap: &Snapshot) -> String {
         "upstream_connect_errors",
         "Failed connects to upstream servers",
         f.connect_errors,
+    );
+    reg.register(
+        "mysql_session_resets",
+        "MySQL sessions ended, by whether their server connection was reset (done) or provably clean (skipped)",
+        f.resets,
     );
     reg.register(
         "pool_idle_connections",

@@ -67,6 +67,11 @@ pub struct ServerSnap {
     pub reused: u64,
     pub connect_errors: u64,
     pub retries: u64,
+    /// MySQL: session ends with a reset, and without one (nothing left behind).
+    #[serde(default)]
+    pub resets: u64,
+    #[serde(default)]
+    pub resets_skipped: u64,
     pub ledger: LedgerSnap,
     /// waitless's own sockets to this server, by state.
     pub census_proxy: Option<StateCounts>,
@@ -206,6 +211,8 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
                         reused: st.reused.load(Ordering::Relaxed),
                         connect_errors: st.connect_errors.load(Ordering::Relaxed),
                         retries: st.retries.load(Ordering::Relaxed),
+                        resets: st.resets.load(Ordering::Relaxed),
+                        resets_skipped: st.resets_skipped.load(Ordering::Relaxed),
                         ledger: LedgerSnap::of(server.ledger),
                         census_proxy: tcp.and_then(|a| census_of(Scope::Remote(a))),
                         census_server: tcp

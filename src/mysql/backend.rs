@@ -17,7 +17,11 @@ use mysql_common::proto::MySerialize;
 use mysql_common::scramble::scramble_native;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::packet::{describe_err, Packet, PacketIo, MAX_HANDSHAKE_PACKET, MAX_PACKET};
+use super::packet::{
+    describe_err, ok_fields, Packet, PacketIo, MAX_HANDSHAKE_PACKET, MAX_PACKET,
+};
+use super::relay::{Reply, COM_INIT_DB, COM_QUERY, COM_SET_OPTION};
+use super::Sent;
 use crate::close::{CloseCtl, Reason, ServerSocket};
 use crate::config::{self, MysqlUser};
 use crate::connector::{self, Handshake, OpenError};
@@ -59,6 +63,11 @@ pub struct MysqlConn {
     pub schema: Option<Option<Vec<u8>>>,
     /// The nonce its last authentication answered (COM_CHANGE_USER answers it again).
     nonce: Vec<u8>,
+    /// The status flags of the server's last OK or terminator (autocommit, as the server
+    /// has it): a client's login OK carries them.
+    pub status: StatusFlags,
+    /// A session changed what no reset restores (COM_SET_OPTION): not to be lent again.
+    pub tainted: bool,
 }
 
 /// The handshake of a new server connection: the login of one session's account, with its
@@ -120,8 +129,28 @@ const LOGIN_CAPS: CapabilityFlags = CapabilityFlags::from_bits_truncate(
 /// ER_UNKNOWN_COM_ERROR: the server does not know a command.
 const ER_UNKNOWN_COM_ERROR: u16 = 1047;
 
-const COM_INIT_DB: u8 = 0x02;
 const COM_RESET_CONNECTION: u8 = 0x1F;
+
+/// What the server did to a session at login for the client's flags, which neither
+/// COM_RESET_CONNECTION nor COM_CHANGE_USER does again: CLIENT_INTERACTIVE makes
+/// `wait_timeout` the `interactive_timeout`, CLIENT_IGNORE_SPACE adds IGNORE_SPACE to
+/// `sql_mode`.
+fn login_effects(caps: CapabilityFlags) -> Option<&'static str> {
+    let interactive = caps.contains(CapabilityFlags::CLIENT_INTERACTIVE);
+    let ignore_space = caps.contains(CapabilityFlags::CLIENT_IGNORE_SPACE);
+    match (interactive, ignore_space) {
+        (false, false) => None,
+        (true, false) => Some(INTERACTIVE),
+        (false, true) => Some(IGNORE_SPACE),
+        (true, true) => Some(BOTH),
+    }
+}
+
+const INTERACTIVE: &str = "SET @@session.wait_timeout = @@session.interactive_timeout";
+const IGNORE_SPACE: &str =
+    "SET @@session.sql_mode = CONCAT_WS(',', NULLIF(@@session.sql_mode, ''), 'IGNORE_SPACE')";
+const BOTH: &str = "SET @@session.wait_timeout = @@session.interactive_timeout, \
+     @@session.sql_mode = CONCAT_WS(',', NULLIF(@@session.sql_mode, ''), 'IGNORE_SPACE')";
 
 // === impl BackendError ===
 
@@ -173,6 +202,28 @@ impl PoolConn for MysqlConn {
 }
 
 impl MysqlConn {
+    /// Keeps what waitless knows of the session up to date after a relayed command.
+    pub fn after(&mut self, code: u8, sent: &Sent, reply: &Reply) {
+        if let Some(status) = reply.status {
+            self.status = status;
+        }
+        let ok = reply.head == Some(0x00);
+        match code {
+            COM_INIT_DB if ok => self.schema = Some(sent.db.clone()),
+            // Multi-statements on or off: a capability of the connection no reset restores.
+            COM_SET_OPTION => self.tainted = true,
+            _ if sent.schema_unknown => self.schema = None,
+            _ => {}
+        }
+    }
+
+    /// The status flags a client's login OK carries: the server's, as a login would show.
+    pub fn login_status(&self) -> u16 {
+        (self.status
+            & (StatusFlags::SERVER_STATUS_AUTOCOMMIT | StatusFlags::SERVER_STATUS_NO_BACKSLASH_ESCAPES))
+            .bits()
+    }
+
     /// Makes `want` the current database: COM_INIT_DB, or COM_CHANGE_USER to have none
     /// (nothing else unselects a database). A server ERR (unknown database) is for the client.
     pub async fn use_schema(
@@ -201,8 +252,10 @@ impl MysqlConn {
     }
 
     /// Clears the session (transactions rolled back, temp tables, variables, locks and
-    /// prepared statements gone) and leaves `home` as the current database, so that the next
-    /// session of the same application usually needs no COM_INIT_DB.
+    /// prepared statements gone), gives it back what the client's login flags did to it
+    /// (neither reset keeps them), and leaves `home` as the current database, so that the
+    /// next session of the same application usually needs no COM_INIT_DB. The commands go
+    /// in one write: one wait for the server, not three.
     pub async fn reset(
         &mut self,
         user: &MysqlUser,
@@ -212,23 +265,40 @@ impl MysqlConn {
     ) -> Result<(), BackendError> {
         // Only COM_CHANGE_USER unselects a database, and it resets the session as well.
         let must_unselect = home.is_none() && self.schema != Some(None);
-        if facts.can_reset.load(Ordering::Relaxed) && !must_unselect {
-            let reply = self.command(&[COM_RESET_CONNECTION], timeout).await?;
-            match reply.head() {
-                Some(0x00) => {
-                    // The reset keeps the current database (MariaDB and MySQL alike).
-                    return self.use_schema(user, home, timeout).await;
-                }
-                Some(0xFF) if err_code(&reply.payload) == Some(ER_UNKNOWN_COM_ERROR) => {
-                    facts.can_reset.store(false, Ordering::Relaxed);
-                }
-                _ => return Err(server_error(reply)),
-            }
+        if !facts.can_reset.load(Ordering::Relaxed) || must_unselect {
+            return self.change_user(user, home, timeout).await;
         }
-        self.change_user(user, home, timeout).await
+        // The reset keeps the current database (MariaDB and MySQL alike).
+        let init_db = home.filter(|_| self.schema.as_ref().map(|s| s.as_deref()) != Some(home));
+        let effects = login_effects(self.key.caps);
+        let mut cmds: Vec<Vec<u8>> = vec![vec![COM_RESET_CONNECTION]];
+        cmds.extend(effects.map(|sql| [&[COM_QUERY][..], sql.as_bytes()].concat()));
+        cmds.extend(init_db.map(|db| [&[COM_INIT_DB][..], db].concat()));
+        let replies = self.commands(&cmds, timeout).await?;
+        let mut replies = replies.into_iter();
+        let reset = replies.next().ok_or_else(|| invalid("no reply to the reset".into()))?;
+        match reset.head() {
+            Some(0x00) => {}
+            Some(0xFF) if err_code(&reset.payload) == Some(ER_UNKNOWN_COM_ERROR) => {
+                facts.can_reset.store(false, Ordering::Relaxed);
+                return self.change_user(user, home, timeout).await;
+            }
+            _ => return Err(server_error(reset)),
+        }
+        for reply in std::iter::once(reset).chain(replies) {
+            if reply.head() != Some(0x00) {
+                return Err(server_error(reply));
+            }
+            self.note_ok(&reply);
+        }
+        if init_db.is_some() {
+            self.schema = Some(home.map(<[u8]>::to_vec));
+        }
+        Ok(())
     }
 
-    /// COM_CHANGE_USER to the same account: a full session reset with a fresh login.
+    /// COM_CHANGE_USER to the same account: a full session reset with a fresh login, and the
+    /// login flags' effects again.
     async fn change_user(
         &mut self,
         user: &MysqlUser,
@@ -251,12 +321,55 @@ impl MysqlConn {
             io.send(0, &buf).await?;
             finish_login(io, user, &mut self.nonce).await
         };
-        match tokio::time::timeout(timeout, login).await {
+        let status = match tokio::time::timeout(timeout, login).await {
             Ok(r) => r?,
             Err(_) => return Err(timed_out("COM_CHANGE_USER", timeout)),
-        }
+        };
+        self.status = status;
         self.schema = Some(db.map(<[u8]>::to_vec));
+        if let Some(sql) = login_effects(self.key.caps) {
+            let cmd = [&[COM_QUERY][..], sql.as_bytes()].concat();
+            let reply = self.command(&cmd, timeout).await?;
+            if reply.head() != Some(0x00) {
+                return Err(server_error(reply));
+            }
+            self.note_ok(&reply);
+        }
         Ok(())
+    }
+
+    /// Keeps the status flags of an OK the server sent to waitless's own command.
+    fn note_ok(&mut self, ok: &Packet) {
+        if let Some((status, _)) = ok_fields(&ok.payload) {
+            self.status = status;
+        }
+    }
+
+    /// Sends commands in one write (each with sequence 0) and reads their one-packet replies.
+    async fn commands(
+        &mut self,
+        cmds: &[Vec<u8>],
+        timeout: Duration,
+    ) -> Result<Vec<Packet>, BackendError> {
+        let io = &mut self.io;
+        let exchange = async {
+            for cmd in cmds {
+                io.queue(0, cmd);
+            }
+            io.flush().await?;
+            let mut replies = Vec::with_capacity(cmds.len());
+            for _ in cmds {
+                let reply = io.read(MAX_PACKET).await?.ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection")
+                })?;
+                replies.push(reply);
+            }
+            Ok::<_, io::Error>(replies)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(timed_out("a reply", timeout)),
+        }
     }
 
     /// Sends a command (sequence 0) and reads its one-packet reply.
@@ -283,8 +396,8 @@ impl Handshake<MysqlConn> for Login<'_> {
 
     async fn greet(&self, io: ServerSocket) -> Result<MysqlConn, OpenError<Vec<u8>>> {
         let mut io = PacketIo::new(io);
-        let nonce = match login(&mut io, self.facts, self.user, self.key, self.db).await {
-            Ok(nonce) => nonce,
+        let (nonce, status) = match login(&mut io, self.facts, self.user, self.key, self.db).await {
+            Ok(done) => done,
             Err(BackendError::Server(err)) => return Err(OpenError::Refused(err)),
             Err(BackendError::Io(e)) => return Err(OpenError::Io(e)),
         };
@@ -293,6 +406,8 @@ impl Handshake<MysqlConn> for Login<'_> {
             key: self.key.clone(),
             schema: Some(self.db.map(<[u8]>::to_vec)),
             nonce,
+            status,
+            tainted: false,
         })
     }
 }
@@ -351,14 +466,14 @@ where
 }
 
 /// Greeting, HandshakeResponse41 with mysql_native_password, and the server's verdict;
-/// returns the nonce the login answered.
+/// returns the nonce the login answered and the status flags of its OK.
 async fn login(
     io: &mut PacketIo<ServerSocket>,
     facts: &ServerFacts,
     user: &MysqlUser,
     key: &SessionKey,
     db: Option<&[u8]>,
-) -> Result<Vec<u8>, BackendError> {
+) -> Result<(Vec<u8>, StatusFlags), BackendError> {
     let (profile, mut nonce) = read_greeting(io).await?;
     let missing = key.caps - profile.caps;
     facts.set_profile(profile.clone());
@@ -388,8 +503,8 @@ async fn login(
         *c = key.collation;
     }
     io.send(1, &buf).await?;
-    finish_login(io, user, &mut nonce).await?;
-    Ok(nonce)
+    let status = finish_login(io, user, &mut nonce).await?;
+    Ok((nonce, status))
 }
 
 /// Reads the server's verdict on a login (HandshakeResponse or COM_CHANGE_USER), answering
@@ -398,7 +513,7 @@ async fn finish_login(
     io: &mut PacketIo<ServerSocket>,
     user: &MysqlUser,
     nonce: &mut Vec<u8>,
-) -> Result<(), BackendError> {
+) -> Result<StatusFlags, BackendError> {
     let mut switched = false;
     loop {
         let reply = io
@@ -406,7 +521,9 @@ async fn finish_login(
             .await?
             .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "closed during login"))?;
         match reply.head() {
-            Some(0x00) => return Ok(()),
+            Some(0x00) => {
+                return Ok(ok_fields(&reply.payload).map_or(StatusFlags::empty(), |(s, _)| s))
+            }
             Some(0xFF) => return Err(server_error(reply)),
             Some(0xFE) if !switched => {
                 let req: AuthSwitchRequest<'_> = ParseBuf(&reply.payload)
@@ -461,9 +578,4 @@ fn timed_out(what: &str, after: Duration) -> BackendError {
         io::ErrorKind::TimedOut,
         format!("no {what} from the server within {after:?}"),
     ))
-}
-
-/// Status flags of an OK packet the server sent to a login or reset, e.g. autocommit.
-pub fn default_status() -> u16 {
-    StatusFlags::SERVER_STATUS_AUTOCOMMIT.bits()
 }

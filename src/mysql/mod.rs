@@ -12,7 +12,10 @@ mod backend;
 mod front;
 mod packet;
 mod relay;
+mod residue;
+mod statement;
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -30,8 +33,10 @@ use crate::pool::{self, Server};
 pub use backend::MysqlConn;
 use backend::{BackendError, Profile, ServerFacts};
 use front::{Login, Refused};
-use packet::{err_payload, ok_payload, Packet, PacketIo, MAX_PACKET};
-use relay::{Shape, COM_INIT_DB, COM_QUERY, COM_QUIT, COM_SET_OPTION};
+use packet::{err_payload, ok_payload, Fault, Flow, Head, PacketIo, MAX_PACKET, PEEK};
+use relay::{Response, Shape, COM_INIT_DB, COM_QUIT, COM_STMT_EXECUTE};
+use residue::Residue;
+use statement::Effect;
 
 /// An upstream of MySQL servers: the pools, and what each server said about itself.
 #[derive(Debug)]
@@ -42,6 +47,8 @@ pub struct MysqlUpstream {
     facts: Vec<ServerFacts>,
     /// Per server: connections being reset after a session, soon idle again.
     resetting: Vec<AtomicUsize>,
+    /// Per server: sessions waiting for one of those.
+    waiting: Vec<AtomicUsize>,
     /// Woken whenever a connection goes back to a pool, for clients waiting for one.
     returned: Notify,
 }
@@ -72,6 +79,9 @@ enum End {
     Done(Reason),
     /// The client connection failed: dropped.
     Broken(String),
+    /// The server connection closed or failed under the session: the client sees the end
+    /// now, as it would from the server.
+    ServerGone,
 }
 
 /// How long a waiting client sleeps between looks at a full pool when nothing is returned.
@@ -91,10 +101,12 @@ impl MysqlUpstream {
         let pool = pool::Upstream::new(cfg, ledger, workers);
         let facts = pool.servers.iter().map(|_| ServerFacts::new()).collect();
         let resetting = pool.servers.iter().map(|_| AtomicUsize::new(0)).collect();
+        let waiting = pool.servers.iter().map(|_| AtomicUsize::new(0)).collect();
         Arc::new(MysqlUpstream {
             pool,
             facts,
             resetting,
+            waiting,
             returned: Notify::new(),
         })
     }
@@ -165,9 +177,6 @@ impl MysqlUpstream {
         };
         let db = login.db.as_deref();
         let deadline = Instant::now() + cfg.connect_timeout;
-        // Short sessions back to back: the connection the last one used is being reset and
-        // is worth a brief wait rather than a new server connection.
-        let mut waited_for_reset = false;
         loop {
             // Registered before looking, so that a connection returned meanwhile wakes us.
             let returned = self.returned.notified();
@@ -189,15 +198,21 @@ impl MysqlUpstream {
                     Err(BackendError::Io(_)) => continue,
                 }
             }
-            let resetting = self
-                .resetting
-                .get(index)
-                .map_or(0, |n| n.load(Ordering::Acquire));
-            if resetting > 0 && !waited_for_reset {
-                waited_for_reset = true;
-                let _ = tokio::time::timeout(RECHECK, returned).await;
+            // Short sessions back to back: a connection being reset is idle again in a round
+            // trip, sooner than a new one logs in. Wait for it while there are more of them
+            // than clients already waiting; the server sees no more connections than the
+            // sessions that overlap.
+            let (Some(resetting), Some(waiting)) = (self.resetting.get(index), self.waiting.get(index))
+            else {
+                return Err(Checkout::Failed("no such server".into()));
+            };
+            let now = Instant::now();
+            if resetting.load(Ordering::Acquire) > waiting.fetch_add(1, Ordering::AcqRel) && now < deadline {
+                let _ = tokio::time::timeout(deadline - now, returned).await;
+                waiting.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
+            waiting.fetch_sub(1, Ordering::AcqRel);
             let login_as = backend::Login {
                 facts,
                 user: &login.user,
@@ -247,6 +262,7 @@ impl MysqlUpstream {
                 cfg.response_timeout,
             )
             .await;
+        lease.server.stats.resets.fetch_add(1, Ordering::Relaxed);
         match reset {
             Ok(()) => lease.give_back(),
             Err(e) => {
@@ -257,6 +273,13 @@ impl MysqlUpstream {
             }
         }
         resetting.fetch_sub(1, Ordering::AcqRel);
+        self.returned.notify_waiters();
+    }
+
+    /// Returns a lent connection whose session left nothing behind, as it is.
+    fn skip_reset(&self, lease: Lease) {
+        lease.server.stats.resets_skipped.fetch_add(1, Ordering::Relaxed);
+        lease.give_back();
         self.returned.notify_waiters();
     }
 }
@@ -320,6 +343,7 @@ impl MysqlListener {
         let mut client = PacketIo::new(Tracked::client(stream, self.ledger.clone(), policy));
         match self.session(&mut client, peer).await {
             End::Done(why) => client.into_inner().finish_client(Ending::Over(why)).await,
+            End::ServerGone => client.into_inner().finish_client(Ending::ServerClosed).await,
             End::Broken(e) => {
                 tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e,
                     "mysql client connection failed");
@@ -343,6 +367,7 @@ impl MysqlListener {
                 tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e,
                     "mysql client turned away");
             }
+            End::ServerGone => {}
         }
     }
 
@@ -416,10 +441,8 @@ impl MysqlListener {
                 .await;
             }
         };
-        if let Err(e) = client
-            .send(login.seq, &ok_payload(backend::default_status()))
-            .await
-        {
+        let status = lease.pooled.conn.login_status();
+        if let Err(e) = client.send(login.seq, &ok_payload(status)).await {
             up.give_back(lease, &login).await;
             return End::Broken(format!("login OK: {e}"));
         }
@@ -432,30 +455,39 @@ impl MysqlListener {
         C: AsyncRead + AsyncWrite + Unpin,
     {
         let up = &self.upstream;
-        // The session changed something a reset does not undo: the connection is not kept.
-        let mut tainted = false;
+        let mut residue = Residue::default();
+        // Commands relayed so far have left the server connection in a known state.
+        let mut known = true;
         let end = loop {
-            let cmd =
-                match tokio::time::timeout(self.cfg.keepalive_timeout, client.read(MAX_PACKET))
-                    .await
-                {
-                    Err(_) => break End::Done(Reason::Idle),
-                    Ok(Ok(None)) => break End::Done(Reason::Done),
-                    Ok(Ok(Some(cmd))) => cmd,
-                    // The server connection is idle between commands: it can still be kept.
-                    Ok(Err(e)) => break End::Broken(format!("reading a command: {e}")),
-                };
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let Some(head) = cmd.head() else {
-                break End::Broken("empty command packet".into());
+            let conn = &mut lease.pooled.conn;
+            let code = match self.next_command(client, conn).await {
+                Next::Command(code) => code,
+                Next::End(end) => break end,
+                Next::ServerSpoke => {
+                    // Between commands a server only speaks to say it is closing (KILL,
+                    // wait_timeout, shutdown); anything else means the relay lost track of a
+                    // response. Either way the client gets every byte, as is, to the end.
+                    known = false;
+                    tracing::info!(listener = %self.cfg.name, server = %lease.server.label,
+                        "mysql server spoke between commands; passing the session through \
+                         unpooled to its end");
+                    break splice(client, &mut conn.io).await;
+                }
             };
-            if head == COM_QUIT {
-                // Answered here: the server connection stays open for the next session.
-                break End::Done(Reason::Done);
-            }
-            let Some(shape) = Shape::of(head) else {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let Some(shape) = Shape::of(code).filter(|_| code != COM_QUIT) else {
+                // Consumed here: COM_QUIT is answered by the close, the rest refused.
+                let cmd = match client.read(MAX_PACKET).await {
+                    Ok(Some(cmd)) => cmd,
+                    Ok(None) => break End::Done(Reason::Done),
+                    Err(e) => break End::Broken(format!("reading a command: {e}")),
+                };
+                if code == COM_QUIT {
+                    // The server connection stays open for the next session.
+                    break End::Done(Reason::Done);
+                }
                 let msg = format!(
-                    "waitless: command 0x{head:02x} is not supported through the pool; \
+                    "waitless: command 0x{code:02x} is not supported through the pool; \
                      reconnect instead of COM_CHANGE_USER"
                 );
                 let err = err_payload(ER_UNKNOWN_COM_ERROR, b"08S01", &msg);
@@ -464,43 +496,166 @@ impl MysqlListener {
                 }
                 continue;
             };
-            let conn = &mut lease.pooled.conn;
             let caps = conn.key.caps;
-            match relay::command(client, &mut conn.io, &cmd, shape, caps).await {
-                Ok(reply) => track_state(conn, &cmd, reply.head, &mut tainted),
-                Err(e) => {
-                    // Mid-response: the server connection is in an unknown state. Dropped,
-                    // it is closed (RST) and its permit freed.
+            let mut sent = Sent::default();
+            let forwarded = client.forward(&mut conn.io, COMMAND_PEEK, |p| {
+                sent = Sent::of(code, p, &mut residue);
+                Ok(Flow::Stop)
+            });
+            match forwarded.await {
+                Ok(()) => {}
+                Err(Fault::From(e)) => {
+                    // Half a command reached the server: the connection cannot be kept.
+                    known = false;
+                    break End::Broken(format!("reading a command: {e}"));
+                }
+                Err(Fault::To(e)) => {
+                    // The server would not take the command (a packet over its
+                    // max_allowed_packet): what it said before closing goes to the client.
+                    known = false;
                     tracing::debug!(listener = %self.cfg.name, server = %lease.server.label,
-                        error = %e, "mysql command relay failed");
-                    drop(lease);
-                    up.returned.notify_waiters();
-                    return End::Broken(format!("relaying a command: {e}"));
+                        error = %e, "mysql server stopped reading a command");
+                    last_words(client, &mut conn.io).await;
+                    break End::ServerGone;
+                }
+            }
+            let resp = Response::new(code, shape, sent.cursor, caps);
+            match relay::response(client, &mut conn.io, resp).await {
+                Ok(reply) => {
+                    residue.reply(&reply);
+                    conn.after(code, &sent, &reply);
+                }
+                Err(Fault::From(e)) if e.kind() == io::ErrorKind::InvalidData => {
+                    known = false;
+                    tracing::warn!(listener = %self.cfg.name, server = %lease.server.label,
+                        error = %e, "mysql response not understood; passing the session \
+                        through unpooled to its end");
+                    break splice(client, &mut conn.io).await;
+                }
+                Err(Fault::From(e)) => {
+                    known = false;
+                    tracing::debug!(listener = %self.cfg.name, server = %lease.server.label,
+                        error = %e, "mysql server failed in a response");
+                    break End::ServerGone;
+                }
+                Err(Fault::To(e)) => {
+                    // Mid-response: the server connection is in an unknown state.
+                    known = false;
+                    break End::Broken(format!("relaying a response: {e}"));
                 }
             }
         };
-        if tainted {
-            lease.pooled.ctl.retire(Reason::Done);
+        if !known || lease.pooled.conn.tainted {
+            // Dropped, or retired when it is merely unresettable: the close mechanism
+            // records it and picks FIN or RST.
+            if known {
+                lease.pooled.ctl.retire(Reason::Done);
+            }
             drop(lease);
             up.returned.notify_waiters();
-        } else {
+        } else if residue.needs_reset() {
             up.give_back(lease, login).await;
+        } else {
+            up.skip_reset(lease);
         }
         end
     }
+
+    /// Waits for the client's next command, and watches the server meanwhile.
+    async fn next_command<C>(&self, client: &mut PacketIo<C>, conn: &mut MysqlConn) -> Next
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let waiting = async {
+            tokio::select! {
+                biased;
+                head = client.next_head() => match head {
+                    Ok(Some(code)) => Next::Command(code),
+                    Ok(None) => Next::End(End::Done(Reason::Done)),
+                    Err(e) => Next::End(End::Broken(format!("reading a command: {e}"))),
+                },
+                spoke = conn.io.readable() => match spoke {
+                    Ok(true) => Next::ServerSpoke,
+                    Ok(false) | Err(_) => Next::End(End::ServerGone),
+                },
+            }
+        };
+        match tokio::time::timeout(self.cfg.keepalive_timeout, waiting).await {
+            Ok(next) => next,
+            Err(_) => Next::End(End::Done(Reason::Idle)),
+        }
+    }
 }
 
-/// Keeps what waitless knows of a connection's session state up to date after a command.
-fn track_state(conn: &mut MysqlConn, cmd: &Packet, head: Option<u8>, tainted: &mut bool) {
-    match cmd.head() {
-        Some(COM_INIT_DB) if head == Some(0x00) => {
-            conn.schema = Some(cmd.payload.get(1..).map(<[u8]>::to_vec));
+/// What the client or server did between commands.
+enum Next {
+    /// A client command arrived (its code).
+    Command(u8),
+    /// The session is over.
+    End(End),
+    /// The server sent bytes no command asked for.
+    ServerSpoke,
+}
+
+/// How much of a command the relay looks at before passing it on: a statement longer than
+/// this is taken as one that may leave state behind.
+const COMMAND_PEEK: usize = 16 << 10;
+
+/// What a relayed command was, as far as its bookkeeping goes.
+#[derive(Debug, Default)]
+pub struct Sent {
+    /// COM_STMT_EXECUTE asked for a cursor.
+    pub cursor: bool,
+    /// COM_INIT_DB: the database.
+    pub db: Option<Vec<u8>>,
+    /// A statement text that may have changed the current database (USE, or unknown).
+    pub schema_unknown: bool,
+}
+
+impl Sent {
+    fn of(code: u8, p: Head<'_>, residue: &mut Residue) -> Sent {
+        let args = p.bytes.get(1..).unwrap_or_default();
+        let effect = residue.command(code, args, p.bytes.len() == p.len);
+        Sent {
+            // The flags byte after the statement id: any cursor type.
+            cursor: code == COM_STMT_EXECUTE && args.get(4).is_some_and(|f| f & 0x07 != 0),
+            db: (code == COM_INIT_DB).then(|| args.to_vec()),
+            schema_unknown: effect.is_some_and(|e| e != Effect::None),
         }
-        // `USE` may have run; known again after the next COM_INIT_DB or reset.
-        Some(COM_QUERY) | Some(0x17) => conn.schema = None,
-        // Multi-statements on or off: a capability of the connection no reset restores.
-        Some(COM_SET_OPTION) => *tainted = true,
-        _ => {}
+    }
+}
+
+/// Passes what a server sent before it went away on to the client (its ERR, usually).
+async fn last_words<C, S>(client: &mut PacketIo<C>, server: &mut PacketIo<S>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let one = server.forward(client, PEEK, |_| Ok(Flow::Stop));
+    let _ = tokio::time::timeout(LAST_WORDS, one).await;
+}
+
+/// How long a server that stopped reading a command is given to say why.
+const LAST_WORDS: Duration = Duration::from_secs(1);
+
+/// Passes bytes both ways, unlooked at, until both sides are done: for a session whose
+/// server connection is no longer known to the relay.
+async fn splice<C, S>(client: &mut PacketIo<C>, server: &mut PacketIo<S>) -> End
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let (c, early) = client.parts();
+    let (s, late) = server.parts();
+    let result = async {
+        s.write_all(&early).await?;
+        c.write_all(&late).await?;
+        tokio::io::copy_bidirectional(c, s).await
+    };
+    match result.await {
+        Ok(_) => End::ServerGone,
+        Err(e) => End::Broken(format!("passing a session through: {e}")),
     }
 }
 

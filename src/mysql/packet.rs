@@ -1,13 +1,16 @@
 //! MySQL packets on a stream: mysql_common's framing (3-byte length, sequence id, payloads
 //! over 16 MiB split into 0xFFFFFF-byte chunks) with a read buffer and a write buffer.
 //!
-//! A relayed packet is decoded whole and re-framed with its own first sequence id; the
-//! protocol's splitting is canonical, so the bytes that leave are the bytes that came in.
+//! Handshakes and waitless's own commands read and write whole packets (`read`, `send`). The
+//! command phase does not: `forward` passes packets through as their bytes arrive, whole
+//! reads at a time, and shows the relay only the start of each packet (`Head`) — no copy,
+//! no re-framing, and a 64 MiB row never held whole.
 
 use std::io;
 
-use bytes::BytesMut;
-use mysql_common::constants::CapabilityFlags;
+use bytes::{Buf, BytesMut};
+use mysql_common::constants::{CapabilityFlags, StatusFlags};
+use mysql_common::io::ParseBuf;
 use mysql_common::packets::{ErrPacket, ServerError, SqlState};
 use mysql_common::proto::codec::{packet_to_chunks, ChunkDecoder, ChunkInfo};
 use mysql_common::proto::MySerialize;
@@ -49,6 +52,42 @@ pub const MAX_HANDSHAKE_PACKET: usize = 64 << 10;
 
 /// Write buffer size past which queued packets are flushed before more are decoded.
 const FLUSH_AT: usize = 256 << 10;
+
+/// A chunk of this length is followed by another of the same packet.
+const MAX_CHUNK: usize = 0xFF_FFFF;
+
+/// How much of a packet's start `forward` shows by default: enough for every field the relay
+/// reads (a column count, an OK's or EOF's status and warnings, a prepare OK's counts).
+pub const PEEK: usize = 32;
+
+/// The start of a packet passing through `forward`.
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    /// Length of its first chunk (MAX_CHUNK for a packet of 16 MiB or more).
+    pub len: usize,
+    /// Its sequence id.
+    pub seq: u8,
+    /// Its first `min(len, peek)` payload bytes.
+    pub bytes: &'a [u8],
+}
+
+/// What `forward` does after a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on with the next packet.
+    Go,
+    /// Return once this packet has been passed on whole.
+    Stop,
+}
+
+/// Which side of a `forward` failed.
+#[derive(Debug)]
+pub enum Fault {
+    /// Reading the source (or what it sent made no sense to the caller).
+    From(io::Error),
+    /// Writing to the destination.
+    To(io::Error),
+}
 
 // === impl Packet ===
 
@@ -147,6 +186,107 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketIo<S> {
         Ok(next)
     }
 
+    /// Passes packets from this stream on to `to` unchanged, as their bytes arrive, calling
+    /// `each` with the start of every packet (its first `peek` bytes buffered) until it says
+    /// Stop and that packet is through. Bytes after it stay buffered here.
+    pub async fn forward<T, F>(
+        &mut self,
+        to: &mut PacketIo<T>,
+        peek: usize,
+        mut each: F,
+    ) -> Result<(), Fault>
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+        F: FnMut(Head<'_>) -> io::Result<Flow>,
+    {
+        // Bytes of the current chunk not yet scanned, and whether another chunk of the same
+        // packet follows it.
+        let mut body = 0usize;
+        let mut continued = false;
+        let mut stop = false;
+        if !to.wbuf.is_empty() {
+            to.flush().await.map_err(Fault::To)?;
+        }
+        loop {
+            let mut at = 0usize;
+            let buf = &self.rbuf[..];
+            loop {
+                if body > 0 {
+                    let take = body.min(buf.len() - at);
+                    at += take;
+                    body -= take;
+                    if body > 0 {
+                        break;
+                    }
+                }
+                if stop && !continued {
+                    break;
+                }
+                let Some(&[a, b, c, seq]) = buf.get(at..at + 4) else {
+                    break;
+                };
+                let len = usize::from(a) | usize::from(b) << 8 | usize::from(c) << 16;
+                if !continued {
+                    let Some(bytes) = buf.get(at + 4..at + 4 + len.min(peek)) else {
+                        break;
+                    };
+                    if each(Head { len, seq, bytes }).map_err(Fault::From)? == Flow::Stop {
+                        stop = true;
+                    }
+                }
+                at += 4;
+                body = len;
+                continued = len == MAX_CHUNK;
+            }
+            if at > 0 {
+                to.io.write_all(&self.rbuf[..at]).await.map_err(Fault::To)?;
+                self.rbuf.advance(at);
+            }
+            if stop && body == 0 && !continued {
+                return to.io.flush().await.map_err(Fault::To);
+            }
+            match self.fill().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(Fault::From(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed before the packet ended",
+                    )))
+                }
+                Err(e) => return Err(Fault::From(e)),
+            }
+        }
+    }
+
+    /// The first payload byte of the next packet (a command's code), left buffered; None at a
+    /// clean EOF between packets. Cancel-safe: nothing read is lost.
+    pub async fn next_head(&mut self) -> io::Result<Option<u8>> {
+        loop {
+            if let Some(&[_, _, _, _, code]) = self.rbuf.get(..5) {
+                return Ok(Some(code));
+            }
+            if let Some(&[0, 0, 0, _]) = self.rbuf.get(..4) {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "empty packet"));
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Waits until bytes arrive (or EOF); false at EOF. Cancel-safe: nothing read is lost.
+    pub async fn readable(&mut self) -> io::Result<bool> {
+        if !self.rbuf.is_empty() {
+            return Ok(true);
+        }
+        self.fill().await
+    }
+
+    /// The bytes read and not yet used, and the stream: for passing a session through blind.
+    pub fn parts(&mut self) -> (&mut S, BytesMut) {
+        (&mut self.io, std::mem::take(&mut self.rbuf))
+    }
+
     /// Decodes one packet from what was read, if it is all there.
     fn decode(&mut self, max: usize) -> io::Result<Option<Packet>> {
         loop {
@@ -203,9 +343,24 @@ pub fn ok_payload(status: u16) -> Vec<u8> {
     vec![0x00, 0, 0, lo, hi, 0, 0]
 }
 
+/// An OK packet's status flags and warnings (header, affected rows, last insert id, status,
+/// warnings).
+pub fn ok_fields(p: &[u8]) -> Option<(StatusFlags, u16)> {
+    let mut buf = ParseBuf(p.get(1..)?);
+    buf.checked_eat_lenenc_int()?;
+    buf.checked_eat_lenenc_int()?;
+    let [s0, s1, w0, w1] = *buf.checked_eat(4)? else {
+        return None;
+    };
+    Some((
+        StatusFlags::from_bits_truncate(u16::from_le_bytes([s0, s1])),
+        u16::from_le_bytes([w0, w1]),
+    ))
+}
+
 /// The code and message of an ERR payload, for logs.
 pub fn describe_err(payload: &[u8], caps: CapabilityFlags) -> String {
-    let mut buf = mysql_common::io::ParseBuf(payload);
+    let mut buf = ParseBuf(payload);
     match buf.parse::<ErrPacket<'_>>(caps) {
         Ok(ErrPacket::Error(e)) => format!("{} ({})", e.message_str(), e.error_code()),
         _ => "malformed ERR packet".to_string(),

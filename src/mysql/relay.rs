@@ -1,20 +1,20 @@
 //! The command phase: a client command goes to its borrowed server connection and the
-//! response comes back packet for packet, unchanged. The state machine only finds where a
-//! response ends — result sets (column count, column definitions, EOF or OK terminators
-//! under CLIENT_DEPRECATE_EOF, rows), more results (SERVER_MORE_RESULTS_EXISTS), prepared
-//! statement replies, LOCAL INFILE uploads — so that the connection is known to be idle, and
-//! so resettable, between commands.
+//! response comes back, bytes unchanged, as they arrive (`PacketIo::forward`). `Response`
+//! follows the response packet by packet, from the start of each, to find where it ends —
+//! result sets (column count, column definitions, EOF or OK terminators under
+//! CLIENT_DEPRECATE_EOF, rows), more results (SERVER_MORE_RESULTS_EXISTS on an OK or a
+//! terminator), procedure OUT parameters, cursors, prepared statement replies, LOCAL INFILE
+//! uploads — so that the connection is known to be idle, and so resettable or lendable,
+//! between commands. It also keeps what the response said that the session's bookkeeping
+//! needs: the last status flags, warnings, errors and a prepared statement's id.
 
 use std::io;
 
 use mysql_common::constants::{CapabilityFlags, StatusFlags};
 use mysql_common::io::ParseBuf;
-use mysql_common::packets::{
-    CommonOkPacket, OkPacketDeserializer, OldEofPacket, ResultSetTerminator, StmtPacket,
-};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::packet::{Packet, PacketIo, MAX_PACKET};
+use super::packet::{ok_fields, Fault, Flow, Head, PacketIo, PEEK};
 
 /// What the response to a command looks like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,23 +28,81 @@ pub enum Shape {
     Results,
     /// COM_STMT_PREPARE: OK with parameter and column definitions, or ERR.
     Prepare,
-    /// Column definitions up to a terminator (COM_FIELD_LIST).
-    Columns,
-    /// Rows up to a terminator (COM_STMT_FETCH).
-    Rows,
+    /// Packets up to a terminator: column definitions (COM_FIELD_LIST), rows
+    /// (COM_STMT_FETCH).
+    UntilTerminator,
 }
 
-/// How a relayed command ended.
-#[derive(Debug)]
+/// What a relayed response said.
+#[derive(Debug, Default, Clone, Copy)]
 pub struct Reply {
     /// The head byte of the response's first packet (0x00 OK, 0xFF ERR, ...), if any.
     pub head: Option<u8>,
+    /// The status flags of the last OK or terminator, as the server sent them.
+    pub status: Option<StatusFlags>,
+    /// The warning count of the last OK or terminator.
+    pub warnings: u16,
+    /// An ERR ended it.
+    pub failed: bool,
+    /// COM_STMT_PREPARE answered with OK: the new statement's id.
+    pub prepared: Option<u32>,
+}
+
+/// One command's response, followed packet by packet.
+#[derive(Debug)]
+pub struct Response {
+    shape: Shape,
+    state: State,
+    /// CLIENT_DEPRECATE_EOF: no EOF after column definitions, an OK-shaped terminator.
+    deprecate_eof: bool,
+    /// COM_STMT_EXECUTE asked for a cursor: CURSOR_EXISTS on the column definitions' EOF
+    /// means the rows come later, with COM_STMT_FETCH. (The flag also shows, leaked, on
+    /// result sets of SELECTs inside a procedure's cursor loop: it means nothing there.)
+    cursor: bool,
+    /// The command answers OK with status flags (not COM_STATISTICS's string).
+    one_is_ok: bool,
+    reply: Reply,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// The first packet of a result: OK, ERR, a LOCAL INFILE request or a column count.
+    Start,
+    /// Column definitions to go.
+    Columns(u64),
+    /// The EOF after the column definitions.
+    ColumnsEof,
+    /// Rows, up to a terminator or ERR.
+    Rows,
+    /// Packets to go that need no look (a prepared statement's definitions).
+    Definitions(u64),
+    /// The server asked for a LOCAL INFILE upload; its verdict comes after it.
+    Upload,
+    /// Nothing more belongs to this response.
+    Done,
+}
+
+/// Where a `Response` is after a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// The response is over.
+    Done,
+    /// The client's LOCAL INFILE upload goes to the server now; then the response goes on.
+    Upload,
 }
 
 pub const COM_QUIT: u8 = 0x01;
 pub const COM_INIT_DB: u8 = 0x02;
 pub const COM_QUERY: u8 = 0x03;
+pub const COM_STATISTICS: u8 = 0x09;
+pub const COM_STMT_PREPARE: u8 = 0x16;
+pub const COM_STMT_EXECUTE: u8 = 0x17;
+pub const COM_STMT_CLOSE: u8 = 0x19;
 pub const COM_SET_OPTION: u8 = 0x1B;
+
+/// A row can start with 0xFE only as an 8-byte length prefix, which makes it at least
+/// 16 MiB long: a first chunk shorter than that starting with 0xFE is a terminator.
+const MAX_CHUNK: usize = 0xFF_FFFF;
 
 // === impl Shape ===
 
@@ -57,10 +115,8 @@ impl Shape {
             0x03 | 0x0A | 0x17 => Shape::Results,
             // COM_STMT_PREPARE
             0x16 => Shape::Prepare,
-            // COM_FIELD_LIST
-            0x04 => Shape::Columns,
-            // COM_STMT_FETCH
-            0x1C => Shape::Rows,
+            // COM_FIELD_LIST, COM_STMT_FETCH
+            0x04 | 0x1C => Shape::UntilTerminator,
             // COM_STMT_SEND_LONG_DATA, COM_STMT_CLOSE
             0x18 | 0x19 => Shape::Nothing,
             // COM_INIT_DB, COM_CREATE_DB, COM_DROP_DB, COM_REFRESH, COM_SHUTDOWN,
@@ -74,262 +130,370 @@ impl Shape {
     }
 }
 
-/// Sends `cmd` to the server and relays its whole response to the client.
-pub async fn command<C, S>(
-    client: &mut PacketIo<C>,
-    server: &mut PacketIo<S>,
-    cmd: &Packet,
-    shape: Shape,
-    caps: CapabilityFlags,
-) -> io::Result<Reply>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    server.send(cmd.seq, &cmd.payload).await?;
-    let mut r = Relay {
-        client,
-        server,
-        caps,
-    };
-    let head = match shape {
-        Shape::Nothing => None,
-        Shape::One => Some(r.pass().await?.0),
-        Shape::Results => Some(r.results().await?),
-        Shape::Prepare => Some(r.prepare().await?),
-        Shape::Columns => Some(r.until_terminator().await?),
-        Shape::Rows => Some(r.until_terminator().await?),
-    };
-    r.client.flush().await?;
-    Ok(Reply { head })
-}
+// === impl Response ===
 
-/// One command's response in flight.
-struct Relay<'a, C, S> {
-    client: &'a mut PacketIo<C>,
-    server: &'a mut PacketIo<S>,
-    /// The session's capabilities (DEPRECATE_EOF, SESSION_TRACK shape the packets).
-    caps: CapabilityFlags,
-}
-
-impl<C, S> Relay<'_, C, S>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    /// Relays the next server packet; returns its head byte and the packet.
-    async fn pass(&mut self) -> io::Result<(u8, Packet)> {
-        let p = self
-            .server
-            .read_relaying(MAX_PACKET, self.client)
-            .await?
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "server closed the connection in the middle of a response",
-                )
-            })?;
-        self.client.queue(p.seq, &p.payload);
-        Ok((p.head().unwrap_or(0), p))
-    }
-
-    /// Relays `n` packets (column or parameter definitions).
-    async fn pass_n(&mut self, n: u64) -> io::Result<()> {
-        for _ in 0..n {
-            self.pass().await?;
+impl Response {
+    /// The response to `command` (its code, and for COM_STMT_EXECUTE whether it asked for a
+    /// cursor) on a session with `caps`.
+    pub fn new(command: u8, shape: Shape, cursor: bool, caps: CapabilityFlags) -> Response {
+        Response {
+            shape,
+            state: if shape == Shape::Nothing {
+                State::Done
+            } else {
+                State::Start
+            },
+            deprecate_eof: caps.contains(CapabilityFlags::CLIENT_DEPRECATE_EOF),
+            cursor,
+            one_is_ok: command != COM_STATISTICS,
+            reply: Reply::default(),
         }
-        Ok(())
     }
 
-    fn deprecate_eof(&self) -> bool {
-        self.caps.contains(CapabilityFlags::CLIENT_DEPRECATE_EOF)
+    /// True once nothing more belongs to the response (at once for COM_STMT_CLOSE).
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
     }
 
-    /// COM_QUERY / COM_STMT_EXECUTE: results until one without SERVER_MORE_RESULTS_EXISTS.
-    async fn results(&mut self) -> io::Result<u8> {
-        let mut first = None;
-        loop {
-            let (head, p) = self.pass().await?;
-            first.get_or_insert(head);
-            let status = match head {
-                0x00 => ok_status(&p, self.caps)?,
-                0xFF => return Ok(*first.get_or_insert(head)),
-                0xFB => {
-                    self.local_infile().await?;
-                    // The server's OK or ERR for the upload follows, possibly with more.
-                    continue;
+    pub fn reply(&self) -> Reply {
+        self.reply
+    }
+
+    /// Takes in the next packet of the response; Stop when it ends the response or asks for
+    /// an upload.
+    pub fn on(&mut self, p: Head<'_>) -> io::Result<Flow> {
+        let head = p.bytes.first().copied();
+        if self.reply.head.is_none() {
+            self.reply.head = Some(head.unwrap_or(0));
+        }
+        let terminator = head == Some(0xFE) && p.len < MAX_CHUNK;
+        self.state = match (self.state, self.shape) {
+            (State::Done | State::Upload, _) => {
+                return Err(bad("packet after the end of a response"))
+            }
+            (_, _) if head == Some(0xFF) => {
+                self.reply.failed = true;
+                State::Done
+            }
+            (State::Start, Shape::One) => {
+                if head == Some(0x00) && self.one_is_ok {
+                    self.status(ok_fields(p.bytes))?;
                 }
-                _ => match self.result_set(&p).await? {
-                    Some(status) => status,
-                    // ERR in place of a row, or a cursor opened: the response is over.
-                    None => return Ok(first.unwrap_or(head)),
-                },
-            };
-            if !status.contains(StatusFlags::SERVER_MORE_RESULTS_EXISTS) {
-                return Ok(first.unwrap_or(head));
+                State::Done
             }
-        }
-    }
-
-    /// One result set after its column count packet; the terminator's status, or None when
-    /// the response ended (ERR, or a cursor whose rows come with COM_STMT_FETCH).
-    async fn result_set(&mut self, count: &Packet) -> io::Result<Option<StatusFlags>> {
-        let columns = ParseBuf(&count.payload)
-            .checked_eat_lenenc_int()
-            .ok_or_else(|| bad("column count"))?;
-        self.pass_n(columns).await?;
-        if !self.deprecate_eof() {
-            let (head, eof) = self.pass().await?;
-            if head == 0xFF {
-                return Ok(None);
-            }
-            if is_terminator(&eof)
-                && terminator_status(&eof, self.caps)?
-                    .contains(StatusFlags::SERVER_STATUS_CURSOR_EXISTS)
-            {
-                return Ok(None);
-            }
-        }
-        loop {
-            let (head, row) = self.pass().await?;
-            if head == 0xFF {
-                return Ok(None);
-            }
-            if is_terminator(&row) {
-                return terminator_status(&row, self.caps).map(Some);
-            }
-        }
-    }
-
-    /// Packets up to and including a terminator or ERR (COM_FIELD_LIST, COM_STMT_FETCH).
-    async fn until_terminator(&mut self) -> io::Result<u8> {
-        let mut first = None;
-        loop {
-            let (head, p) = self.pass().await?;
-            first.get_or_insert(head);
-            if head == 0xFF || is_terminator(&p) {
-                return Ok(first.unwrap_or(head));
-            }
-        }
-    }
-
-    /// COM_STMT_PREPARE: the statement OK, then its parameter and column definitions, each
-    /// group closed by EOF unless CLIENT_DEPRECATE_EOF.
-    async fn prepare(&mut self) -> io::Result<u8> {
-        let (head, p) = self.pass().await?;
-        if head != 0x00 {
-            return Ok(head);
-        }
-        let stmt: StmtPacket = ParseBuf(&p.payload)
-            .parse(())
-            .map_err(|_| bad("prepared statement OK"))?;
-        for n in [stmt.num_params(), stmt.num_columns()] {
-            if n > 0 {
-                self.pass_n(u64::from(n)).await?;
-                if !self.deprecate_eof() {
-                    self.pass().await?;
+            (State::Start, Shape::Prepare) => {
+                let (id, definitions) = self.prepared(p.bytes)?;
+                self.reply.prepared = Some(id);
+                match definitions {
+                    0 => State::Done,
+                    n => State::Definitions(n),
                 }
             }
-        }
-        Ok(head)
-    }
-
-    /// LOAD DATA LOCAL INFILE: the client's file, packet by packet, up to an empty packet.
-    async fn local_infile(&mut self) -> io::Result<()> {
-        self.client.flush().await?;
-        loop {
-            let p = self
-                .client
-                .read_relaying(MAX_PACKET, self.server)
-                .await?
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "client closed the connection during LOAD DATA LOCAL INFILE",
-                    )
-                })?;
-            self.server.queue(p.seq, &p.payload);
-            if p.payload.is_empty() {
-                return self.server.flush().await;
+            (State::Definitions(n), _) => match n {
+                0 | 1 => State::Done,
+                n => State::Definitions(n - 1),
+            },
+            (State::Start, Shape::UntilTerminator) | (State::Rows, Shape::UntilTerminator) => {
+                if terminator {
+                    self.status(self.terminator_fields(p.bytes))?;
+                    State::Done
+                } else {
+                    State::Rows
+                }
             }
+            (State::Start, _) => match head {
+                Some(0x00) => {
+                    let more = self.status(ok_fields(p.bytes))?;
+                    self.after_result(more)
+                }
+                Some(0xFB) => State::Upload,
+                _ => {
+                    let columns = ParseBuf(p.bytes)
+                        .checked_eat_lenenc_int()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| bad("column count"))?;
+                    State::Columns(columns)
+                }
+            },
+            (State::Columns(n), _) => match n {
+                0 | 1 if self.deprecate_eof => State::Rows,
+                0 | 1 => State::ColumnsEof,
+                n => State::Columns(n - 1),
+            },
+            (State::ColumnsEof, _) => {
+                if !terminator {
+                    return Err(bad("EOF after column definitions"));
+                }
+                let (status, warnings) = self
+                    .terminator_fields(p.bytes)
+                    .ok_or_else(|| bad("EOF after column definitions"))?;
+                if self.cursor && status.contains(StatusFlags::SERVER_STATUS_CURSOR_EXISTS) {
+                    self.reply.status = Some(status);
+                    self.reply.warnings = warnings;
+                    State::Done
+                } else {
+                    State::Rows
+                }
+            }
+            (State::Rows, _) => {
+                if terminator {
+                    let more = self.status(self.terminator_fields(p.bytes))?;
+                    self.after_result(more)
+                } else {
+                    State::Rows
+                }
+            }
+        };
+        Ok(match self.state {
+            State::Done | State::Upload => Flow::Stop,
+            _ => Flow::Go,
+        })
+    }
+
+    /// After an upload, the server's verdict (and maybe more results) follows.
+    fn uploaded(&mut self) {
+        self.state = State::Start;
+    }
+
+    fn progress(&self) -> Progress {
+        match self.state {
+            State::Upload => Progress::Upload,
+            _ => Progress::Done,
         }
     }
-}
 
-/// An EOF packet, or an OK packet with the EOF header that ends a result set under
-/// CLIENT_DEPRECATE_EOF. A row can start with 0xFE only as an 8-byte length prefix, which
-/// makes it at least 16 MiB long.
-fn is_terminator(p: &Packet) -> bool {
-    p.head() == Some(0xFE) && p.payload.len() < 0xFF_FFFF
-}
+    fn after_result(&self, more: bool) -> State {
+        if more {
+            State::Start
+        } else {
+            State::Done
+        }
+    }
 
-/// The status flags of a result set terminator.
-fn terminator_status(p: &Packet, caps: CapabilityFlags) -> io::Result<StatusFlags> {
-    let mut buf = ParseBuf(&p.payload);
-    let ok = if caps.contains(CapabilityFlags::CLIENT_DEPRECATE_EOF) {
-        buf.parse::<OkPacketDeserializer<'_, ResultSetTerminator>>(caps)
-            .map(|d| d.into_inner())
-    } else {
-        buf.parse::<OkPacketDeserializer<'_, OldEofPacket>>(caps)
-            .map(|d| d.into_inner())
-    };
-    ok.map(|ok| ok.status_flags())
-        .map_err(|_| bad("result set terminator"))
-}
+    /// Keeps an OK's or terminator's status and warnings; true when more results follow.
+    fn status(&mut self, fields: Option<(StatusFlags, u16)>) -> io::Result<bool> {
+        let (status, warnings) = fields.ok_or_else(|| bad("OK packet"))?;
+        self.reply.status = Some(status);
+        self.reply.warnings = warnings;
+        Ok(status.contains(StatusFlags::SERVER_MORE_RESULTS_EXISTS))
+    }
 
-/// The status flags of an OK packet.
-fn ok_status(p: &Packet, caps: CapabilityFlags) -> io::Result<StatusFlags> {
-    ParseBuf(&p.payload)
-        .parse::<OkPacketDeserializer<'_, CommonOkPacket>>(caps)
-        .map(|d| d.into_inner().status_flags())
-        .map_err(|_| bad("OK packet"))
+    /// A result set terminator's status and warnings: an EOF packet, or an OK packet with
+    /// the EOF header under CLIENT_DEPRECATE_EOF.
+    fn terminator_fields(&self, p: &[u8]) -> Option<(StatusFlags, u16)> {
+        if self.deprecate_eof {
+            return ok_fields(p);
+        }
+        let [_, w0, w1, s0, s1, ..] = *p else {
+            return None;
+        };
+        Some((
+            StatusFlags::from_bits_truncate(u16::from_le_bytes([s0, s1])),
+            u16::from_le_bytes([w0, w1]),
+        ))
+    }
+
+    /// A prepare OK: the statement id and how many definition packets follow it.
+    fn prepared(&self, p: &[u8]) -> io::Result<(u32, u64)> {
+        let [0x00, i0, i1, i2, i3, c0, c1, p0, p1, ..] = *p else {
+            return Err(bad("prepared statement OK"));
+        };
+        let eof = u64::from(!self.deprecate_eof);
+        let group = |n: u16| match n {
+            0 => 0,
+            n => u64::from(n) + eof,
+        };
+        let columns = group(u16::from_le_bytes([c0, c1]));
+        let params = group(u16::from_le_bytes([p0, p1]));
+        Ok((u32::from_le_bytes([i0, i1, i2, i3]), columns + params))
+    }
 }
 
 fn bad(what: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
-        format!("malformed {what} from the server"),
+        format!("malformed or unexpected {what} from the server"),
     )
+}
+
+/// Relays the server's whole response to the command just sent, with any LOCAL INFILE
+/// upload it asks the client for.
+pub async fn response<C, S>(
+    client: &mut PacketIo<C>,
+    server: &mut PacketIo<S>,
+    mut resp: Response,
+) -> Result<Reply, Fault>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    while !resp.is_done() {
+        server.forward(client, PEEK, |p| resp.on(p)).await?;
+        if resp.progress() == Progress::Upload {
+            // The client's file, packet by packet, up to an empty packet; a failure is the
+            // other way round from the response's.
+            let upload = client.forward(server, 0, |p| {
+                Ok(if p.len == 0 { Flow::Stop } else { Flow::Go })
+            });
+            upload.await.map_err(|f| match f {
+                Fault::From(e) => Fault::To(e),
+                Fault::To(e) => Fault::From(e),
+            })?;
+            resp.uploaded();
+        }
+    }
+    Ok(resp.reply())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::BytesMut;
 
-    fn packet(bytes: &[u8]) -> Packet {
-        Packet {
-            seq: 1,
-            payload: BytesMut::from(bytes),
-        }
+    /// Feeds whole packets to a response; the flow after each.
+    fn feed(resp: &mut Response, packets: &[&[u8]]) -> Vec<Flow> {
+        packets
+            .iter()
+            .map(|p| {
+                let head = Head {
+                    len: p.len(),
+                    seq: 1,
+                    bytes: &p[..p.len().min(PEEK)],
+                };
+                resp.on(head).unwrap()
+            })
+            .collect()
     }
 
-    #[test]
-    fn terminators_are_short_fe_packets() {
-        assert!(is_terminator(&packet(&[0xFE, 0, 0, 2, 0])));
-        assert!(!is_terminator(&packet(&[0x00, 0, 0, 2, 0])));
-        let mut long_row = vec![0xFE];
-        long_row.resize(0xFF_FFFF, 0);
-        assert!(!is_terminator(&packet(&long_row)));
+    const BASE: CapabilityFlags = CapabilityFlags::CLIENT_PROTOCOL_41;
+
+    fn status(flags: StatusFlags) -> [u8; 2] {
+        flags.bits().to_le_bytes()
     }
 
+    fn eof(flags: StatusFlags) -> Vec<u8> {
+        let [lo, hi] = status(flags);
+        vec![0xFE, 0, 0, lo, hi]
+    }
+
+    fn ok(flags: StatusFlags) -> Vec<u8> {
+        let [lo, hi] = status(flags);
+        vec![0x00, 0, 0, lo, hi, 0, 0]
+    }
+
+    const COLUMN: &[u8] = &[3, b'd', b'e', b'f', 0, 0, 0, 1, b'a', 0];
+    const ROW: &[u8] = &[1, b'1'];
+
     #[test]
-    fn status_comes_from_either_terminator_format() {
-        let more = StatusFlags::SERVER_MORE_RESULTS_EXISTS | StatusFlags::SERVER_STATUS_AUTOCOMMIT;
-        let [lo, hi] = more.bits().to_le_bytes();
-        let base = CapabilityFlags::CLIENT_PROTOCOL_41;
-        // EOF: header, warnings, status.
-        let eof = packet(&[0xFE, 0, 0, lo, hi]);
-        assert_eq!(terminator_status(&eof, base).unwrap(), more);
-        // OK with the EOF header: header, affected rows, insert id, status, warnings.
-        let ok = packet(&[0xFE, 0, 0, lo, hi, 0, 0]);
-        let caps = base | CapabilityFlags::CLIENT_DEPRECATE_EOF;
-        assert_eq!(terminator_status(&ok, caps).unwrap(), more);
-        assert_eq!(
-            ok_status(&packet(&[0x00, 1, 0, lo, hi, 0, 0]), base).unwrap(),
-            more
+    fn a_result_set_ends_at_its_terminator_unless_more_follow() {
+        let more = StatusFlags::SERVER_MORE_RESULTS_EXISTS;
+        let none = StatusFlags::empty();
+        let mut r = Response::new(COM_QUERY, Shape::Results, false, BASE);
+        let flows = feed(
+            &mut r,
+            &[&[1], COLUMN, &eof(none), ROW, &eof(more), &[1], COLUMN],
         );
-        assert!(ok_status(&packet(&[0x00, 1]), base).is_err());
+        assert!(flows.iter().all(|f| *f == Flow::Go));
+        let flows = feed(&mut r, &[&eof(none), ROW, &eof(none)]);
+        assert_eq!(flows, [Flow::Go, Flow::Go, Flow::Stop]);
+        assert!(r.is_done());
+        // A procedure's final OK comes after its result sets.
+        let mut r = Response::new(COM_QUERY, Shape::Results, false, BASE);
+        feed(&mut r, &[&[1], COLUMN, &eof(none), ROW]);
+        assert_eq!(feed(&mut r, &[&eof(more), &ok(more)]), [Flow::Go, Flow::Go]);
+        assert_eq!(feed(&mut r, &[&ok(none)]), [Flow::Stop]);
+    }
+
+    #[test]
+    fn cursor_exists_ends_a_response_only_for_an_execute_that_asked_for_a_cursor() {
+        let cursor = StatusFlags::SERVER_STATUS_CURSOR_EXISTS;
+        // Leaked from a procedure's cursor loop into a COM_QUERY result set: rows follow.
+        let mut r = Response::new(COM_QUERY, Shape::Results, false, BASE);
+        assert_eq!(feed(&mut r, &[&[1], COLUMN, &eof(cursor)]), [Flow::Go; 3]);
+        assert_eq!(feed(&mut r, &[ROW, &eof(StatusFlags::empty())]), [Flow::Go, Flow::Stop]);
+        let mut r = Response::new(COM_STMT_EXECUTE, Shape::Results, true, BASE);
+        assert_eq!(
+            feed(&mut r, &[&[1], COLUMN, &eof(cursor)]),
+            [Flow::Go, Flow::Go, Flow::Stop]
+        );
+        assert!(r.reply().status.unwrap().contains(cursor));
+    }
+
+    #[test]
+    fn deprecate_eof_has_no_column_eof_and_ok_shaped_terminators() {
+        let caps = BASE | CapabilityFlags::CLIENT_DEPRECATE_EOF;
+        let mut r = Response::new(COM_QUERY, Shape::Results, false, caps);
+        let [lo, hi] = status(StatusFlags::SERVER_STATUS_IN_TRANS);
+        let end = [0xFE, 0, 0, lo, hi, 3, 0];
+        assert_eq!(
+            feed(&mut r, &[&[2], COLUMN, COLUMN, ROW, &end]),
+            [Flow::Go, Flow::Go, Flow::Go, Flow::Go, Flow::Stop]
+        );
+        let reply = r.reply();
+        assert_eq!(reply.warnings, 3);
+        assert!(reply.status.unwrap().contains(StatusFlags::SERVER_STATUS_IN_TRANS));
+    }
+
+    #[test]
+    fn an_err_ends_any_response_and_a_long_row_is_not_a_terminator() {
+        let mut r = Response::new(COM_QUERY, Shape::Results, false, BASE);
+        feed(&mut r, &[&[1], COLUMN, &eof(StatusFlags::empty())]);
+        let long = Head {
+            len: MAX_CHUNK,
+            seq: 4,
+            bytes: &[0xFE, 0, 0, 0, 1, 0, 0, 0, 0],
+        };
+        assert_eq!(r.on(long).unwrap(), Flow::Go);
+        assert_eq!(feed(&mut r, &[&[0xFF, 0x10, 0x04, b'#']]), [Flow::Stop]);
+        assert!(r.reply().failed);
+    }
+
+    #[test]
+    fn local_infile_asks_for_an_upload_then_reads_the_verdict() {
+        let mut r = Response::new(COM_QUERY, Shape::Results, false, BASE);
+        assert_eq!(feed(&mut r, &[&[0xFB, b'f']]), [Flow::Stop]);
+        assert_eq!(r.progress(), Progress::Upload);
+        r.uploaded();
+        assert_eq!(feed(&mut r, &[&ok(StatusFlags::empty())]), [Flow::Stop]);
+        assert_eq!(r.progress(), Progress::Done);
+    }
+
+    #[test]
+    fn a_prepare_reply_counts_its_definitions() {
+        // Statement 7, 1 column, 2 parameters: 2 + EOF + 1 + EOF packets follow.
+        let prep: &[u8] = &[0x00, 7, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0];
+        let mut r = Response::new(COM_STMT_PREPARE, Shape::Prepare, false, BASE);
+        let flows = feed(&mut r, &[prep, COLUMN, COLUMN, &eof(StatusFlags::empty()), COLUMN]);
+        assert!(flows.iter().all(|f| *f == Flow::Go));
+        assert_eq!(feed(&mut r, &[&eof(StatusFlags::empty())]), [Flow::Stop]);
+        assert_eq!(r.reply().prepared, Some(7));
+        let caps = BASE | CapabilityFlags::CLIENT_DEPRECATE_EOF;
+        let mut r = Response::new(COM_STMT_PREPARE, Shape::Prepare, false, caps);
+        assert_eq!(
+            feed(&mut r, &[prep, COLUMN, COLUMN, COLUMN]),
+            [Flow::Go, Flow::Go, Flow::Go, Flow::Stop]
+        );
+    }
+
+    #[test]
+    fn malformed_responses_are_errors_not_guesses() {
+        let mut r = Response::new(COM_QUERY, Shape::Results, false, BASE);
+        feed(&mut r, &[&[1], COLUMN]);
+        let not_eof = Head {
+            len: 2,
+            seq: 3,
+            bytes: &[1, b'x'],
+        };
+        assert!(r.on(not_eof).is_err());
+        let mut r = Response::new(COM_QUERY, Shape::Results, false, BASE);
+        let zero_columns = Head {
+            len: 1,
+            seq: 1,
+            bytes: &[0xFC],
+        };
+        assert!(r.on(zero_columns).is_err());
+        let mut r = Response::new(0x0E, Shape::One, false, BASE);
+        feed(&mut r, &[&ok(StatusFlags::empty())]);
+        assert!(r.on(not_eof).is_err());
     }
 
     #[test]
