@@ -22,8 +22,8 @@ mod packet;
 #[path = "../../src/mysql/relay.rs"]
 mod relay;
 
-use packet::{Packet, PacketIo, MAX_HANDSHAKE_PACKET};
-use relay::{command, Shape};
+use packet::{PacketIo, MAX_HANDSHAKE_PACKET};
+use relay::{response, Response, Shape};
 
 /// A peer that sends `input` in small reads, then EOF, and swallows what it is sent.
 struct Peer<'a> {
@@ -59,7 +59,7 @@ impl AsyncWrite for Peer<'_> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    // data = command byte, capability choice, read step, then the server's bytes.
+    // data = command byte, capability choice (and cursor), read step, then the server's bytes.
     let [command_byte, caps_choice, step, server_bytes @ ..] = data else {
         return;
     };
@@ -85,11 +85,9 @@ fuzz_target!(|data: &[u8]| {
                 input: server_bytes,
                 step,
             });
-            let cmd = Packet {
-                seq: 0,
-                payload: bytes::BytesMut::from(&[*command_byte, b'x'][..]),
-            };
-            if let Ok(reply) = command(&mut client, &mut server, &cmd, shape, caps).await {
+            let cursor = caps_choice & 8 != 0;
+            let resp = Response::new(*command_byte, shape, cursor, caps);
+            if let Ok(reply) = response(&mut client, &mut server, resp).await {
                 assert_eq!(reply.head.is_none(), shape == Shape::Nothing);
             }
         }

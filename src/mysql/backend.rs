@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::packet::{
     describe_err, ok_fields, Packet, PacketIo, MAX_HANDSHAKE_PACKET, MAX_PACKET,
 };
-use super::relay::{Reply, COM_INIT_DB, COM_QUERY, COM_SET_OPTION};
+use super::relay::{Reply, COM_INIT_DB, COM_QUERY};
 use super::Sent;
 use crate::close::{CloseCtl, Reason, ServerSocket};
 use crate::config::{self, MysqlUser};
@@ -66,8 +66,6 @@ pub struct MysqlConn {
     /// The status flags of the server's last OK or terminator (autocommit, as the server
     /// has it): a client's login OK carries them.
     pub status: StatusFlags,
-    /// A session changed what no reset restores (COM_SET_OPTION): not to be lent again.
-    pub tainted: bool,
 }
 
 /// The handshake of a new server connection: the login of one session's account, with its
@@ -210,8 +208,6 @@ impl MysqlConn {
         let ok = reply.head == Some(0x00);
         match code {
             COM_INIT_DB if ok => self.schema = Some(sent.db.clone()),
-            // Multi-statements on or off: a capability of the connection no reset restores.
-            COM_SET_OPTION => self.tainted = true,
             _ if sent.schema_unknown => self.schema = None,
             _ => {}
         }
@@ -407,7 +403,6 @@ impl Handshake<MysqlConn> for Login<'_> {
             schema: Some(self.db.map(<[u8]>::to_vec)),
             nonce,
             status,
-            tainted: false,
         })
     }
 }

@@ -545,7 +545,7 @@ impl MysqlListener {
                 }
             }
         };
-        if !known || lease.pooled.conn.tainted {
+        if !known || residue.unresettable() {
             // Dropped, or retired when it is merely unresettable: the close mechanism
             // records it and picks FIN or RST.
             if known {

@@ -2,11 +2,14 @@
 //! command, so that the connection can go to the next session without COM_RESET_CONNECTION
 //! when the session provably left nothing: no transaction open, no prepared statement open,
 //! no warning or error for `SHOW WARNINGS`, and only statements `statement::effect` can
-//! vouch for. When in doubt, the connection is reset.
+//! vouch for. When in doubt, the connection is reset. Some state survives the reset too: a
+//! connection that carried it is closed instead of reused.
 
 use mysql_common::constants::StatusFlags;
 
-use super::relay::{Reply, COM_INIT_DB, COM_QUERY, COM_STMT_CLOSE, COM_STMT_PREPARE};
+use super::relay::{
+    Reply, COM_INIT_DB, COM_QUERY, COM_SET_OPTION, COM_STMT_CLOSE, COM_STMT_PREPARE,
+};
 use super::statement::{self, Effect};
 
 /// A session's leftovers so far.
@@ -14,6 +17,8 @@ use super::statement::{self, Effect};
 pub struct Residue {
     /// Something ran that may have changed the session: it must be reset.
     dirty: bool,
+    /// Something ran whose effect no reset undoes: the connection must not be lent again.
+    unresettable: bool,
     /// Prepared statements not closed yet.
     open_statements: Vec<u32>,
     /// The status flags of the last response: an open transaction shows here.
@@ -39,6 +44,9 @@ impl Residue {
         self.pending = None;
         match code {
             COM_QUERY | COM_STMT_PREPARE => {
+                if survives_reset(args) {
+                    self.unresettable = true;
+                }
                 // USE is harmless: the next session's database is set when it is lent.
                 self.pending = Some(if complete {
                     statement::effect(args)
@@ -47,6 +55,8 @@ impl Residue {
                 });
             }
             COM_INIT_DB => {}
+            // Multi-statements on or off: an option of the connection no reset restores.
+            COM_SET_OPTION => self.unresettable = true,
             COM_STMT_CLOSE => {
                 if let [a, b, c, d, ..] = *args {
                     let id = u32::from_le_bytes([a, b, c, d]);
@@ -76,6 +86,11 @@ impl Residue {
         }
     }
 
+    /// True when no reset makes the connection fit for another session.
+    pub fn unresettable(&self) -> bool {
+        self.unresettable
+    }
+
     /// True when the connection must be reset before another session may use it.
     pub fn needs_reset(&self) -> bool {
         self.dirty
@@ -86,6 +101,25 @@ impl Residue {
             )
     }
 }
+
+/// Statements whose effect outlives COM_RESET_CONNECTION on MariaDB: a prepared XA
+/// transaction stays with the connection (closing it detaches the transaction, as for a
+/// client that quits), and profiling keeps its history. A mere mention is enough.
+fn survives_reset(sql: &[u8]) -> bool {
+    let xa = match sql.trim_ascii_start() {
+        [x, a, next, ..] => {
+            x.eq_ignore_ascii_case(&b'x')
+                && a.eq_ignore_ascii_case(&b'a')
+                && !(next.is_ascii_alphanumeric() || *next == b'_')
+        }
+        _ => false,
+    };
+    xa || sql
+        .windows(PROFILING.len())
+        .any(|w| w.eq_ignore_ascii_case(PROFILING))
+}
+
+const PROFILING: &[u8] = b"profiling";
 
 #[cfg(test)]
 mod tests {
@@ -150,13 +184,32 @@ mod tests {
                 },
                 "a warning",
             ),
-            (&|r| r.command(0x1F, &[], true), "COM_RESET_CONNECTION"),
+            (
+                &|r| {
+                    let _ = r.command(0x1F, &[], true);
+                },
+                "COM_RESET_CONNECTION",
+            ),
         ];
         for (run, what) in cases {
             let mut r = Residue::default();
             run(&mut r);
             assert!(r.needs_reset(), "{what}");
         }
+    }
+
+    #[test]
+    fn xa_and_profiling_outlive_a_reset() {
+        for sql in [&b"XA PREPARE 'x'"[..], b"  xa start 'x'", b"SET profiling = 1"] {
+            let mut r = Residue::default();
+            r.command(COM_QUERY, sql, true);
+            assert!(r.unresettable(), "{}", String::from_utf8_lossy(sql));
+        }
+        let mut r = Residue::default();
+        r.command(COM_QUERY, b"SELECT xaxis FROM t", true);
+        assert!(!r.unresettable());
+        r.command(COM_SET_OPTION, &[0, 0], true);
+        assert!(r.unresettable());
     }
 
     #[test]
