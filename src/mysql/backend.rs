@@ -22,10 +22,10 @@ use super::packet::{
 };
 use super::relay::{Reply, COM_INIT_DB, COM_QUERY};
 use super::Sent;
-use crate::close::{CloseCtl, Reason, ServerSocket};
-use crate::config::{self, MysqlUser};
-use crate::connector::{self, Handshake, OpenError};
-use crate::pool::{PoolConn, Server};
+use crate::close::ServerSocket;
+use crate::config::MysqlUser;
+use crate::connector::{Handshake, OpenError};
+use crate::pool::PoolConn;
 
 /// What a server says about itself in its greeting; clients are greeted alike.
 #[derive(Debug, Clone)]
@@ -36,12 +36,14 @@ pub struct Profile {
     pub caps: CapabilityFlags,
     /// Its default collation.
     pub collation: u8,
+    /// Its status flags (autocommit as its global has it).
+    pub status: StatusFlags,
 }
 
 /// What a pooled connection must have been opened with to serve a client session: the
 /// account, the command-phase capabilities (EOF vs OK terminators, multi-statements, session
 /// tracking, ...) and the character set. Connections are only lent to an exact match.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionKey {
     /// The account.
     pub user: String,
@@ -66,6 +68,8 @@ pub struct MysqlConn {
     /// The status flags of the server's last OK or terminator (autocommit, as the server
     /// has it): a client's login OK carries them.
     pub status: StatusFlags,
+    /// Opened by `Greeting`: greeted, not logged in yet; lent to no one until `log_in`.
+    greeted_only: bool,
 }
 
 /// The handshake of a new server connection: the login of one session's account, with its
@@ -195,11 +199,36 @@ impl ServerFacts {
 
 impl PoolConn for MysqlConn {
     fn is_usable(&mut self) -> bool {
-        !self.io.has_buffered() && self.io.get_ref().is_quiet()
+        !self.greeted_only && !self.io.has_buffered() && self.io.get_ref().is_quiet()
     }
 }
 
 impl MysqlConn {
+    /// Completes the login of a connection opened by `Greeting`: as `login.user`, for
+    /// `login.key`, into `login.db`. A server ERR (access denied, unknown database) is for
+    /// the client.
+    pub async fn log_in(&mut self, login: &Login<'_>, timeout: Duration) -> Result<(), BackendError> {
+        if !self.greeted_only {
+            return Err(invalid("connection already logged in".into()));
+        }
+        let profile = login
+            .facts
+            .profile()
+            .ok_or_else(|| invalid("no greeting known".into()))?;
+        let nonce = std::mem::take(&mut self.nonce);
+        let responding = respond(&mut self.io, &profile, nonce, login.user, login.key, login.db);
+        let (nonce, status) = match tokio::time::timeout(timeout, responding).await {
+            Ok(r) => r?,
+            Err(_) => return Err(timed_out("login verdict", timeout)),
+        };
+        self.greeted_only = false;
+        self.nonce = nonce;
+        self.status = status;
+        self.key = login.key.clone();
+        self.schema = Some(login.db.map(<[u8]>::to_vec));
+        Ok(())
+    }
+
     /// Keeps what waitless knows of the session up to date after a relayed command.
     pub fn after(&mut self, code: u8, sent: &Sent, reply: &Reply) {
         if let Some(status) = reply.status {
@@ -392,7 +421,12 @@ impl Handshake<MysqlConn> for Login<'_> {
 
     async fn greet(&self, io: ServerSocket) -> Result<MysqlConn, OpenError<Vec<u8>>> {
         let mut io = PacketIo::new(io);
-        let (nonce, status) = match login(&mut io, self.facts, self.user, self.key, self.db).await {
+        let logging_in = async {
+            let (profile, nonce) = read_greeting(&mut io).await?;
+            self.facts.set_profile(profile.clone());
+            respond(&mut io, &profile, nonce, self.user, self.key, self.db).await
+        };
+        let (nonce, status) = match logging_in.await {
             Ok(done) => done,
             Err(BackendError::Server(err)) => return Err(OpenError::Refused(err)),
             Err(BackendError::Io(e)) => return Err(OpenError::Io(e)),
@@ -403,31 +437,41 @@ impl Handshake<MysqlConn> for Login<'_> {
             schema: Some(self.db.map(<[u8]>::to_vec)),
             nonce,
             status,
+            greeted_only: false,
         })
     }
 }
 
-/// Reads the greeting of a server without logging in: what clients are greeted with before
-/// any server connection exists. The connection is closed (by the upstream's policy) after.
-pub async fn probe(
-    cfg: &config::Upstream,
-    server: &Server<MysqlConn>,
-    facts: &ServerFacts,
-) -> Result<Profile, BackendError> {
-    let ctl = CloseCtl::new();
-    // Not a pooled connection: waitless lets it go on purpose once the greeting is read.
-    ctl.retire(Reason::Done);
-    let reading = async {
-        let mut io = PacketIo::new(connector::dial(cfg, server, &ctl).await?);
-        let (profile, _) = read_greeting(&mut io).await?;
-        facts.set_profile(profile.clone());
-        Ok::<_, BackendError>(profile)
-    };
-    let result = match tokio::time::timeout(cfg.connect_timeout, reading).await {
-        Ok(r) => r,
-        Err(_) => Err(timed_out("the server's greeting", cfg.connect_timeout)),
-    };
-    result
+/// The first half of a new server connection's handshake: the server's greeting only, for a
+/// session whose client is yet to be greeted (the first after start-up, when no server's
+/// greeting is known). Its login follows once the client has logged in (`log_in`), on the
+/// same connection: knowing what to greet with costs the server no extra connection.
+#[derive(Debug)]
+pub struct Greeting<'a> {
+    pub facts: &'a ServerFacts,
+}
+
+impl Handshake<MysqlConn> for Greeting<'_> {
+    type Refusal = Vec<u8>;
+
+    async fn greet(&self, io: ServerSocket) -> Result<MysqlConn, OpenError<Vec<u8>>> {
+        let mut io = PacketIo::new(io);
+        let (profile, nonce) = match read_greeting(&mut io).await {
+            Ok(read) => read,
+            Err(BackendError::Server(err)) => return Err(OpenError::Refused(err)),
+            Err(BackendError::Io(e)) => return Err(OpenError::Io(e)),
+        };
+        let status = profile.status;
+        self.facts.set_profile(profile);
+        Ok(MysqlConn {
+            io,
+            key: SessionKey::default(),
+            schema: Some(None),
+            nonce,
+            status,
+            greeted_only: true,
+        })
+    }
 }
 
 /// The server's greeting: its profile and nonce. A greeting that is an ERR (too many
@@ -456,22 +500,23 @@ where
         version: hs.server_version_ref().to_vec(),
         caps: hs.capabilities(),
         collation: hs.default_collation(),
+        status: hs.status_flags(),
     };
     Ok((profile, hs.nonce()))
 }
 
-/// Greeting, HandshakeResponse41 with mysql_native_password, and the server's verdict;
-/// returns the nonce the login answered and the status flags of its OK.
-async fn login(
+/// HandshakeResponse41 with mysql_native_password to a greeting already read (`profile`,
+/// `nonce`), and the server's verdict; returns the nonce the login answered and the status
+/// flags of its OK.
+async fn respond(
     io: &mut PacketIo<ServerSocket>,
-    facts: &ServerFacts,
+    profile: &Profile,
+    mut nonce: Vec<u8>,
     user: &MysqlUser,
     key: &SessionKey,
     db: Option<&[u8]>,
 ) -> Result<(Vec<u8>, StatusFlags), BackendError> {
-    let (profile, mut nonce) = read_greeting(io).await?;
     let missing = key.caps - profile.caps;
-    facts.set_profile(profile.clone());
     if !missing.is_empty() {
         // The server was replaced by one that cannot do what the client was promised.
         return Err(invalid(format!(

@@ -5,7 +5,7 @@
 
 use std::io;
 
-use mysql_common::constants::{CapabilityFlags, StatusFlags};
+use mysql_common::constants::CapabilityFlags;
 use mysql_common::io::ParseBuf;
 use mysql_common::packets::{AuthPlugin, AuthSwitchRequest, HandshakePacket, HandshakeResponse};
 use mysql_common::proto::MySerialize;
@@ -89,7 +89,7 @@ where
         Some(scramble_2),
         offered,
         profile.collation,
-        StatusFlags::SERVER_STATUS_AUTOCOMMIT,
+        profile.status,
         Some(AuthPlugin::MysqlNativePassword.as_bytes()),
     );
     let mut buf = Vec::new();

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mysql_common::constants::CapabilityFlags;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -116,8 +117,9 @@ impl MysqlUpstream {
     }
 
     /// A server for a new session and what to greet its client with: the first in rotation
-    /// whose greeting is known, or the first that answers a probe.
-    async fn pick(&self, listener: &str) -> Result<(usize, Profile), String> {
+    /// whose greeting is known, or else the first that greets a new connection — which then
+    /// serves the session, its login completed after the client's.
+    async fn pick(&self, listener: &str) -> Result<Picked, String> {
         // Servers that are up, in the balance policy's order; none when all are down.
         let order: Vec<usize> = self
             .pool
@@ -127,25 +129,38 @@ impl MysqlUpstream {
         if order.is_empty() {
             return Err("no server is up".into());
         }
-        for &i in &order {
-            if let Some(p) = self.facts.get(i).and_then(ServerFacts::profile) {
-                return Ok((i, p));
+        for &index in &order {
+            if let Some(profile) = self.facts.get(index).and_then(ServerFacts::profile) {
+                return Ok(Picked {
+                    index,
+                    profile,
+                    greeted: None,
+                });
             }
         }
         let mut last = String::from("no servers");
-        for &i in &order {
-            let (Some(server), Some(facts)) = (self.pool.servers.get(i), self.facts.get(i)) else {
+        for &index in &order {
+            let (Some(server), Some(facts)) = (self.pool.servers.get(index), self.facts.get(index))
+            else {
                 continue;
             };
-            match backend::probe(self.cfg(), server, facts).await {
-                Ok(p) => {
-                    server.health.succeeded();
-                    return Ok((i, p));
+            let greeting = backend::Greeting { facts };
+            match connector::open(&self.pool, server, &greeting, Duration::ZERO, listener).await {
+                Ok(pooled) => {
+                    if let Some(profile) = facts.profile() {
+                        return Ok(Picked {
+                            index,
+                            profile,
+                            greeted: Some(pooled),
+                        });
+                    }
                 }
-                Err(e) => {
-                    connector::failed(self.cfg(), server, &e, listener);
-                    last = format!("{}: {e}", server.label);
+                Err(OpenError::Refused(err)) => {
+                    let why = packet::describe_err(&err, CapabilityFlags::CLIENT_PROTOCOL_41);
+                    last = format!("{}: {why}", server.label);
                 }
+                Err(OpenError::Io(e)) => last = format!("{}: {e}", server.label),
+                Err(OpenError::Busy) => last = format!("{}: max_connections open", server.label),
             }
         }
         Err(last)
@@ -168,6 +183,7 @@ impl MysqlUpstream {
         &self,
         index: usize,
         login: &Login,
+        greeted: Option<pool::Pooled<MysqlConn>>,
         listener: &str,
     ) -> Result<Lease, Checkout> {
         let cfg = self.cfg();
@@ -176,6 +192,22 @@ impl MysqlUpstream {
             return Err(Checkout::Failed("no such server".into()));
         };
         let db = login.db.as_deref();
+        let login_as = backend::Login {
+            facts,
+            user: &login.user,
+            key: &login.key,
+            db,
+        };
+        if let Some(mut pooled) = greeted {
+            return match pooled.conn.log_in(&login_as, cfg.connect_timeout).await {
+                Ok(()) => Ok(Lease::new(pooled, server, &self.pool).0),
+                Err(BackendError::Server(err)) => Err(Checkout::Server(err)),
+                Err(BackendError::Io(e)) => {
+                    connector::failed(cfg, server, &e, listener);
+                    Err(Checkout::Failed(format!("{}: {e}", server.label)))
+                }
+            };
+        }
         let deadline = Instant::now() + cfg.connect_timeout;
         loop {
             // Registered before looking, so that a connection returned meanwhile wakes us.
@@ -213,12 +245,6 @@ impl MysqlUpstream {
                 continue;
             }
             waiting.fetch_sub(1, Ordering::AcqRel);
-            let login_as = backend::Login {
-                facts,
-                user: &login.user,
-                key: &login.key,
-                db,
-            };
             match connector::open(&self.pool, server, &login_as, Duration::ZERO, listener).await {
                 Ok(pooled) => return Ok(Lease::new(pooled, server, &self.pool).0),
                 Err(OpenError::Refused(err)) => return Err(Checkout::Server(err)),
@@ -282,6 +308,15 @@ impl MysqlUpstream {
         lease.give_back();
         self.returned.notify_waiters();
     }
+}
+
+/// The server a session goes to.
+struct Picked {
+    index: usize,
+    /// What its client is greeted with.
+    profile: Profile,
+    /// A new connection that has read the server's greeting, for this session to log in on.
+    greeted: Option<pool::Pooled<MysqlConn>>,
 }
 
 /// Why a session got no server connection.
@@ -381,7 +416,7 @@ impl MysqlListener {
         C: AsyncRead + AsyncWrite + Unpin,
     {
         let up = &self.upstream;
-        let (index, profile) = match up.pick(&self.cfg.name).await {
+        let picked = match up.pick(&self.cfg.name).await {
             Ok(found) => found,
             Err(e) => {
                 self.stats.errors_connect.fetch_add(1, Ordering::Relaxed);
@@ -400,7 +435,7 @@ impl MysqlListener {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // A login must complete within header_timeout: a client that stalls mid-handshake
         // would otherwise hold its connection for ever.
-        let accepting = front::accept(client, &profile, &self.users, &host, id);
+        let accepting = front::accept(client, &picked.profile, &self.users, &host, id);
         let login = match tokio::time::timeout(self.cfg.header_timeout, accepting).await {
             Ok(Ok(login)) => login,
             Ok(Err(Refused::Answered(msg))) => {
@@ -415,7 +450,10 @@ impl MysqlListener {
             }
         };
 
-        let lease = match up.checkout(index, &login, &self.cfg.name).await {
+        let lease = match up
+            .checkout(picked.index, &login, picked.greeted, &self.cfg.name)
+            .await
+        {
             Ok(lease) => lease,
             Err(Checkout::Busy) => {
                 self.stats.errors_busy.fetch_add(1, Ordering::Relaxed);
