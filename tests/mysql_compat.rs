@@ -1,4 +1,4 @@
-//! The MySQL front behaves as the server itself (issues 18 and 25): every test runs the same
+//! The MySQL front behaves as the server itself (issues 18 and 25): each test runs the same
 //! client steps straight against MariaDB and through waitless (same server, pool_size 1 so
 //! the next client gets the same server connection) and asserts that the two transcripts are
 //! equal, never a value written down here. Clients are the ones applications use (mysql_async,
@@ -255,7 +255,7 @@ function pdo_run($p, $sql) {
 }
 "#;
 
-/// Runs `body` after the interpreter's prelude against `port`; None when it is not installed.
+/// Runs `body` after the interpreter's prelude against `port` (see `Interpreter::run`).
 async fn script(lang: Interpreter, body: &str, port: u16) -> String {
     let prelude = match lang {
         Interpreter::PyMySql => PY_PRELUDE,
@@ -670,9 +670,9 @@ async fn a_query_over_max_allowed_packet_gets_the_servers_error() {
     let mut v = Verdict::default();
     // Before waitless opens its connection, so every session starts with the small value.
     db.root_sql("SET GLOBAL max_allowed_packet = 16384");
-    let long = format!("SELECT LENGTH('{}')", "x".repeat(40_000));
-    let by_hand = |port: u16| {
-        let long = long.clone();
+    // One packet over the limit, and a command of several packets (over 16 MiB).
+    let by_hand = |port: u16, size: usize| {
+        let long = format!("SELECT LENGTH('{}')", "x".repeat(size));
         async move {
             let mut s = raw::Session::login(port, C::empty(), Some("appdb")).await;
             let mut lines = s.query("SELECT @@max_allowed_packet").await;
@@ -687,13 +687,15 @@ async fn a_query_over_max_allowed_packet_gets_the_servers_error() {
             lines
         }
     };
-    let direct = by_hand(db.port).await;
-    for round in ["fresh", "after the error"] {
-        v.same(
-            &format!("oversized query by hand ({round})"),
-            &direct,
-            &by_hand(proxy.port).await,
-        );
+    for size in [40_000, 17 << 20] {
+        let direct = by_hand(db.port, size).await;
+        for round in ["fresh", "after the error"] {
+            v.same(
+                &format!("{size}-byte query by hand ({round})"),
+                &direct,
+                &by_hand(proxy.port, size).await,
+            );
+        }
     }
     let body = r#"
 c = connect()
@@ -1148,6 +1150,9 @@ async fn four_concurrent_connect_per_query_clients_open_at_most_pool_size_connec
     // No max_connections: the pool alone must keep the count at pool_size, also while the
     // last session's connection is still being cleaned for the next.
     let proxy = MysqlProxy::start(db.port, "", &format!("pool_size = {POOL}")).await;
+    // The first session also reads the server's greeting over a connection of its own; it
+    // and the pool's first connection are not counted.
+    assert_eq!(short_sessions(proxy.port, 1, 1).await, 0);
     let before = watch.status("Connections").await;
     let failed = bounded(
         "400 sessions",
@@ -1156,15 +1161,15 @@ async fn four_concurrent_connect_per_query_clients_open_at_most_pool_size_connec
     .await;
     assert_eq!(failed, 0);
     settle().await;
-    // The first session also reads the server's greeting over a connection of its own.
     let opened = watch.status("Connections").await - before;
     println!("400 sessions, 4 at a time, pool_size {POOL}: server Connections +{opened}");
     assert!(
-        opened <= POOL + 1,
+        opened <= POOL,
         "the server saw {opened} connections for pool_size = {POOL}"
     );
 }
 
+/// Issue 18's reset skipping: fails until waitless lends a clean session without a reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_of_plain_selects_is_lent_again_without_a_reset() {
     let db = MariaDb::start().await;
@@ -1541,11 +1546,21 @@ mod raw {
             let Some(s) = self.s.as_mut() else {
                 return;
             };
-            let len = (payload.len() as u32).to_le_bytes();
-            let mut packet = vec![len[0], len[1], len[2], seq];
-            packet.extend_from_slice(payload);
+            // Split at 16 MiB - 1 as the protocol says, an empty packet ending a payload of
+            // a whole number of chunks.
+            const CHUNK: usize = 0xFF_FFFF;
+            let mut packets = Vec::with_capacity(payload.len() + 8);
+            let mut chunks: Vec<&[u8]> = payload.chunks(CHUNK).collect();
+            if payload.len() % CHUNK == 0 {
+                chunks.push(&[]);
+            }
+            for (i, chunk) in chunks.into_iter().enumerate() {
+                let len = (chunk.len() as u32).to_le_bytes();
+                packets.extend_from_slice(&[len[0], len[1], len[2], seq.wrapping_add(i as u8)]);
+                packets.extend_from_slice(chunk);
+            }
             // A server that closed on us shows at the next read.
-            let _ = s.write_all(&packet).await;
+            let _ = s.write_all(&packets).await;
         }
     }
 

@@ -354,7 +354,7 @@ impl Interpreter {
             // PHP names the error on its first line, Python on its last.
             let mut said = err.lines().filter(|l| !l.trim().is_empty());
             let first = said.next().unwrap_or("");
-            let last = said.last().unwrap_or("");
+            let last = said.next_back().unwrap_or("");
             text.push_str(&format!("<{ending}; stderr: {first} ... {last}>\n"));
         }
         text
