@@ -1551,7 +1551,7 @@ mod raw {
             const CHUNK: usize = 0xFF_FFFF;
             let mut packets = Vec::with_capacity(payload.len() + 8);
             let mut chunks: Vec<&[u8]> = payload.chunks(CHUNK).collect();
-            if payload.len() % CHUNK == 0 {
+            if payload.len().is_multiple_of(CHUNK) {
                 chunks.push(&[]);
             }
             for (i, chunk) in chunks.into_iter().enumerate() {
