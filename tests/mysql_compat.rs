@@ -37,6 +37,11 @@ const SCHEMA: &[&str] = &[
        DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1; \
        OPEN c; l: LOOP FETCH c INTO v; IF done THEN LEAVE l; END IF; SELECT v; END LOOP; \
        CLOSE c; END",
+    // A transaction begun and committed inside a procedure, then a result set: the final
+    // OK's status flags say whether the client's session is in a transaction.
+    "CREATE PROCEDURE commit_inside() BEGIN START TRANSACTION; \
+       INSERT INTO log VALUES ('in procedure'); COMMIT; SELECT 'committed' AS c; \
+       DELETE FROM log WHERE tag = 'in procedure'; END",
     // An error in the middle of a multi-result response, and one on its own.
     "CREATE PROCEDURE signal_after_select() BEGIN SELECT 1 AS before_signal; \
        SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'signalled', MYSQL_ERRNO = 1644; END",
@@ -316,6 +321,8 @@ async fn procedure_result_sets_out_parameter_and_a_transaction_after_are_as_dire
             "COMMIT",
             "SELECT @@in_transaction, COUNT(*) FROM log WHERE tag = 'mysql_async'",
             "DELETE FROM log WHERE tag = 'mysql_async'",
+            "CALL commit_inside()",
+            "SELECT @@in_transaction",
         ] {
             lines.extend(text(&mut c, sql).await);
         }
@@ -402,6 +409,12 @@ function session() {
     } catch (PDOException $e) { echo 'error ', $e->getCode(), ' ', $e->getMessage(), "\n"; }
     pdo_run($p, "SELECT @@in_transaction, COUNT(*) FROM log WHERE tag = 'pdo'");
     pdo_run($p, "DELETE FROM log WHERE tag = 'pdo'");
+    pdo_run($p, 'CALL commit_inside()');
+    try {
+        $p->beginTransaction();
+        echo 'after commit_inside, in transaction ', var_export($p->inTransaction(), true), "\n";
+        $p->rollBack();
+    } catch (PDOException $e) { echo 'error ', $e->getCode(), ' ', $e->getMessage(), "\n"; }
     echo 'id ', $p->query('SELECT CONNECTION_ID()')->fetchColumn(), "\n";
 }
 session(); // a fresh server connection through waitless
@@ -600,6 +613,17 @@ run(c, "SELECT 'after'")
         &[],
     )
     .await;
+    // The stock client (killed by `timeout` if it hangs).
+    let sql = ["appdb", "-e", "CALL cursor_loop(); SELECT 'after'"];
+    let cli_run = |port| {
+        let (ok, out, err) = cli_bounded(port, &sql);
+        vec![format!("ok={ok}"), out, err]
+    };
+    v.same(
+        "cursor loop with the mariadb CLI",
+        &cli_run(db.port),
+        &cli_run(proxy.port),
+    );
     v.end();
 }
 
