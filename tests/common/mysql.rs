@@ -23,6 +23,8 @@ pub struct MariaDb {
     pub child: Child,
     pub port: u16,
     pub dir: TempDir,
+    /// Server options the test added (`--interactive-timeout=1234`), kept for `restart`.
+    extra: Vec<String>,
 }
 
 /// A waitless process with one mysql listener "db" in front of one server.
@@ -42,6 +44,11 @@ impl MariaDb {
     /// Installs a data directory and starts the server on a free port, with databases
     /// `appdb` and `other_db` and the accounts the tests use.
     pub async fn start() -> MariaDb {
+        MariaDb::start_with(&[]).await
+    }
+
+    /// As `start`, with `extra` server options after the fixture's own (a later option wins).
+    pub async fn start_with(extra: &[&str]) -> MariaDb {
         assert!(
             Path::new(MARIADBD).exists(),
             "mariadbd is not installed: .ci/run installs it (apt-get install mariadb-server)"
@@ -58,10 +65,12 @@ impl MariaDb {
             .expect("run mariadb-install-db");
         assert!(out.status.success(), "mariadb-install-db: {out:?}");
         let port = free_port();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut db = MariaDb {
-            child: spawn_server(&dir.0, port),
+            child: spawn_server(&dir.0, port, &extra),
             port,
             dir,
+            extra,
         };
         db.wait_ready().await;
         db.root_sql(&format!(
@@ -79,7 +88,7 @@ impl MariaDb {
     pub async fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn_server(&self.dir.0, self.port);
+        self.child = spawn_server(&self.dir.0, self.port, &self.extra);
         self.wait_ready().await;
     }
 
@@ -137,7 +146,7 @@ impl Drop for MariaDb {
     }
 }
 
-fn spawn_server(dir: &Path, port: u16) -> Child {
+fn spawn_server(dir: &Path, port: u16, extra: &[String]) -> Child {
     let d = dir.display();
     Command::new(MARIADBD)
         .args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1"])
@@ -156,6 +165,7 @@ fn spawn_server(dir: &Path, port: u16) -> Child {
             "--max-allowed-packet=256M",
             "--max-connections=500",
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -253,5 +263,100 @@ pub fn server_code(e: &mysql_async::Error) -> Option<u16> {
     match e {
         mysql_async::Error::Server(s) => Some(s.code),
         _ => None,
+    }
+}
+
+/// A client library outside Rust, driven by a short script: the drivers real applications use
+/// parse responses their own way, and a relay that gets a response's end wrong shows up there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interpreter {
+    /// Debian's /usr/bin/python3 with PyMySQL (`python3-pymysql`); the pyenv `python3` first
+    /// on PATH has no PyMySQL.
+    PyMySql,
+    /// php-cli with mysqli and PDO mysql (`php-cli php-mysql`).
+    Php,
+}
+
+impl Interpreter {
+    fn command(self) -> tokio::process::Command {
+        match self {
+            Interpreter::PyMySql => {
+                // -u: every line reaches the pipe as printed, so a hang keeps what came before.
+                let mut c = tokio::process::Command::new("/usr/bin/python3");
+                c.arg("-u").arg("-c");
+                c
+            }
+            Interpreter::Php => {
+                let mut c = tokio::process::Command::new("php");
+                c.arg("-r");
+                c
+            }
+        }
+    }
+
+    /// Whether the interpreter and its MySQL modules are installed; prints a note when not, so
+    /// a skipped part shows in the test output.
+    pub async fn available(self) -> bool {
+        let probe = match self {
+            Interpreter::PyMySql => "import pymysql",
+            Interpreter::Php => {
+                "exit(extension_loaded('mysqli') && extension_loaded('pdo_mysql') ? 0 : 1);"
+            }
+        };
+        let ok = matches!(
+            self.command().arg(probe).output().await,
+            Ok(out) if out.status.success()
+        );
+        if !ok {
+            println!("note: {self:?} (or its MySQL module) is not installed; that part is skipped");
+        }
+        ok
+    }
+
+    /// Runs `code` with the arguments host, port, user, password (`sys.argv[1:]`,
+    /// `$argv[1..]`) against 127.0.0.1:`port`; returns its stdout, then a line saying so if it
+    /// exited non-zero (with its first and last stderr lines) or was killed after `limit`.
+    pub async fn run(self, code: &str, port: u16, limit: Duration) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut child = self
+            .command()
+            .arg(code)
+            .args(["127.0.0.1", &port.to_string(), USER, PASSWORD])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {self:?}: {e}"));
+        let mut stdout = child.stdout.take().expect("stdout piped");
+        let mut stderr = child.stderr.take().expect("stderr piped");
+        let out = tokio::spawn(async move {
+            let mut b = Vec::new();
+            let _ = stdout.read_to_end(&mut b).await;
+            b
+        });
+        let err = tokio::spawn(async move {
+            let mut b = Vec::new();
+            let _ = stderr.read_to_end(&mut b).await;
+            b
+        });
+        let ending = match tokio::time::timeout(limit, child.wait()).await {
+            Ok(Ok(status)) if status.success() => None,
+            Ok(status) => Some(format!("exited: {status:?}")),
+            Err(_) => {
+                let _ = child.kill().await;
+                Some(format!("timed out after {limit:?}"))
+            }
+        };
+        let mut text = String::from_utf8_lossy(&out.await.unwrap_or_default()).into_owned();
+        if let Some(ending) = ending {
+            let err = String::from_utf8_lossy(&err.await.unwrap_or_default()).into_owned();
+            // PHP names the error on its first line, Python on its last.
+            let mut said = err.lines().filter(|l| !l.trim().is_empty());
+            let first = said.next().unwrap_or("");
+            let last = said.next_back().unwrap_or("");
+            text.push_str(&format!("<{ending}; stderr: {first} ... {last}>\n"));
+        }
+        text
     }
 }
