@@ -26,6 +26,8 @@ pub struct Used {
     pub us: f64,
     /// "schedstat" (exact), or "ticks" when a thread exited during the run.
     pub source: &'static str,
+    /// utime + stime over the run, to 10 ms: a cross-check of `us`.
+    pub ticks_us: f64,
 }
 
 // === impl Mark ===
@@ -41,6 +43,7 @@ impl Mark {
     /// The CPU `p` used since the mark.
     pub fn used(&self, p: &Proc) -> Used {
         let now = threads(p);
+        let ticks_us = ticks_to_us(p.cpu_ticks().saturating_sub(self.ticks));
         if !now.is_empty() && self.threads.keys().all(|t| now.contains_key(t)) {
             // A thread born during the run used all of its runtime in it.
             let ns: u64 = now
@@ -50,11 +53,13 @@ impl Mark {
             return Used {
                 us: ns as f64 / 1000.0,
                 source: "schedstat",
+                ticks_us,
             };
         }
         Used {
-            us: ticks_to_us(p.cpu_ticks().saturating_sub(self.ticks)),
+            us: ticks_us,
             source: "ticks",
+            ticks_us,
         }
     }
 }

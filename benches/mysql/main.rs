@@ -168,7 +168,7 @@ fn run() -> Result<(), String> {
         ("waitless", Some(version(&tools.waitless, "--version"))),
     ]);
     println!(
-        "mysql bench: {rounds} rounds; PHP mysqli {} × SELECT 1 on one connection, {} sessions \
+        "mysql bench: rounds: {rounds}; PHP mysqli {} × SELECT 1 on one connection, {} sessions \
          per session measurement; mariadb-slap c{POOL_SIZE} {} queries; waitless pool_size = \
          {POOL_SIZE}\n\
          machine: {} cores, {}, Linux {}; load average at start {}\n\

@@ -49,6 +49,10 @@ pub struct Run {
     pub server_cpu_us: f64,
     /// Where the CPU figures came from ("schedstat" exact, or "ticks").
     pub cpu_source: String,
+    /// The same two figures from utime + stime (to 10 ms over the whole run), to check the
+    /// ones above against.
+    pub proxy_cpu_ticks_us: Option<f64>,
+    pub server_cpu_ticks_us: f64,
     /// Connections the server saw opened during the run (its `Connections` counter).
     pub server_connections: u64,
     /// /proc/loadavg right after the run.
@@ -192,6 +196,8 @@ impl Bench {
             } else {
                 "ticks".into()
             },
+            proxy_cpu_ticks_us: proxy_used.map(|u| u.ticks_us / total),
+            server_cpu_ticks_us: server_used.ticks_us / total,
             server_connections: connections,
             loadavg: loadavg(),
         })

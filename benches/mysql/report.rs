@@ -340,7 +340,8 @@ pub fn checks(runs: &[Run], summaries: &[Summary]) -> Vec<Check> {
     });
     // "Well under its cost of a direct connection": taken as at most half.
     out.push(ratio_check(
-        "MariaDB CPU per client session, waitless / direct (PHP connect + SELECT 1 + close)",
+        "MariaDB CPU per client session, waitless / direct (PHP connect + SELECT 1 + close; \
+         \"well under\" taken as half)",
         per_round(
             runs,
             Part::ConnectSelect,
