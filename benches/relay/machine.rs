@@ -1,11 +1,10 @@
-//! The machine and the programs on it, for the report's header.
+//! The machine and the programs on it, for the report's header. Shared by the relay and
+//! mysql benches (the mysql one includes this file by path), so it uses no other module.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde::Serialize;
-
-use crate::timewait::tw_cap;
 
 /// The machine and the conditions of the run.
 #[derive(Debug, Serialize)]
@@ -75,4 +74,12 @@ pub fn version(bin: &Path, flag: &str) -> String {
 /// The first of `candidates` that exists.
 pub fn find(candidates: &[&str]) -> Option<PathBuf> {
     candidates.iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// The size of the host's TIME_WAIT table (`net.ipv4.tcp_max_tw_buckets`).
+pub fn tw_cap() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u64::MAX)
 }

@@ -1,4 +1,5 @@
-//! The processes this bench starts (backend, proxies), and what /proc says about them.
+//! The processes this bench starts (backend, proxies), and what /proc says about them. The
+//! mysql bench includes this file by path too (for its server and proxies).
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use waitless::close::census::{count_many, Scope, StateCounts};
 
+use crate::machine::tw_cap;
 use crate::measure::Run;
 use crate::targets::Clients;
 
@@ -92,14 +93,6 @@ pub fn host_time_wait() -> Option<u64> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let at = words.iter().position(|w| *w == "tw")?;
     words.get(at + 1)?.parse().ok()
-}
-
-/// The size of the host's TIME_WAIT table (`net.ipv4.tcp_max_tw_buckets`).
-pub fn tw_cap() -> u64 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(u64::MAX)
 }
 
 /// The kernel's count of TIME_WAIT sockets not created because the table was full

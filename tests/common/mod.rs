@@ -2,8 +2,8 @@
 //! backend that counts what it accepts, a real nginx, and the kernel's socket table via `ss`.
 //!
 //! `binary`, `http1`, `nginx`, `procfs` and `tempdir` are the benches' fixtures too: the
-//! relay bench includes each file by path (`#[path = "../../tests/common/..."]`), so they
-//! use nothing else of this directory and nothing but the crate's dependencies.
+//! relay and mysql benches include each file by path (`#[path = "../../tests/common/..."]`),
+//! so they use nothing else of this directory and nothing but the crate's dependencies.
 #![allow(dead_code)]
 
 pub mod binary;
