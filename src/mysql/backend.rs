@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::packet::{
     describe_err, ok_fields, Packet, PacketIo, MAX_HANDSHAKE_PACKET, MAX_PACKET,
 };
-use super::relay::{Reply, COM_INIT_DB, COM_QUERY};
+use super::relay::{Reply, COM_INIT_DB, COM_QUERY, COM_SET_OPTION};
 use super::Sent;
 use crate::close::ServerSocket;
 use crate::config::MysqlUser;
@@ -237,6 +237,13 @@ impl MysqlConn {
         let ok = reply.head == Some(0x00);
         match code {
             COM_INIT_DB if ok => self.schema = Some(sent.db.clone()),
+            // Multi-statements on (0) or off (1): no reset restores the option, so the
+            // connection is pooled for clients that negotiated what it has now.
+            COM_SET_OPTION if ok => match sent.option {
+                Some(0) => self.key.caps |= CapabilityFlags::CLIENT_MULTI_STATEMENTS,
+                Some(1) => self.key.caps -= CapabilityFlags::CLIENT_MULTI_STATEMENTS,
+                _ => {}
+            },
             _ if sent.schema_unknown => self.schema = None,
             _ => {}
         }

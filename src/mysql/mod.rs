@@ -35,7 +35,7 @@ pub use backend::MysqlConn;
 use backend::{BackendError, Profile, ServerFacts};
 use front::{Login, Refused};
 use packet::{err_payload, ok_payload, Fault, Flow, Head, PacketIo, MAX_PACKET, PEEK};
-use relay::{Response, Shape, COM_INIT_DB, COM_QUIT, COM_STMT_EXECUTE};
+use relay::{Response, Shape, COM_INIT_DB, COM_QUIT, COM_SET_OPTION, COM_STMT_EXECUTE};
 use residue::Residue;
 use statement::Effect;
 
@@ -586,6 +586,8 @@ impl MysqlListener {
         if !known || residue.unresettable() {
             // Dropped, or retired when it is merely unresettable: the close mechanism
             // records it and picks FIN or RST.
+            tracing::debug!(listener = %self.cfg.name, server = %lease.server.label, known,
+                "mysql server connection not pooled again after its session");
             if known {
                 lease.pooled.ctl.retire(Reason::Done);
             }
@@ -648,6 +650,8 @@ pub struct Sent {
     pub db: Option<Vec<u8>>,
     /// A statement text that may have changed the current database (USE, or unknown).
     pub schema_unknown: bool,
+    /// COM_SET_OPTION: the option.
+    pub option: Option<u16>,
 }
 
 impl Sent {
@@ -659,6 +663,10 @@ impl Sent {
             cursor: code == COM_STMT_EXECUTE && args.get(4).is_some_and(|f| f & 0x07 != 0),
             db: (code == COM_INIT_DB).then(|| args.to_vec()),
             schema_unknown: effect.is_some_and(|e| e != Effect::None),
+            option: match (code, args) {
+                (COM_SET_OPTION, [lo, hi, ..]) => Some(u16::from_le_bytes([*lo, *hi])),
+                _ => None,
+            },
         }
     }
 }

@@ -55,8 +55,8 @@ impl Residue {
                 });
             }
             COM_INIT_DB => {}
-            // Multi-statements on or off: an option of the connection no reset restores.
-            COM_SET_OPTION => self.unresettable = true,
+            // Multi-statements on or off: the connection's key follows it (MysqlConn::after).
+            COM_SET_OPTION => {}
             COM_STMT_CLOSE => {
                 if let [a, b, c, d, ..] = *args {
                     let id = u32::from_le_bytes([a, b, c, d]);
@@ -207,9 +207,8 @@ mod tests {
         }
         let mut r = Residue::default();
         r.command(COM_QUERY, b"SELECT xaxis FROM t", true);
-        assert!(!r.unresettable());
         r.command(COM_SET_OPTION, &[0, 0], true);
-        assert!(r.unresettable());
+        assert!(!r.unresettable());
     }
 
     #[test]
