@@ -247,6 +247,11 @@ impl<C: PoolConn> Server<C> {
         })
     }
 
+    /// Connections open (idle or lent) to this server now.
+    pub fn open_now(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
     /// Counts a connection about to be opened until the slot is dropped with it.
     fn open_slot(&self) -> OpenSlot {
         self.open.fetch_add(1, Ordering::AcqRel);

@@ -88,6 +88,10 @@ enum End {
 /// How long a waiting client sleeps between looks at a full pool when nothing is returned.
 const RECHECK: Duration = Duration::from_millis(50);
 
+/// How long a session that finds `pool_size` connections open and none idle waits for one to
+/// come back before it opens another.
+const AT_POOL_SIZE: Duration = Duration::from_millis(2);
+
 const ER_CON_COUNT_ERROR: u16 = 1040;
 /// CR_CONN_HOST_ERROR: "Can't connect to MySQL server", for an upstream with no server up.
 const CR_CONN_HOST_ERROR: u16 = 2003;
@@ -209,6 +213,7 @@ impl MysqlUpstream {
             };
         }
         let deadline = Instant::now() + cfg.connect_timeout;
+        let mut waited_at_pool_size = false;
         loop {
             // Registered before looking, so that a connection returned meanwhile wakes us.
             let returned = self.returned.notified();
@@ -239,8 +244,20 @@ impl MysqlUpstream {
                 return Err(Checkout::Failed("no such server".into()));
             };
             let now = Instant::now();
-            if resetting.load(Ordering::Acquire) > waiting.fetch_add(1, Ordering::AcqRel) && now < deadline {
-                let _ = tokio::time::timeout(deadline - now, returned).await;
+            let ahead = waiting.fetch_add(1, Ordering::AcqRel);
+            let wait = if resetting.load(Ordering::Acquire) > ahead {
+                Some(deadline.saturating_duration_since(now))
+            } else if server.open_now() >= cfg.pool_size && !waited_at_pool_size {
+                // pool_size open and none idle: one is likely on its way back (a session
+                // ending on another worker thread); opening one more would only have the
+                // pool close one later.
+                waited_at_pool_size = true;
+                Some(AT_POOL_SIZE.min(deadline.saturating_duration_since(now)))
+            } else {
+                None
+            };
+            if let Some(wait) = wait.filter(|w| !w.is_zero()) {
+                let _ = tokio::time::timeout(wait, returned).await;
                 waiting.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
