@@ -12,6 +12,7 @@ mod backend;
 mod front;
 mod packet;
 mod relay;
+mod statement;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
