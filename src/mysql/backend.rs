@@ -17,9 +17,7 @@ use mysql_common::proto::MySerialize;
 use mysql_common::scramble::scramble_native;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::packet::{
-    describe_err, ok_fields, Packet, PacketIo, MAX_HANDSHAKE_PACKET, MAX_PACKET,
-};
+use super::packet::{describe_err, ok_fields, Packet, PacketIo, MAX_HANDSHAKE_PACKET, MAX_PACKET};
 use super::relay::{Reply, COM_INIT_DB, COM_QUERY, COM_SET_OPTION};
 use super::Sent;
 use crate::close::ServerSocket;
@@ -207,7 +205,11 @@ impl MysqlConn {
     /// Completes the login of a connection opened by `Greeting`: as `login.user`, for
     /// `login.key`, into `login.db`. A server ERR (access denied, unknown database) is for
     /// the client.
-    pub async fn log_in(&mut self, login: &Login<'_>, timeout: Duration) -> Result<(), BackendError> {
+    pub async fn log_in(
+        &mut self,
+        login: &Login<'_>,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
         if !self.greeted_only {
             return Err(invalid("connection already logged in".into()));
         }
@@ -216,7 +218,14 @@ impl MysqlConn {
             .profile()
             .ok_or_else(|| invalid("no greeting known".into()))?;
         let nonce = std::mem::take(&mut self.nonce);
-        let responding = respond(&mut self.io, &profile, nonce, login.user, login.key, login.db);
+        let responding = respond(
+            &mut self.io,
+            &profile,
+            nonce,
+            login.user,
+            login.key,
+            login.db,
+        );
         let (nonce, status) = match tokio::time::timeout(timeout, responding).await {
             Ok(r) => r?,
             Err(_) => return Err(timed_out("login verdict", timeout)),
@@ -252,7 +261,8 @@ impl MysqlConn {
     /// The status flags a client's login OK carries: the server's, as a login would show.
     pub fn login_status(&self) -> u16 {
         (self.status
-            & (StatusFlags::SERVER_STATUS_AUTOCOMMIT | StatusFlags::SERVER_STATUS_NO_BACKSLASH_ESCAPES))
+            & (StatusFlags::SERVER_STATUS_AUTOCOMMIT
+                | StatusFlags::SERVER_STATUS_NO_BACKSLASH_ESCAPES))
             .bits()
     }
 
@@ -308,7 +318,9 @@ impl MysqlConn {
         cmds.extend(init_db.map(|db| [&[COM_INIT_DB][..], db].concat()));
         let replies = self.commands(&cmds, timeout).await?;
         let mut replies = replies.into_iter();
-        let reset = replies.next().ok_or_else(|| invalid("no reply to the reset".into()))?;
+        let reset = replies
+            .next()
+            .ok_or_else(|| invalid("no reply to the reset".into()))?;
         match reset.head() {
             Some(0x00) => {}
             Some(0xFF) if err_code(&reset.payload) == Some(ER_UNKNOWN_COM_ERROR) => {

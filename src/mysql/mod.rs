@@ -239,7 +239,8 @@ impl MysqlUpstream {
             // trip, sooner than a new one logs in. Wait for it while there are more of them
             // than clients already waiting; the server sees no more connections than the
             // sessions that overlap.
-            let (Some(resetting), Some(waiting)) = (self.resetting.get(index), self.waiting.get(index))
+            let (Some(resetting), Some(waiting)) =
+                (self.resetting.get(index), self.waiting.get(index))
             else {
                 return Err(Checkout::Failed("no such server".into()));
             };
@@ -321,7 +322,11 @@ impl MysqlUpstream {
 
     /// Returns a lent connection whose session left nothing behind, as it is.
     fn skip_reset(&self, lease: Lease) {
-        lease.server.stats.resets_skipped.fetch_add(1, Ordering::Relaxed);
+        lease
+            .server
+            .stats
+            .resets_skipped
+            .fetch_add(1, Ordering::Relaxed);
         lease.give_back();
         self.returned.notify_waiters();
     }
@@ -395,7 +400,12 @@ impl MysqlListener {
         let mut client = PacketIo::new(Tracked::client(stream, self.ledger.clone(), policy));
         match self.session(&mut client, peer).await {
             End::Done(why) => client.into_inner().finish_client(Ending::Over(why)).await,
-            End::ServerGone => client.into_inner().finish_client(Ending::ServerClosed).await,
+            End::ServerGone => {
+                client
+                    .into_inner()
+                    .finish_client(Ending::ServerClosed)
+                    .await
+            }
             End::Broken(e) => {
                 tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e,
                     "mysql client connection failed");

@@ -238,8 +238,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketIo<S> {
                 body = len;
                 continued = len == MAX_CHUNK;
             }
-            if at > 0 {
-                to.io.write_all(&self.rbuf[..at]).await.map_err(Fault::To)?;
+            if let Some(scanned) = self.rbuf.get(..at).filter(|s| !s.is_empty()) {
+                to.io.write_all(scanned).await.map_err(Fault::To)?;
                 self.rbuf.advance(at);
             }
             if stop && body == 0 && !continued {

@@ -409,7 +409,10 @@ mod tests {
         // Leaked from a procedure's cursor loop into a COM_QUERY result set: rows follow.
         let mut r = Response::new(COM_QUERY, Shape::Results, false, BASE);
         assert_eq!(feed(&mut r, &[&[1], COLUMN, &eof(cursor)]), [Flow::Go; 3]);
-        assert_eq!(feed(&mut r, &[ROW, &eof(StatusFlags::empty())]), [Flow::Go, Flow::Stop]);
+        assert_eq!(
+            feed(&mut r, &[ROW, &eof(StatusFlags::empty())]),
+            [Flow::Go, Flow::Stop]
+        );
         let mut r = Response::new(COM_STMT_EXECUTE, Shape::Results, true, BASE);
         assert_eq!(
             feed(&mut r, &[&[1], COLUMN, &eof(cursor)]),
@@ -430,7 +433,10 @@ mod tests {
         );
         let reply = r.reply();
         assert_eq!(reply.warnings, 3);
-        assert!(reply.status.unwrap().contains(StatusFlags::SERVER_STATUS_IN_TRANS));
+        assert!(reply
+            .status
+            .unwrap()
+            .contains(StatusFlags::SERVER_STATUS_IN_TRANS));
     }
 
     #[test]
@@ -462,7 +468,10 @@ mod tests {
         // Statement 7, 1 column, 2 parameters: 2 + EOF + 1 + EOF packets follow.
         let prep: &[u8] = &[0x00, 7, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0];
         let mut r = Response::new(COM_STMT_PREPARE, Shape::Prepare, false, BASE);
-        let flows = feed(&mut r, &[prep, COLUMN, COLUMN, &eof(StatusFlags::empty()), COLUMN]);
+        let flows = feed(
+            &mut r,
+            &[prep, COLUMN, COLUMN, &eof(StatusFlags::empty()), COLUMN],
+        );
         assert!(flows.iter().all(|f| *f == Flow::Go));
         assert_eq!(feed(&mut r, &[&eof(StatusFlags::empty())]), [Flow::Stop]);
         assert_eq!(r.reply().prepared, Some(7));

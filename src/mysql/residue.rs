@@ -152,7 +152,8 @@ mod tests {
 
     #[test]
     fn dirt_of_every_kind_means_a_reset() {
-        let cases: [(&dyn Fn(&mut Residue), &str); 5] = [
+        type Case<'a> = (&'a dyn Fn(&mut Residue), &'a str);
+        let cases: [Case<'_>; 5] = [
             (
                 &|r| {
                     r.command(COM_QUERY, b"SET @a = 1", true);
@@ -180,7 +181,10 @@ mod tests {
             (
                 &|r| {
                     r.command(COM_QUERY, b"SELECT 1/0", true);
-                    r.reply(&Reply { warnings: 1, ..ok() });
+                    r.reply(&Reply {
+                        warnings: 1,
+                        ..ok()
+                    });
                 },
                 "a warning",
             ),
@@ -200,7 +204,11 @@ mod tests {
 
     #[test]
     fn xa_and_profiling_outlive_a_reset() {
-        for sql in [&b"XA PREPARE 'x'"[..], b"  xa start 'x'", b"SET profiling = 1"] {
+        for sql in [
+            &b"XA PREPARE 'x'"[..],
+            b"  xa start 'x'",
+            b"SET profiling = 1",
+        ] {
             let mut r = Residue::default();
             r.command(COM_QUERY, sql, true);
             assert!(r.unresettable(), "{}", String::from_utf8_lossy(sql));
@@ -215,7 +223,10 @@ mod tests {
     fn a_warning_stays_until_the_reset() {
         let mut r = Residue::default();
         r.command(COM_QUERY, b"SELECT 1/0", true);
-        r.reply(&Reply { warnings: 1, ..ok() });
+        r.reply(&Reply {
+            warnings: 1,
+            ..ok()
+        });
         r.command(COM_QUERY, b"SELECT 1", true);
         r.reply(&ok());
         assert!(r.needs_reset());

@@ -20,8 +20,6 @@
 //! It does not see through names: a SELECT from a view whose definition calls a stored
 //! function is classified by its own text only.
 
-
-
 use std::cmp::Ordering;
 
 /// What one statement text can leave behind on its session after it ran.
