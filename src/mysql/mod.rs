@@ -90,7 +90,7 @@ const RECHECK: Duration = Duration::from_millis(50);
 
 /// How long a session that finds `pool_size` connections open and none idle waits for one to
 /// come back before it opens another.
-const AT_POOL_SIZE: Duration = Duration::from_millis(2);
+const AT_POOL_SIZE: Duration = Duration::from_millis(10);
 
 const ER_CON_COUNT_ERROR: u16 = 1040;
 /// CR_CONN_HOST_ERROR: "Can't connect to MySQL server", for an upstream with no server up.
