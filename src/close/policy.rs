@@ -14,7 +14,8 @@ use super::ledger::{How, Reason};
 /// A listener's `time_wait`: where TIME_WAIT lands for client connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ClientTimeWait {
-    /// Wait up to `linger` for the client's FIN, then close passively: TIME_WAIT on the client.
+    /// Wait for the client's FIN, then close passively: TIME_WAIT on the client. The wait
+    /// lasts up to `linger`, but only a short grace once the client acknowledged everything.
     #[default]
     Client,
     /// Close first with FIN: TIME_WAIT on the proxy.
@@ -129,6 +130,10 @@ pub enum Wait {
     Nothing,
     /// The peer's FIN, up to this long (what it sends meanwhile is read and dropped).
     PeerFin(Duration),
+    /// The peer's FIN, up to `within`; once the kernel says every byte sent was acknowledged,
+    /// only up to `grace(rtt, within)` longer, and then close with `graced`: a client that has
+    /// everything and did not close by then reads to EOF, and would wait the whole `within`.
+    PeerFinOrGrace { within: Duration, graced: Expired },
     /// The acknowledgement of every byte sent, up to this long.
     Acked(Duration),
 }
@@ -149,6 +154,13 @@ pub enum Expired {
     /// then RST; FIN if they never were, so that no response byte is lost.
     ResetOnceAcked { within: Duration, reason: Reason },
 }
+
+/// The grace's floor: what a client that closes by itself may take, on this machine's
+/// loopback under load, from acknowledging the response to sending its FIN (see README).
+pub const GRACE_FLOOR: Duration = Duration::from_millis(20);
+
+/// How many smoothed RTTs the grace allows for on a slower path.
+const GRACE_RTTS: u32 = 4;
 
 // === impl ClientPolicy ===
 
@@ -186,6 +198,12 @@ impl Step {
 }
 
 // === the decision ===
+
+/// How long a client that acknowledged every byte may still take to send its FIN: a few of
+/// its RTTs (the kernel's smoothed `tcpi_rtt`), at least `GRACE_FLOOR`, at most `linger`.
+pub fn grace(rtt: Duration, linger: Duration) -> Duration {
+    rtt.saturating_mul(GRACE_RTTS).max(GRACE_FLOOR).min(linger)
+}
 
 /// How to close a connection of `side`, given `facts`, which ended as `ending`.
 pub fn decide(side: Side, facts: Facts, ending: Ending) -> Step {
@@ -241,7 +259,10 @@ fn client(policy: ClientPolicy, facts: Facts, ending: Ending) -> Step {
         Ending::Over(reason) => match policy.time_wait {
             ClientTimeWait::Client if facts.peer_fin => Step::now(How::Fin, reason),
             ClientTimeWait::Client => Step::after(
-                Wait::PeerFin(linger),
+                Wait::PeerFinOrGrace {
+                    within: linger,
+                    graced: fallback(policy, Reason::EofReader),
+                },
                 How::Fin,
                 reason,
                 fallback(policy, Reason::LingerExpired),
@@ -259,7 +280,8 @@ fn client(policy: ClientPolicy, facts: Facts, ending: Ending) -> Step {
             ),
         },
         // A client that will not close first gets the fallback at once, under "none" too: an
-        // EOF reader takes an RST for an error even after it has every byte.
+        // EOF reader takes an RST for an error even after it has every byte, and a FIN just
+        // before the RST races the reader's own FIN (README, close control).
         Ending::ReadsToEof | Ending::ServerClosed => {
             let plain = label(ending, facts);
             let fell_back = match ending {
@@ -448,7 +470,12 @@ mod tests {
             step,
             Step {
                 fin_first: false,
-                wait: Wait::PeerFin(LINGER),
+                // A client that acknowledged everything and is still silent after the grace
+                // reads to EOF: it gets the fallback, labelled so.
+                wait: Wait::PeerFinOrGrace {
+                    within: LINGER,
+                    graced: Expired::Close(close(How::Fin, Reason::EofReader)),
+                },
                 close: close(How::Fin, Reason::Done),
                 expired: Expired::Close(close(How::Fin, Reason::LingerExpired)),
             }
@@ -472,7 +499,16 @@ mod tests {
             open(),
             Ending::Over(Reason::Done),
         );
-        assert_eq!(step.wait, Wait::PeerFin(LINGER));
+        assert_eq!(
+            step.wait,
+            Wait::PeerFinOrGrace {
+                within: LINGER,
+                graced: Expired::ResetOnceAcked {
+                    within: LINGER,
+                    reason: Reason::EofReader
+                },
+            }
+        );
         assert_eq!(step.close, close(How::Fin, Reason::Done));
         assert_eq!(
             step.expired,
@@ -590,6 +626,15 @@ mod tests {
             Ending::ReadsToEof,
         );
         assert_eq!(step, at_once(How::Fin, Reason::EofReader));
+    }
+
+    #[test]
+    fn grace_is_a_few_rtts_with_a_floor_capped_by_linger() {
+        let ms = Duration::from_millis;
+        assert_eq!(grace(Duration::from_micros(50), LINGER), GRACE_FLOOR);
+        assert_eq!(grace(ms(30), LINGER), ms(120));
+        assert_eq!(grace(ms(30), ms(100)), ms(100));
+        assert_eq!(grace(Duration::ZERO, ms(5)), ms(5));
     }
 
     #[test]

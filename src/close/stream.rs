@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::ledger::{Closer, How, Reason, SideLedger};
 use super::policy::{
-    decide, ClientPolicy, Close, Ending, Expired, Facts, Side, Step, UpstreamPolicy,
+    decide, grace, ClientPolicy, Close, Ending, Expired, Facts, Side, Step, UpstreamPolicy,
     UpstreamTimeWait, Wait,
 };
 
@@ -224,19 +224,36 @@ impl<S: Socket> Tracked<S> {
     /// Takes `step`: its FIN, its wait, then the close the wait's outcome calls for.
     async fn carry_out(mut self, step: Step) {
         if step.fin_first {
-            // The facts just read said the peer had not closed: waitless's FIN is first.
+            let unset = self.first.is_none();
+            // The facts just read said the peer had not closed.
             self.first.get_or_insert(Closer::Proxy);
             self.send_fin().await;
+            // But its FIN may have crossed the decision: LAST_ACK after our FIN says the peer's
+            // came first, and TIME_WAIT is its. (CLOSE says nothing: on loopback both a LAST_ACK
+            // already acknowledged and our own TIME_WAIT look so.)
+            if unset && matches!(self.tcp_state(), Some(TCP_LAST_ACK)) {
+                self.first = Some(Closer::Peer);
+            }
         }
-        let waited = match step.wait {
-            Wait::Nothing => true,
-            Wait::PeerFin(within) => self.await_peer_fin(Instant::now() + within).await,
-            Wait::Acked(within) => self.await_acked(Instant::now() + within).await,
+        let expired = match step.wait {
+            Wait::Nothing => None,
+            Wait::PeerFin(within) => self
+                .await_peer_fin(Instant::now() + within)
+                .await
+                .then_some(step.expired),
+            Wait::PeerFinOrGrace { within, graced } => {
+                self.await_peer_fin_or_grace(within, step.expired, graced)
+                    .await
+            }
+            Wait::Acked(within) => {
+                let acked = self.await_acked(Instant::now() + within).await;
+                (!acked).then_some(step.expired)
+            }
         };
-        let close = match (waited, step.expired) {
-            (true, _) => step.close,
-            (false, Expired::Close(close)) => close,
-            (false, Expired::ResetOnceAcked { within, reason }) => {
+        let close = match expired {
+            None => step.close,
+            Some(Expired::Close(close)) => close,
+            Some(Expired::ResetOnceAcked { within, reason }) => {
                 let how = if self.await_acked(Instant::now() + within).await {
                     How::Rst
                 } else {
@@ -248,7 +265,49 @@ impl<S: Socket> Tracked<S> {
         self.close_now(close.how, close.reason)
     }
 
-    /// Waits until the peer's FIN (or RST) arrives, discarding what it sends; false when the
+    /// Waits for the peer's FIN up to `within`, but once every byte sent is acknowledged
+    /// only a grace of a few RTTs longer; None when the FIN came, else how to close.
+    async fn await_peer_fin_or_grace(
+        &mut self,
+        within: Duration,
+        expired: Expired,
+        graced: Expired,
+    ) -> Option<Expired> {
+        let mut deadline = Instant::now() + within;
+        let mut acked = false;
+        let mut pause = Duration::from_millis(1);
+        let mut scratch = [0u8; 256];
+        loop {
+            if !acked {
+                // The decision's own TCP_INFO read serves the first round.
+                if let Some(v) = self.seen.take().or_else(|| tcp_view(&self.inner)) {
+                    if v.all_acked {
+                        acked = true;
+                        deadline = deadline.min(Instant::now() + grace(v.rtt, within));
+                    }
+                }
+            }
+            let wake = if acked {
+                deadline
+            } else {
+                deadline.min(Instant::now() + pause)
+            };
+            match tokio::time::timeout_at(wake, self.inner.read(&mut scratch)).await {
+                Err(_) if Instant::now() >= deadline => {
+                    return Some(if acked { graced } else { expired })
+                }
+                Err(_) => pause = (pause * 2).min(Duration::from_millis(50)),
+                Ok(Ok(0)) => {
+                    self.saw_eof();
+                    return None;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return None,
+            }
+        }
+    }
+
+    /// Waits until the peer's FIN (or RST) arrives, discarding what it sends; true when the
     /// deadline passed first.
     async fn await_peer_fin(&mut self, deadline: Instant) -> bool {
         self.seen = None;
@@ -257,13 +316,13 @@ impl<S: Socket> Tracked<S> {
         let mut scratch = [0u8; 256];
         loop {
             match tokio::time::timeout_at(deadline, self.inner.read(&mut scratch)).await {
-                Err(_) => return false,
+                Err(_) => return true,
                 Ok(Ok(0)) => {
                     self.saw_eof();
-                    return true;
+                    return false;
                 }
                 Ok(Ok(_)) => continue,
-                Ok(Err(_)) => return true,
+                Ok(Err(_)) => return false,
             }
         }
     }
@@ -310,6 +369,8 @@ impl<S: Socket> Tracked<S> {
         let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
         if poll.is_ready() {
             self.sent_fin = true;
+            // The state before the FIN is stale now: a close that follows reads it anew.
+            self.seen = None;
         }
         poll
     }
@@ -455,6 +516,8 @@ struct TcpView {
     state: u8,
     /// Nothing left unsent or unacknowledged (as SIOCOUTQ == 0, without a second call).
     all_acked: bool,
+    /// tcpi_rtt: the kernel's smoothed round-trip time.
+    rtt: Duration,
 }
 
 /// The kernel's TCP state of a socket, and whether the peer acknowledged every byte.
@@ -481,6 +544,7 @@ fn tcp_view<S: AsFd>(sock: &S) -> Option<TcpView> {
     Some(TcpView {
         state: info.tcpi_state,
         all_acked: info.tcpi_unacked == 0 && info.tcpi_notsent_bytes == 0,
+        rtt: Duration::from_micros(u64::from(info.tcpi_rtt)),
     })
 }
 
