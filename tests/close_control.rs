@@ -357,3 +357,59 @@ async fn health_check_probes_are_reset_and_recorded_in_the_servers_ledger() {
         assert_eq!(n(&server["census_server"]["time_wait"]), 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eof_reading_http11_clients_get_the_close_after_a_grace_not_the_linger() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    // Default settings but a linger far longer than the test allows: a close that waited
+    // for it would fail the timeout.
+    let proxy = Waitless::start(&[backend.addr], "linger = \"60s\"", "").await;
+    const READERS: u64 = 20;
+    let run = async {
+        for _ in 0..READERS {
+            let r = get_to_eof(proxy.addr(), "/bytes/1000", "HTTP/1.1")
+                .await
+                .unwrap();
+            assert!(r.ends_with(&pattern(1000)), "incomplete response");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("EOF-reading HTTP/1.1 clients were kept waiting for linger");
+    settle().await;
+
+    // They acknowledged everything and stayed silent: the fallback (FIN) closed them, and
+    // the ledger says why and where TIME_WAIT went.
+    let stats = proxy.stats().await;
+    let ledger = listener_ledger(&stats);
+    let entries = ledger["entries"].as_array().expect("ledger entries");
+    let eof_readers: u64 = entries
+        .iter()
+        .filter(|e| e["reason"] == "eof_reader" && e["how"] == "fin" && e["closer"] == "proxy")
+        .map(|e| n(&e["count"]))
+        .sum();
+    assert_eq!(eof_readers, READERS, "ledger: {ledger}");
+    assert_eq!(
+        n(&ledger["time_wait_proxy"]),
+        time_wait_on_port(proxy.port) as u64,
+        "ledger: {ledger}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_closing_clients_keep_their_time_wait_under_default_settings() {
+    const CLIENTS: usize = 500;
+    let backend = Backend::start(BackendMode::Echo).await;
+    let proxy = Waitless::start(&[backend.addr], "", "").await;
+    assert_eq!(short_load(proxy.addr(), CLIENTS, 8).await, 0);
+    settle().await;
+
+    let proxy_tw = time_wait_on_port(proxy.port);
+    let client_tw = sockets_to_port("time-wait", proxy.port);
+    println!("default policy, {CLIENTS} self-closing clients: TIME_WAIT proxy {proxy_tw}, client {client_tw}");
+    assert_eq!(proxy_tw, 0, "the grace cut a self-closing client short");
+    assert_eq!(client_tw, CLIENTS);
+    let stats = proxy.stats().await;
+    let ledger = listener_ledger(&stats);
+    assert_eq!(n(&ledger["time_wait_peer"]), CLIENTS as u64, "ledger: {ledger}");
+}
