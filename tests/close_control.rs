@@ -413,3 +413,75 @@ async fn self_closing_clients_keep_their_time_wait_under_default_settings() {
     let ledger = listener_ledger(&stats);
     assert_eq!(n(&ledger["time_wait_peer"]), CLIENTS as u64, "ledger: {ledger}");
 }
+
+/// `ledger` and `census` agree within 1% of the `N` sessions: the kernel may recycle a
+/// TIME_WAIT for a new SYN from the same client port, and FINs that cross put TIME_WAIT on
+/// both ends where the ledger can name only one.
+fn within_1pct(ledger: u64, census: usize, what: &str) {
+    assert!(
+        ledger.abs_diff(census as u64) * 100 <= N as u64,
+        "{what}: ledger {ledger}, kernel {census}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_ledger_matches_the_kernel_under_proxy() {
+    use common::mysql::{short_sessions, MariaDb, MysqlProxy};
+    let db = MariaDb::start().await;
+    let proxy = MysqlProxy::start(db.port, "time_wait = \"proxy\"", "").await;
+    assert_eq!(short_sessions(proxy.port, N, 8).await, 0);
+    settle().await;
+
+    let proxy_tw = time_wait_on_port(proxy.port);
+    let client_tw = sockets_to_port("time-wait", proxy.port);
+    let stats = proxy.stats().await;
+    let ledger = listener_ledger(&stats);
+    println!("mysql proxy: TIME_WAIT proxy {proxy_tw}, client {client_tw}; ledger {ledger}");
+    assert_eq!(n(&ledger["closed"]), N as u64, "ledger: {ledger}");
+    within_1pct(n(&ledger["time_wait_proxy"]), proxy_tw, "on waitless");
+    within_1pct(n(&ledger["time_wait_peer"]), client_tw, "on the clients");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_ledger_matches_the_kernel_when_the_server_closes_first() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A server that greets and closes, as many line protocols do on QUIT.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 hello\r\n").await;
+            });
+        }
+    });
+    let port = free_port();
+    let admin = free_port();
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+         [[listener]]\nname = \"raw\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"tcp\"\n\
+         upstream = \"raw\"\n\n\
+         [[upstream]]\nname = \"raw\"\nservers = [\"{server}\"]\n"
+    );
+    let proxy = Waitless::launch(&config, port, admin).await;
+    let addr = proxy.addr();
+    let failed = run_load(N, 8, move || async move {
+        let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+            return false;
+        };
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.is_ok() && got == b"220 hello\r\n"
+    })
+    .await;
+    assert_eq!(failed, 0);
+    settle().await;
+
+    let proxy_tw = time_wait_on_port(proxy.port);
+    let client_tw = sockets_to_port("time-wait", proxy.port);
+    let stats = proxy.stats().await;
+    let ledger = listener_ledger(&stats);
+    println!("tcp client: TIME_WAIT proxy {proxy_tw}, client {client_tw}; ledger {ledger}");
+    assert_eq!(n(&ledger["closed"]), N as u64, "ledger: {ledger}");
+    within_1pct(n(&ledger["time_wait_proxy"]), proxy_tw, "on waitless");
+    within_1pct(n(&ledger["time_wait_peer"]), client_tw, "on the clients");
+}
