@@ -411,7 +411,11 @@ async fn self_closing_clients_keep_their_time_wait_under_default_settings() {
     assert_eq!(client_tw, CLIENTS);
     let stats = proxy.stats().await;
     let ledger = listener_ledger(&stats);
-    assert_eq!(n(&ledger["time_wait_peer"]), CLIENTS as u64, "ledger: {ledger}");
+    assert_eq!(
+        n(&ledger["time_wait_peer"]),
+        CLIENTS as u64,
+        "ledger: {ledger}"
+    );
 }
 
 /// `ledger` and `census` agree within 1% of the `N` sessions: the kernel may recycle a

@@ -273,7 +273,9 @@ impl<S: Socket> Tracked<S> {
         expired: Expired,
         graced: Expired,
     ) -> Option<Expired> {
-        let mut deadline = Instant::now() + within;
+        // One clock read serves the first round: the common client closes before any timer.
+        let mut now = Instant::now();
+        let mut deadline = now + within;
         let mut acked = false;
         let mut pause = Duration::from_millis(1);
         let mut scratch = [0u8; 256];
@@ -283,25 +285,28 @@ impl<S: Socket> Tracked<S> {
                 if let Some(v) = self.seen.take().or_else(|| tcp_view(&self.inner)) {
                     if v.all_acked {
                         acked = true;
-                        deadline = deadline.min(Instant::now() + grace(v.rtt, within));
+                        deadline = deadline.min(now + grace(v.rtt, within));
                     }
                 }
             }
             let wake = if acked {
                 deadline
             } else {
-                deadline.min(Instant::now() + pause)
+                deadline.min(now + pause)
             };
             match tokio::time::timeout_at(wake, self.inner.read(&mut scratch)).await {
-                Err(_) if Instant::now() >= deadline => {
-                    return Some(if acked { graced } else { expired })
+                Err(_) => {
+                    now = Instant::now();
+                    if now >= deadline {
+                        return Some(if acked { graced } else { expired });
+                    }
+                    pause = (pause * 2).min(Duration::from_millis(50));
                 }
-                Err(_) => pause = (pause * 2).min(Duration::from_millis(50)),
                 Ok(Ok(0)) => {
                     self.saw_eof();
                     return None;
                 }
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => now = Instant::now(),
                 Ok(Err(_)) => return None,
             }
         }
