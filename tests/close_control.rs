@@ -489,3 +489,30 @@ async fn tcp_ledger_matches_the_kernel_when_the_server_closes_first() {
     within_1pct(n(&ledger["time_wait_proxy"]), proxy_tw, "on waitless");
     within_1pct(n(&ledger["time_wait_peer"]), client_tw, "on the clients");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_ledger_matches_the_kernel_for_the_stock_client_under_proxy() {
+    use common::mysql::{cli, MariaDb, MysqlProxy};
+    let db = MariaDb::start().await;
+    let proxy = MysqlProxy::start(db.port, "time_wait = \"proxy\"", "").await;
+    let port = proxy.port;
+    let failed = run_load(N, 8, move || async move {
+        tokio::task::spawn_blocking(move || cli(port, &["-e", "SELECT 1"]).0)
+            .await
+            .unwrap_or(false)
+    })
+    .await;
+    assert_eq!(failed, 0);
+    settle().await;
+
+    let proxy_tw = time_wait_on_port(proxy.port);
+    let client_tw = sockets_to_port("time-wait", proxy.port);
+    let stats = proxy.stats().await;
+    let ledger = listener_ledger(&stats);
+    println!(
+        "mariadb client, proxy: TIME_WAIT proxy {proxy_tw}, client {client_tw}; ledger {ledger}"
+    );
+    assert_eq!(n(&ledger["closed"]), N as u64, "ledger: {ledger}");
+    within_1pct(n(&ledger["time_wait_proxy"]), proxy_tw, "on waitless");
+    within_1pct(n(&ledger["time_wait_peer"]), client_tw, "on the clients");
+}
