@@ -130,10 +130,12 @@ pub enum Wait {
     Nothing,
     /// The peer's FIN, up to this long (what it sends meanwhile is read and dropped).
     PeerFin(Duration),
-    /// The peer's FIN, up to `within`; once the kernel says every byte sent was acknowledged,
-    /// only up to `grace(rtt, within)` longer, and then close with `graced`: a client that has
-    /// everything and did not close by then reads to EOF, and would wait the whole `within`.
-    PeerFinOrGrace { within: Duration, graced: Expired },
+    /// The peer's FIN, up to this long; once the kernel says every byte sent was
+    /// acknowledged, only up to `grace(rtt, within)` longer, and then close as `expired`
+    /// says, labelled `eof_reader`: a client that has everything and did not close by then
+    /// reads to EOF, and would wait the whole linger. (One duration: the step stays small,
+    /// and it is copied into every close.)
+    PeerFinOrGrace(Duration),
     /// The acknowledgement of every byte sent, up to this long.
     Acked(Duration),
 }
@@ -153,6 +155,21 @@ pub enum Expired {
     /// `linger_fallback = "reset"`: wait up to `within` for every byte to be acknowledged,
     /// then RST; FIN if they never were, so that no response byte is lost.
     ResetOnceAcked { within: Duration, reason: Reason },
+}
+
+// === impl Expired ===
+
+impl Expired {
+    /// The same close, recorded for `reason`.
+    pub fn labelled(self, reason: Reason) -> Expired {
+        match self {
+            Expired::Close(close) => Expired::Close(Close {
+                how: close.how,
+                reason,
+            }),
+            Expired::ResetOnceAcked { within, .. } => Expired::ResetOnceAcked { within, reason },
+        }
+    }
 }
 
 /// The grace's floor: what a client that closes by itself may take, on this machine's
@@ -259,10 +276,7 @@ fn client(policy: ClientPolicy, facts: Facts, ending: Ending) -> Step {
         Ending::Over(reason) => match policy.time_wait {
             ClientTimeWait::Client if facts.peer_fin => Step::now(How::Fin, reason),
             ClientTimeWait::Client => Step::after(
-                Wait::PeerFinOrGrace {
-                    within: linger,
-                    graced: fallback(policy, Reason::EofReader),
-                },
+                Wait::PeerFinOrGrace(linger),
                 How::Fin,
                 reason,
                 fallback(policy, Reason::LingerExpired),
@@ -472,10 +486,7 @@ mod tests {
                 fin_first: false,
                 // A client that acknowledged everything and is still silent after the grace
                 // reads to EOF: it gets the fallback, labelled so.
-                wait: Wait::PeerFinOrGrace {
-                    within: LINGER,
-                    graced: Expired::Close(close(How::Fin, Reason::EofReader)),
-                },
+                wait: Wait::PeerFinOrGrace(LINGER),
                 close: close(How::Fin, Reason::Done),
                 expired: Expired::Close(close(How::Fin, Reason::LingerExpired)),
             }
@@ -499,14 +510,12 @@ mod tests {
             open(),
             Ending::Over(Reason::Done),
         );
+        assert_eq!(step.wait, Wait::PeerFinOrGrace(LINGER));
         assert_eq!(
-            step.wait,
-            Wait::PeerFinOrGrace {
+            step.expired.labelled(Reason::EofReader),
+            Expired::ResetOnceAcked {
                 within: LINGER,
-                graced: Expired::ResetOnceAcked {
-                    within: LINGER,
-                    reason: Reason::EofReader
-                },
+                reason: Reason::EofReader
             }
         );
         assert_eq!(step.close, close(How::Fin, Reason::Done));

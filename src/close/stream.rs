@@ -241,7 +241,8 @@ impl<S: Socket> Tracked<S> {
                 .await_peer_fin(Instant::now() + within)
                 .await
                 .then_some(step.expired),
-            Wait::PeerFinOrGrace { within, graced } => {
+            Wait::PeerFinOrGrace(within) => {
+                let graced = step.expired.labelled(Reason::EofReader);
                 self.await_peer_fin_or_grace(within, step.expired, graced)
                     .await
             }
