@@ -174,7 +174,7 @@ impl Expired {
 
 /// The grace's floor: what a client that closes by itself may take, on this machine's
 /// loopback under load, from acknowledging the response to sending its FIN (see README).
-pub const GRACE_FLOOR: Duration = Duration::from_millis(20);
+pub const GRACE_FLOOR: Duration = Duration::from_millis(40);
 
 /// How many smoothed RTTs the grace allows for on a slower path.
 const GRACE_RTTS: u32 = 4;

@@ -16,13 +16,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use super::ledger::{Closer, How, Reason, SideLedger};
 use super::policy::{
-    decide, grace, ClientPolicy, Close, Ending, Expired, Facts, Side, Step, UpstreamPolicy,
-    UpstreamTimeWait, Wait,
+    decide, grace, ClientPolicy, ClientTimeWait, Close, Ending, Expired, Facts, Side, Step,
+    UpstreamPolicy, UpstreamTimeWait, Wait,
 };
 
 /// A stream socket a `Tracked` can wrap.
@@ -355,6 +355,30 @@ impl<S: Socket> Tracked<S> {
 
     async fn send_fin(&mut self) {
         let _ = std::future::poll_fn(|cx| self.poll_send_fin(cx)).await;
+    }
+
+    /// Writes the last bytes of a client connection whose exchange ends with them. Under
+    /// `time_wait = "proxy"` waitless's FIN goes in the same segment (TCP_CORK around the
+    /// write and the shutdown): a client cannot see the end and send its own FIN before
+    /// waitless's is on its way, so the two never cross (a crossing is a simultaneous close,
+    /// which leaves TIME_WAIT on both ends). Elsewhere a plain write: the policy's FIN, if
+    /// any, follows in `finish_client`.
+    pub async fn write_last(&mut self, buf: &[u8]) -> io::Result<()> {
+        let proxy_first = matches!(&self.role, Role::Client(p) if p.time_wait == ClientTimeWait::Proxy);
+        if !(S::IS_TCP && proxy_first) || self.sent_fin {
+            return self.write_all(buf).await;
+        }
+        // Without the cork the FIN still follows within microseconds.
+        let corked = SockRef::from(&self.inner).set_tcp_cork(true).is_ok();
+        let written = self.write_all(buf).await;
+        if written.is_ok() {
+            // The shutdown pushes what the cork held, FIN on its last segment.
+            self.send_fin().await;
+        }
+        if corked {
+            let _ = SockRef::from(&self.inner).set_tcp_cork(false);
+        }
+        written
     }
 
     /// Sends FIN now (a half-close: reading goes on). For relays that forward a peer's

@@ -428,7 +428,7 @@ async fn write_response<S: Socket>(
     if framing == Out::None {
         // Dropped unread: a wire body with nothing left gives its connection back.
         drop(body);
-        return flush(io, out).await;
+        return flush_last(io, out, close).await;
     }
     loop {
         let polled = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
@@ -471,7 +471,7 @@ async fn write_response<S: Socket>(
     if framing == Out::Chunked {
         out.extend_from_slice(b"0\r\n\r\n");
     }
-    flush(io, out).await
+    flush_last(io, out, close).await
 }
 
 /// Where a response head's fields come from.
@@ -584,6 +584,21 @@ impl Fields<'_> {
 }
 
 /// Writes out what `out` holds and empties it.
+/// The response's last bytes; on a connection that closes after it, through the close
+/// mechanism (`Tracked::write_last`), which may send its FIN with them.
+async fn flush_last<S: Socket>(
+    io: &mut Tracked<S>,
+    out: &mut Vec<u8>,
+    close: bool,
+) -> Result<(), BodyError> {
+    if !close {
+        return flush(io, out).await;
+    }
+    io.write_last(out).await?;
+    out.clear();
+    Ok(())
+}
+
 async fn flush<S: Socket>(io: &mut Tracked<S>, out: &mut Vec<u8>) -> Result<(), BodyError> {
     if !out.is_empty() {
         io.write_all(out).await?;
