@@ -364,7 +364,8 @@ impl<S: Socket> Tracked<S> {
     /// which leaves TIME_WAIT on both ends). Elsewhere a plain write: the policy's FIN, if
     /// any, follows in `finish_client`.
     pub async fn write_last(&mut self, buf: &[u8]) -> io::Result<()> {
-        let proxy_first = matches!(&self.role, Role::Client(p) if p.time_wait == ClientTimeWait::Proxy);
+        let proxy_first =
+            matches!(&self.role, Role::Client(p) if p.time_wait == ClientTimeWait::Proxy);
         if !(S::IS_TCP && proxy_first) || self.sent_fin {
             return self.write_all(buf).await;
         }
