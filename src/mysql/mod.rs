@@ -527,6 +527,11 @@ impl MysqlListener {
             let conn = &mut lease.pooled.conn;
             let code = match self.next_command(client, conn).await {
                 Next::Command(code) => code,
+                // A server that closed between commands leaves nothing to reset.
+                Next::End(End::ServerGone) => {
+                    known = false;
+                    break End::ServerGone;
+                }
                 Next::End(end) => break end,
                 Next::ServerSpoke => {
                     // Between commands a server only speaks to say it is closing (KILL,
