@@ -228,10 +228,12 @@ impl<S: Socket> Tracked<S> {
             // The facts just read said the peer had not closed.
             self.first.get_or_insert(Closer::Proxy);
             self.send_fin().await;
-            // But its FIN may have crossed the decision: LAST_ACK after our FIN says the peer's
-            // came first, and TIME_WAIT is its. (CLOSE says nothing: on loopback both a LAST_ACK
-            // already acknowledged and our own TIME_WAIT look so.)
-            if unset && matches!(self.tcp_state(), Some(TCP_LAST_ACK)) {
+            // But its FIN may have crossed the decision. LAST_ACK right after our FIN says the
+            // peer's came first, and TIME_WAIT is its; so does CLOSE, which on loopback is a
+            // LAST_ACK already acknowledged, or a FIN of the peer's that crossed ours (both
+            // ends keep TIME_WAIT then; the peer's is the one this records). A peer that had
+            // not closed leaves us in FIN_WAIT1 or FIN_WAIT2 this soon.
+            if unset && matches!(self.tcp_state(), Some(TCP_LAST_ACK | TCP_CLOSE)) {
                 self.first = Some(Closer::Peer);
             }
         }
