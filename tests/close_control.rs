@@ -349,6 +349,9 @@ async fn stats_command_shows_ledger_and_census() {
 async fn health_check_probes_are_reset_and_recorded_in_the_servers_ledger() {
     for kind in ["tcp", "http"] {
         let backend = Backend::start(BackendMode::Echo).await;
+        // TIME_WAIT other tests left towards a backend that had this port before (free
+        // ports are reused): it only decays, so none may be added to it.
+        let earlier = sockets_to_port("time-wait", backend.port());
         let proxy = Waitless::start(
             &[backend.addr],
             "",
@@ -381,7 +384,11 @@ async fn health_check_probes_are_reset_and_recorded_in_the_servers_ledger() {
             "{opened} probes, ledger: {ledger}"
         );
         assert_eq!(n(&ledger["closed"]), probes, "ledger: {ledger}");
-        assert_eq!((backend_tw, proxy_tw), (0, 0));
+        assert_eq!(backend_tw, 0);
+        assert!(
+            proxy_tw <= earlier,
+            "TIME_WAIT on waitless: {proxy_tw}, before {earlier}"
+        );
         assert_eq!(n(&server["census_server"]["time_wait"]), 0);
     }
 }
@@ -446,12 +453,17 @@ async fn self_closing_clients_keep_their_time_wait_under_default_settings() {
     );
 }
 
-/// `ledger` and `census` agree within 1% of the `N` sessions: the kernel may recycle a
-/// TIME_WAIT for a new SYN from the same client port, and FINs that cross put TIME_WAIT on
-/// both ends where the ledger can name only one.
+/// `ledger` and `census` agree: the census above the ledger by at most 1% of the `N`
+/// sessions (FINs that cross put TIME_WAIT on both ends where the ledger names one), below it
+/// by at most 3%. The census can only lose: a client that picks a port whose 4-tuple is in
+/// TIME_WAIT on waitless revives that TIME_WAIT with its SYN, and on loopback a client reuses
+/// its own TIME_WAIT ports. With ~300 TIME_WAIT on waitless among ~28,000 ephemeral ports,
+/// 1,000 sessions hit one about ten times (CI saw 15).
 fn within_1pct(ledger: u64, census: usize, what: &str) {
+    let census = census as u64;
     assert!(
-        ledger.abs_diff(census as u64) * 100 <= N as u64,
+        census * 100 <= ledger * 100 + N as u64
+            && (ledger * 100).saturating_sub(census * 100) <= 3 * N as u64,
         "{what}: ledger {ledger}, kernel {census}"
     );
 }
