@@ -453,6 +453,19 @@ async fn self_closing_clients_keep_their_time_wait_under_default_settings() {
     );
 }
 
+/// After `N` sessions on `proxy`'s listener: every close in the ledger, and its TIME_WAIT on
+/// waitless and on the clients as the kernel counts them (`within_1pct`).
+async fn ledger_agrees_with_kernel(proxy: &Waitless, what: &str) {
+    let proxy_tw = time_wait_on_port(proxy.port);
+    let client_tw = sockets_to_port("time-wait", proxy.port);
+    let stats = proxy.stats().await;
+    let ledger = listener_ledger(&stats);
+    println!("{what}: TIME_WAIT proxy {proxy_tw}, client {client_tw}; ledger {ledger}");
+    assert_eq!(n(&ledger["closed"]), N as u64, "ledger: {ledger}");
+    within_1pct(n(&ledger["time_wait_proxy"]), proxy_tw, "on waitless");
+    within_1pct(n(&ledger["time_wait_peer"]), client_tw, "on the clients");
+}
+
 /// `ledger` and `census` agree: the census above the ledger by at most 1% of the `N`
 /// sessions (FINs that cross put TIME_WAIT on both ends where the ledger names one), below it
 /// by at most 3%. The census can only lose: a client that picks a port whose 4-tuple is in
@@ -476,14 +489,7 @@ async fn mysql_ledger_matches_the_kernel_under_proxy() {
     assert_eq!(short_sessions(proxy.port, N, 8).await, 0);
     settle().await;
 
-    let proxy_tw = time_wait_on_port(proxy.port);
-    let client_tw = sockets_to_port("time-wait", proxy.port);
-    let stats = proxy.stats().await;
-    let ledger = listener_ledger(&stats);
-    println!("mysql proxy: TIME_WAIT proxy {proxy_tw}, client {client_tw}; ledger {ledger}");
-    assert_eq!(n(&ledger["closed"]), N as u64, "ledger: {ledger}");
-    within_1pct(n(&ledger["time_wait_proxy"]), proxy_tw, "on waitless");
-    within_1pct(n(&ledger["time_wait_peer"]), client_tw, "on the clients");
+    ledger_agrees_with_kernel(&proxy, "mysql proxy").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -520,14 +526,7 @@ async fn tcp_ledger_matches_the_kernel_when_the_server_closes_first() {
     assert_eq!(failed, 0);
     settle().await;
 
-    let proxy_tw = time_wait_on_port(proxy.port);
-    let client_tw = sockets_to_port("time-wait", proxy.port);
-    let stats = proxy.stats().await;
-    let ledger = listener_ledger(&stats);
-    println!("tcp client: TIME_WAIT proxy {proxy_tw}, client {client_tw}; ledger {ledger}");
-    assert_eq!(n(&ledger["closed"]), N as u64, "ledger: {ledger}");
-    within_1pct(n(&ledger["time_wait_proxy"]), proxy_tw, "on waitless");
-    within_1pct(n(&ledger["time_wait_peer"]), client_tw, "on the clients");
+    ledger_agrees_with_kernel(&proxy, "tcp client").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -545,14 +544,5 @@ async fn mysql_ledger_matches_the_kernel_for_the_stock_client_under_proxy() {
     assert_eq!(failed, 0);
     settle().await;
 
-    let proxy_tw = time_wait_on_port(proxy.port);
-    let client_tw = sockets_to_port("time-wait", proxy.port);
-    let stats = proxy.stats().await;
-    let ledger = listener_ledger(&stats);
-    println!(
-        "mariadb client, proxy: TIME_WAIT proxy {proxy_tw}, client {client_tw}; ledger {ledger}"
-    );
-    assert_eq!(n(&ledger["closed"]), N as u64, "ledger: {ledger}");
-    within_1pct(n(&ledger["time_wait_proxy"]), proxy_tw, "on waitless");
-    within_1pct(n(&ledger["time_wait_peer"]), client_tw, "on the clients");
+    ledger_agrees_with_kernel(&proxy, "mariadb client, proxy").await;
 }
