@@ -10,6 +10,7 @@
 
 mod backend;
 mod front;
+mod lent;
 mod packet;
 mod relay;
 mod residue;
@@ -17,6 +18,7 @@ mod statement;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +52,8 @@ pub struct MysqlUpstream {
     resetting: Vec<AtomicUsize>,
     /// Per server: sessions waiting for one of those.
     waiting: Vec<AtomicUsize>,
+    /// Per server: the sessions holding a connection, to see which are ending.
+    lent: Vec<lent::Lent>,
     /// Woken whenever a connection goes back to a pool, for clients waiting for one.
     returned: Notify,
 }
@@ -88,10 +92,6 @@ enum End {
 /// How long a waiting client sleeps between looks at a full pool when nothing is returned.
 const RECHECK: Duration = Duration::from_millis(50);
 
-/// How long a session that finds `pool_size` connections open and none idle waits for one to
-/// come back before it opens another.
-const AT_POOL_SIZE: Duration = Duration::from_millis(10);
-
 const ER_CON_COUNT_ERROR: u16 = 1040;
 /// CR_CONN_HOST_ERROR: "Can't connect to MySQL server", for an upstream with no server up.
 const CR_CONN_HOST_ERROR: u16 = 2003;
@@ -107,11 +107,13 @@ impl MysqlUpstream {
         let facts = pool.servers.iter().map(|_| ServerFacts::new()).collect();
         let resetting = pool.servers.iter().map(|_| AtomicUsize::new(0)).collect();
         let waiting = pool.servers.iter().map(|_| AtomicUsize::new(0)).collect();
+        let lent = pool.servers.iter().map(|_| lent::Lent::default()).collect();
         Arc::new(MysqlUpstream {
             pool,
             facts,
             resetting,
             waiting,
+            lent,
             returned: Notify::new(),
         })
     }
@@ -213,7 +215,6 @@ impl MysqlUpstream {
             };
         }
         let deadline = Instant::now() + cfg.connect_timeout;
-        let mut waited_at_pool_size = false;
         loop {
             // Registered before looking, so that a connection returned meanwhile wakes us.
             let returned = self.returned.notified();
@@ -235,28 +236,22 @@ impl MysqlUpstream {
                     Err(BackendError::Io(_)) => continue,
                 }
             }
-            // Short sessions back to back: a connection being reset is idle again in a round
-            // trip, sooner than a new one logs in. Wait for it while there are more of them
-            // than clients already waiting; the server sees no more connections than the
-            // sessions that overlap.
-            let (Some(resetting), Some(waiting)) =
-                (self.resetting.get(index), self.waiting.get(index))
-            else {
+            // Short sessions back to back: a connection being reset, or lent to a client
+            // that has already quit, is idle again in a round trip, sooner than a new one
+            // logs in. Wait for it while there are more of them than clients already
+            // waiting; the server sees no more connections than the sessions that overlap.
+            let (Some(resetting), Some(waiting), Some(lent)) = (
+                self.resetting.get(index),
+                self.waiting.get(index),
+                self.lent.get(index),
+            ) else {
                 return Err(Checkout::Failed("no such server".into()));
             };
             let now = Instant::now();
             let ahead = waiting.fetch_add(1, Ordering::AcqRel);
-            let wait = if resetting.load(Ordering::Acquire) > ahead {
-                Some(deadline.saturating_duration_since(now))
-            } else if server.open_now() >= cfg.pool_size && !waited_at_pool_size {
-                // pool_size open and none idle: one is likely on its way back (a session
-                // ending on another worker thread); opening one more would only have the
-                // pool close one later.
-                waited_at_pool_size = true;
-                Some(AT_POOL_SIZE.min(deadline.saturating_duration_since(now)))
-            } else {
-                None
-            };
+            let coming = resetting.load(Ordering::Acquire);
+            let wait = (coming > ahead || lent.leaving_more_than(ahead - coming))
+                .then(|| deadline.saturating_duration_since(now));
             if let Some(wait) = wait.filter(|w| !w.is_zero()) {
                 let _ = tokio::time::timeout(wait, returned).await;
                 waiting.fetch_sub(1, Ordering::AcqRel);
@@ -287,8 +282,9 @@ impl MysqlUpstream {
     }
 
     /// Resets a lent connection and returns it to its pool; a connection that cannot be
-    /// reset is closed instead.
-    async fn give_back(&self, mut lease: Lease, login: &Login) {
+    /// reset is closed instead. `session` is the session's place among the lent, given up
+    /// once the connection counts as being reset.
+    async fn give_back(&self, mut lease: Lease, login: &Login, session: Option<lent::Entry<'_>>) {
         let cfg = self.cfg();
         let index = self.index_of(&lease.server);
         let (Some(facts), Some(resetting)) = (self.facts.get(index), self.resetting.get(index))
@@ -296,6 +292,7 @@ impl MysqlUpstream {
             return;
         };
         resetting.fetch_add(1, Ordering::AcqRel);
+        drop(session);
         let reset = lease
             .pooled
             .conn
@@ -321,14 +318,20 @@ impl MysqlUpstream {
     }
 
     /// Returns a lent connection whose session left nothing behind, as it is.
-    fn skip_reset(&self, lease: Lease) {
+    fn skip_reset(&self, lease: Lease, session: Option<lent::Entry<'_>>) {
         lease
             .server
             .stats
             .resets_skipped
             .fetch_add(1, Ordering::Relaxed);
         lease.give_back();
+        drop(session);
         self.returned.notify_waiters();
+    }
+
+    /// Lists a session that holds a connection of server `index`, its client on `fd`.
+    fn lend(&self, index: usize, fd: RawFd) -> Option<lent::Entry<'_>> {
+        self.lent.get(index).map(|l| l.enter(fd))
     }
 }
 
@@ -398,7 +401,8 @@ impl MysqlListener {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         let policy = self.policy();
         let mut client = PacketIo::new(Tracked::client(stream, self.ledger.clone(), policy));
-        match self.session(&mut client, peer).await {
+        let fd = client.get_ref().get_ref().as_fd().as_raw_fd();
+        match self.session(&mut client, fd, peer).await {
             End::Done(why) => client.into_inner().finish_client(Ending::Over(why)).await,
             End::ServerGone => {
                 client
@@ -438,7 +442,8 @@ impl MysqlListener {
     }
 
     /// Login, borrow, commands, give back.
-    async fn session<C>(&self, client: &mut PacketIo<C>, peer: Option<SocketAddr>) -> End
+    /// `fd`: the client's socket, open for as long as this runs.
+    async fn session<C>(&self, client: &mut PacketIo<C>, fd: RawFd, peer: Option<SocketAddr>) -> End
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
@@ -506,16 +511,23 @@ impl MysqlListener {
                 .await;
             }
         };
+        let place = up.lend(picked.index, fd);
         let status = lease.pooled.conn.login_status();
         if let Err(e) = client.send(login.seq, &ok_payload(status)).await {
-            up.give_back(lease, &login).await;
+            up.give_back(lease, &login, place).await;
             return End::Broken(format!("login OK: {e}"));
         }
-        self.commands(client, lease, &login).await
+        self.commands(client, lease, place, &login).await
     }
 
     /// The command phase: until COM_QUIT, EOF, idle timeout or an error.
-    async fn commands<C>(&self, client: &mut PacketIo<C>, mut lease: Lease, login: &Login) -> End
+    async fn commands<C>(
+        &self,
+        client: &mut PacketIo<C>,
+        mut lease: Lease,
+        place: Option<lent::Entry<'_>>,
+        login: &Login,
+    ) -> End
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
@@ -624,11 +636,12 @@ impl MysqlListener {
                 lease.pooled.ctl.retire(Reason::Done);
             }
             drop(lease);
+            drop(place);
             up.returned.notify_waiters();
         } else if residue.needs_reset() {
-            up.give_back(lease, login).await;
+            up.give_back(lease, login, place).await;
         } else {
-            up.skip_reset(lease);
+            up.skip_reset(lease, place);
         }
         end
     }
