@@ -454,31 +454,61 @@ async fn self_closing_clients_keep_their_time_wait_under_default_settings() {
 }
 
 /// After `N` sessions on `proxy`'s listener: every close in the ledger, and its TIME_WAIT on
-/// waitless and on the clients as the kernel counts them (`within_1pct`).
-async fn ledger_agrees_with_kernel(proxy: &Waitless, what: &str) {
+/// waitless and on the clients as the kernel counts them (`within_1pct`). `recycled_before`:
+/// the kernel's TWRecycled counter before the sessions started.
+async fn ledger_agrees_with_kernel(proxy: &Waitless, what: &str, recycled_before: u64) {
     let proxy_tw = time_wait_on_port(proxy.port);
     let client_tw = sockets_to_port("time-wait", proxy.port);
+    let recycled = tw_recycled().saturating_sub(recycled_before);
     let stats = proxy.stats().await;
     let ledger = listener_ledger(&stats);
-    println!("{what}: TIME_WAIT proxy {proxy_tw}, client {client_tw}; ledger {ledger}");
+    println!(
+        "{what}: TIME_WAIT proxy {proxy_tw}, client {client_tw}, recycled by the host          meanwhile {recycled}; ledger {ledger}"
+    );
     assert_eq!(n(&ledger["closed"]), N as u64, "ledger: {ledger}");
-    within_1pct(n(&ledger["time_wait_proxy"]), proxy_tw, "on waitless");
-    within_1pct(n(&ledger["time_wait_peer"]), client_tw, "on the clients");
+    within_1pct(
+        n(&ledger["time_wait_proxy"]),
+        proxy_tw,
+        recycled,
+        "on waitless",
+    );
+    within_1pct(
+        n(&ledger["time_wait_peer"]),
+        client_tw,
+        recycled,
+        "on the clients",
+    );
 }
 
 /// `ledger` and `census` agree: the census above the ledger by at most 1% of the `N`
 /// sessions (FINs that cross put TIME_WAIT on both ends where the ledger names one), below it
-/// by at most 3%. The census can only lose: a client that picks a port whose 4-tuple is in
-/// TIME_WAIT on waitless revives that TIME_WAIT with its SYN, and on loopback a client reuses
-/// its own TIME_WAIT ports. With ~300 TIME_WAIT on waitless among ~28,000 ephemeral ports,
-/// 1,000 sessions hit one about ten times (CI saw 15).
-fn within_1pct(ledger: u64, census: usize, what: &str) {
+/// by at most 3% plus what the kernel says it recycled. The census can only lose: a client
+/// that picks a port whose 4-tuple is in TIME_WAIT on waitless revives that TIME_WAIT with
+/// its SYN, and on loopback (tcp_tw_reuse = 2) a connect takes over a TIME_WAIT of its own
+/// to the same port once ephemeral ports run short — in CI, with every test of this file
+/// running at once, 35 of 843 (TcpExt TWRecycled counts those, host-wide).
+fn within_1pct(ledger: u64, census: usize, recycled: u64, what: &str) {
     let census = census as u64;
     assert!(
         census * 100 <= ledger * 100 + N as u64
-            && (ledger * 100).saturating_sub(census * 100) <= 3 * N as u64,
-        "{what}: ledger {ledger}, kernel {census}"
+            && (ledger * 100).saturating_sub(census * 100) <= 3 * N as u64 + recycled * 100,
+        "{what}: ledger {ledger}, kernel {census}, recycled meanwhile {recycled}"
     );
+}
+
+/// TcpExt TWRecycled from /proc/net/netstat: TIME_WAIT sockets a connect() took over.
+fn tw_recycled() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut rows = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (rows.next(), rows.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(k, _)| *k == "TWRecycled")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -486,10 +516,11 @@ async fn mysql_ledger_matches_the_kernel_under_proxy() {
     use common::mysql::{short_sessions, MariaDb, MysqlProxy};
     let db = MariaDb::start().await;
     let proxy = MysqlProxy::start(db.port, "time_wait = \"proxy\"", "").await;
+    let recycled = tw_recycled();
     assert_eq!(short_sessions(proxy.port, N, 8).await, 0);
     settle().await;
 
-    ledger_agrees_with_kernel(&proxy, "mysql proxy").await;
+    ledger_agrees_with_kernel(&proxy, "mysql proxy", recycled).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -515,6 +546,7 @@ async fn tcp_ledger_matches_the_kernel_when_the_server_closes_first() {
     );
     let proxy = Waitless::launch(&config, port, admin).await;
     let addr = proxy.addr();
+    let recycled = tw_recycled();
     let failed = run_load(N, 8, move || async move {
         let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
             return false;
@@ -526,7 +558,7 @@ async fn tcp_ledger_matches_the_kernel_when_the_server_closes_first() {
     assert_eq!(failed, 0);
     settle().await;
 
-    ledger_agrees_with_kernel(&proxy, "tcp client").await;
+    ledger_agrees_with_kernel(&proxy, "tcp client", recycled).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,6 +567,7 @@ async fn mysql_ledger_matches_the_kernel_for_the_stock_client_under_proxy() {
     let db = MariaDb::start().await;
     let proxy = MysqlProxy::start(db.port, "time_wait = \"proxy\"", "").await;
     let port = proxy.port;
+    let recycled = tw_recycled();
     let failed = run_load(N, 8, move || async move {
         tokio::task::spawn_blocking(move || cli(port, &["-e", "SELECT 1"]).0)
             .await
@@ -544,5 +577,5 @@ async fn mysql_ledger_matches_the_kernel_for_the_stock_client_under_proxy() {
     assert_eq!(failed, 0);
     settle().await;
 
-    ledger_agrees_with_kernel(&proxy, "mariadb client, proxy").await;
+    ledger_agrees_with_kernel(&proxy, "mariadb client, proxy", recycled).await;
 }
