@@ -576,3 +576,18 @@ impl Drop for Nginx {
         let _ = self.child.wait();
     }
 }
+
+/// TcpExt TWRecycled from /proc/net/netstat: TIME_WAIT sockets a connect() took over.
+pub fn tw_recycled() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut rows = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (rows.next(), rows.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(k, _)| *k == "TWRecycled")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
