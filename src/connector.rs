@@ -15,7 +15,7 @@ use std::future::Future;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpStream, UnixStream};
 
@@ -157,8 +157,8 @@ where
 
 /// Opens a connection to `server` and makes it the protocol's: waits up to `wait` for room
 /// under `max_connections` (zero: only if there is room now), then connects and shakes
-/// hands within `connect_timeout`. Counts it as opened, and its failure against the server's
-/// health; a server that refuses the handshake stays up.
+/// hands within `connect_timeout`. Counts it as opened, the time it took (`connect_duration`),
+/// and its failure against the server's health; a server that refuses the handshake stays up.
 pub async fn open<C, H>(
     up: &Upstream<C>,
     server: &Server<C>,
@@ -173,6 +173,8 @@ where
     let cfg = &up.cfg;
     let counted = server.admit(wait).await.map_err(|Busy| OpenError::Busy)?;
     let ctl = CloseCtl::new();
+    // After the permit: waiting for room under max_connections is not the server's time.
+    let started = Instant::now();
     let opening = async {
         let io = dial(cfg, server, &ctl).await?;
         handshake.greet(io).await
@@ -186,6 +188,7 @@ where
     };
     match opened {
         Ok(conn) => {
+            server.stats.connect_duration.observe(started.elapsed());
             server.health.succeeded();
             Ok(Pooled::new(conn, ctl, counted))
         }

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::histogram::Histogram;
 use crate::close::{Ending, Socket, Tracked};
 use crate::config::Address;
 use crate::eager::EagerTcp;
@@ -73,6 +74,8 @@ pub struct ListenerStats {
     pub errors_busy: AtomicU64,
     /// 502: the upstream failed after the request was sent.
     pub errors_upstream: AtomicU64,
+    /// How long requests (tcp, mysql: sessions) took, end to end, one observation each.
+    pub request_duration: Histogram,
 }
 
 /// Listening sockets bound but not yet given to a runtime: for TCP one socket per worker in

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::admin::histogram::Histogram;
 use crate::close::{CloseCtl, Ledger, Reason, SideId, SideLedger};
 use crate::config::{self, Address, Balance, HealthCheck};
 use crate::health::{self, Health};
@@ -113,6 +114,10 @@ pub struct ServerStats {
     pub resets: AtomicU64,
     /// MySQL: sessions that provably left nothing behind, so went back without a reset.
     pub resets_skipped: AtomicU64,
+    /// From the start of a connect to a connection the pool may lend (mysql: logged in).
+    pub connect_duration: Histogram,
+    /// From a request written to the server to its response head read (time to first byte).
+    pub response_head: Histogram,
 }
 
 /// An upstream: its settings and servers.

@@ -1,15 +1,37 @@
 //! Prometheus text for /metrics, rendered from a snapshot with prometheus-client.
+//!
+//! Every family is registered with its help text and type; the text is prometheus-client's.
+//! It writes OpenMetrics, which a Prometheus server asks for (`Accept:
+//! application/openmetrics-text`) and gets as is. Anyone else (curl, `promtool check
+//! metrics`, older scrapers) gets the classic text format 0.0.4: the same lines, except that
+//! a counter's HELP and TYPE name its `_total` sample (OpenMetrics names the family without
+//! it, which a 0.0.4 parser reads as a second, undocumented family) and no UNIT or EOF.
 
-use prometheus_client::encoding::text::encode;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::{encode, encode_registry};
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
 
+use super::histogram::HistogramSnap;
 use super::stats::{LedgerSnap, Snapshot};
+use super::system::System;
 use crate::close::census::StateCounts;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// Which exposition format to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0.0, prometheus-client's own.
+    OpenMetrics,
+    /// The classic Prometheus text format, version 0.0.4.
+    Text,
+}
 
 /// The families of one scrape.
 #[derive(Default)]
@@ -27,11 +49,58 @@ struct Families {
     idle: Family<Labels, Gauge>,
     closes: Family<Labels, Counter>,
     sockets: Family<Labels, Gauge>,
+    request_duration: Histograms,
+    connect_duration: Histograms,
+    response_head: Histograms,
 }
 
-/// Renders the snapshot as Prometheus text exposition.
-pub fn render(snap: &Snapshot) -> String {
-    let f = Families::default();
+/// Histogram snapshots by label set: a family whose members are already read (prometheus-
+/// client's `Family` makes its members, which a snapshot cannot be made into).
+#[derive(Debug, Default)]
+struct Histograms(Vec<(Labels, HistogramSnap)>);
+
+// === impl Format ===
+
+impl Format {
+    /// The format a scraper's Accept header asks for.
+    pub fn from_accept(accept: Option<&str>) -> Format {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
+            _ => Format::Text,
+        }
+    }
+
+    /// Its Content-Type.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+// === impl Histograms ===
+
+impl EncodeMetric for Histograms {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, h) in &self.0 {
+            h.encode(encoder.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Renders the snapshot and the system's figures in `format`.
+pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
+    let mut f = Families::default();
     for l in &snap.listeners {
         let who = || vec![("listener", l.name.clone())];
         f.requests.get_or_create(&who()).inc_by(l.requests);
@@ -50,6 +119,9 @@ pub fn render(snap: &Snapshot) -> String {
             f.errors.get_or_create(&labels).inc_by(n);
         }
         closes(&f, "listener", &l.name, &l.ledger);
+        f.request_duration
+            .0
+            .push((who(), l.request_duration.clone()));
         if let Some(c) = &l.census {
             sockets(&f, "listener", &l.name, "proxy", c);
         }
@@ -72,6 +144,10 @@ pub fn render(snap: &Snapshot) -> String {
                 }
             }
             f.idle.get_or_create(&who()).set(s.idle as i64);
+            f.connect_duration
+                .0
+                .push((who(), s.connect_duration.clone()));
+            f.response_head.0.push((who(), s.response_head.clone()));
             let name = format!("{}/{}", up.name, s.server);
             closes(&f, "server", &name, &s.ledger);
             if let Some(c) = &s.census_proxy {
@@ -83,7 +159,9 @@ pub fn render(snap: &Snapshot) -> String {
         }
     }
 
-    let mut reg = Registry::with_prefix("waitless");
+    let mut root = Registry::default();
+    process(&mut root, sys);
+    let reg = root.sub_registry_with_prefix("waitless");
     reg.register("requests", "HTTP requests received", f.requests);
     reg.register(
         "client_connections",
@@ -145,11 +223,164 @@ pub fn render(snap: &Snapshot) -> String {
         "The kernel's count of TCP sockets by state (census), per listener port and per upstream server",
         f.sockets,
     );
+    reg.register_with_unit(
+        "request_duration",
+        "Time to serve a request (tcp and mysql: a session), end to end, per listener",
+        Unit::Seconds,
+        f.request_duration,
+    );
+    reg.register_with_unit(
+        "upstream_connect_duration",
+        "Time from the start of a connect to a connection the pool can lend (mysql: logged in); failed connects are not in it",
+        Unit::Seconds,
+        f.connect_duration,
+    );
+    reg.register_with_unit(
+        "upstream_response_head_duration",
+        "Time from a request sent to an upstream server to its response head read",
+        Unit::Seconds,
+        f.response_head,
+    );
+    let build = Family::<Labels, Gauge>::default();
+    build
+        .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
+        .set(1);
+    reg.register(
+        "build_info",
+        "Always 1; its version label is waitless's version",
+        build,
+    );
+    host(reg, sys);
+
     let mut out = String::new();
-    if encode(&mut out, &reg).is_err() {
+    let written = match format {
+        Format::OpenMetrics => encode(&mut out, &root),
+        Format::Text => encode_registry(&mut out, &root),
+    };
+    if written.is_err() {
         out.clear();
     }
+    match format {
+        Format::OpenMetrics => out,
+        Format::Text => text_format(&out),
+    }
+}
+
+/// The standard process families (the names every Prometheus client library uses).
+fn process(reg: &mut Registry, sys: &System) {
+    let Some(p) = sys.process else {
+        return;
+    };
+    let rss = Gauge::<u64, AtomicU64>::default();
+    rss.set(p.rss_bytes);
+    reg.register_with_unit(
+        "process_resident_memory",
+        "Resident memory size",
+        Unit::Bytes,
+        rss,
+    );
+    let cpu = Counter::<f64, AtomicU64>::default();
+    cpu.inc_by(p.cpu_seconds);
+    reg.register_with_unit(
+        "process_cpu",
+        "User and system CPU time spent",
+        Unit::Seconds,
+        cpu,
+    );
+    let start = Gauge::<f64, AtomicU64>::default();
+    start.set(p.start_time_seconds);
+    reg.register_with_unit(
+        "process_start_time",
+        "Start time of the process since the Unix epoch",
+        Unit::Seconds,
+        start,
+    );
+    if let Some(n) = p.open_fds {
+        let fds = Gauge::<u64, AtomicU64>::default();
+        fds.set(n);
+        reg.register("process_open_fds", "Open file descriptors", fds);
+    }
+    if let Some(n) = p.max_fds {
+        let fds = Gauge::<u64, AtomicU64>::default();
+        fds.set(n);
+        reg.register(
+            "process_max_fds",
+            "Maximum open file descriptors (RLIMIT_NOFILE soft limit)",
+            fds,
+        );
+    }
+}
+
+/// The host's TIME_WAIT figures (waitless's network namespace).
+fn host(reg: &mut Registry, sys: &System) {
+    if !sys.tcpext.is_empty() {
+        let tcpext = Family::<Labels, Counter>::default();
+        for (name, n) in &sys.tcpext {
+            tcpext
+                .get_or_create(&vec![("counter", (*name).to_string())])
+                .inc_by(*n);
+        }
+        reg.register(
+            "host_tcpext",
+            "The host's TIME_WAIT-related TcpExt counters from /proc/net/netstat, by kernel name: TW (TIME_WAIT ended), TWRecycled, TWKilled, TCPTimeWaitOverflow (closed without TIME_WAIT: table full), TCPAbortOnLinger, TCPAbortOnClose (reset on close)",
+            tcpext,
+        );
+    }
+    if let Some(n) = sys.time_wait {
+        let tw = Gauge::<u64, AtomicU64>::default();
+        tw.set(n);
+        reg.register(
+            "host_time_wait_sockets",
+            "TCP sockets in TIME_WAIT on the host now, whoever owns them (/proc/net/sockstat)",
+            tw,
+        );
+    }
+}
+
+/// prometheus-client's OpenMetrics text as text format 0.0.4: a counter family's HELP and
+/// TYPE lines name its `_total` sample; UNIT lines (comments to 0.0.4) are left out.
+fn text_format(open_metrics: &str) -> String {
+    let mut out = String::with_capacity(open_metrics.len() + 256);
+    // A HELP line waits for the TYPE after it, which says whether it names a counter.
+    let mut help: Option<&str> = None;
+    for line in open_metrics.lines() {
+        if line.starts_with("# HELP ") {
+            push_line(&mut out, help.replace(line));
+            continue;
+        }
+        if let Some(typed) = line.strip_prefix("# TYPE ") {
+            let held = help.take();
+            match (typed.strip_suffix(" counter"), held) {
+                (Some(name), Some(h)) => {
+                    let text = h
+                        .strip_prefix("# HELP ")
+                        .and_then(|t| t.strip_prefix(name))
+                        .unwrap_or_default();
+                    out.push_str(&format!("# HELP {name}_total{text}\n"));
+                    out.push_str(&format!("# TYPE {name}_total counter\n"));
+                }
+                (_, h) => {
+                    push_line(&mut out, h);
+                    push_line(&mut out, Some(line));
+                }
+            }
+            continue;
+        }
+        push_line(&mut out, help.take());
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        push_line(&mut out, Some(line));
+    }
+    push_line(&mut out, help);
     out
+}
+
+fn push_line(out: &mut String, line: Option<&str>) {
+    if let Some(l) = line {
+        out.push_str(l);
+        out.push('\n');
+    }
 }
 
 fn closes(f: &Families, side: &'static str, name: &str, ledger: &LedgerSnap) {
@@ -186,5 +417,35 @@ fn sockets(f: &Families, side: &'static str, name: &str, view: &'static str, c: 
             ("state", state.to_string()),
         ];
         f.sockets.get_or_create(&labels).set(n as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_format_names_the_total_sample_of_a_counter_and_keeps_the_rest() {
+        let om = "# HELP w_requests Requests.\n# TYPE w_requests counter\n\
+                  w_requests_total{l=\"a\"} 3\n\
+                  # HELP w_d_seconds Durations.\n# TYPE w_d_seconds histogram\n\
+                  # UNIT w_d_seconds seconds\nw_d_seconds_sum 0.5\nw_d_seconds_count 1\n\
+                  w_d_seconds_bucket{le=\"+Inf\"} 1\n# EOF\n";
+        assert_eq!(
+            text_format(om),
+            "# HELP w_requests_total Requests.\n# TYPE w_requests_total counter\n\
+             w_requests_total{l=\"a\"} 3\n\
+             # HELP w_d_seconds Durations.\n# TYPE w_d_seconds histogram\n\
+             w_d_seconds_sum 0.5\nw_d_seconds_count 1\nw_d_seconds_bucket{le=\"+Inf\"} 1\n"
+        );
+    }
+
+    #[test]
+    fn an_accept_header_asking_for_openmetrics_gets_it() {
+        let prometheus =
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+        assert_eq!(Format::from_accept(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::from_accept(Some("*/*")), Format::Text);
+        assert_eq!(Format::from_accept(None), Format::Text);
     }
 }

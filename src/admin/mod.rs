@@ -1,11 +1,14 @@
-//! The admin listener: `/metrics` (Prometheus), `/stats` (JSON), `/healthz`, `/reload`.
+//! The admin listener: `/metrics` (Prometheus: the snapshot, the process, the host's TCP),
+//! `/stats` (JSON), `/healthz`, `/reload`.
 //!
 //! It sees the running proxy only through `Control`, which the composition root (`proxy`)
 //! implements: what a snapshot is taken from, and a reload.
 
+pub mod histogram;
 pub mod metrics;
 pub mod report;
 pub mod stats;
+pub mod system;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -105,16 +108,17 @@ async fn route(req: Request<Incoming>, proxy: Arc<dyn Control>) -> Response<Full
             }
         }
         "/metrics" => {
+            let format = metrics::Format::from_accept(
+                req.headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
             match tokio::task::spawn_blocking(move || {
-                metrics::render(&stats::snapshot(&proxy.inputs()))
+                metrics::render(&stats::snapshot(&proxy.inputs()), &system::read(), format)
             })
             .await
             {
-                Ok(body) => text(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    body,
-                ),
+                Ok(body) => text(StatusCode::OK, format.content_type(), body),
                 Err(e) => text(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "text/plain",

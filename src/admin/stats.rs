@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
+use super::histogram::HistogramSnap;
 use super::Inputs;
 use crate::close::census::{self, Scope, StateCounts};
 use crate::close::ledger::{Entry, SideLedger, TimeWaitAt};
@@ -39,6 +40,9 @@ pub struct ListenerSnap {
     pub ledger: LedgerSnap,
     /// Sockets on the listener's port by state (accepted client connections).
     pub census: Option<StateCounts>,
+    /// Request (session) durations (absent from older versions' /stats).
+    #[serde(default)]
+    pub request_duration: HistogramSnap,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,6 +81,12 @@ pub struct ServerSnap {
     pub census_proxy: Option<StateCounts>,
     /// The server's sockets on its port, when it runs on this host (loopback).
     pub census_server: Option<StateCounts>,
+    /// Connect (and handshake) times of the connections opened (absent from older versions).
+    #[serde(default)]
+    pub connect_duration: HistogramSnap,
+    /// Times from a request sent to its response head (absent from older versions).
+    #[serde(default)]
+    pub response_head: HistogramSnap,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -186,6 +196,7 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
                 },
                 ledger: LedgerSnap::of(&l.ledger),
                 census: l.addr.and_then(|a| census_of(Scope::LocalPort(a.port()))),
+                request_duration: s.request_duration.snapshot(),
             }
         })
         .collect();
@@ -218,6 +229,8 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
                         census_server: tcp
                             .filter(|a| is_local(*a))
                             .and_then(|a| census_of(Scope::LocalPort(a.port()))),
+                        connect_duration: st.connect_duration.snapshot(),
+                        response_head: st.response_head.snapshot(),
                     }
                 })
                 .collect(),
