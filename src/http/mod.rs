@@ -34,6 +34,7 @@ use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::close::{Ending, Reason, SideLedger, Socket, Tracked};
@@ -455,6 +456,7 @@ impl HttpListener {
         state: Arc<ConnState>,
         req: Request<Incoming>,
     ) -> impl Future<Output = Result<Response<ExchangeBody>, Infallible>> + Send + 'static {
+        let started = Instant::now();
         let prepared = state.listener.prepare(req, &state);
         async move {
             let this = &state.listener;
@@ -485,6 +487,9 @@ impl HttpListener {
                 }
                 Err(resp) => resp,
             };
+            // To the response head handed to hyper (the simple path: to the whole response
+            // written).
+            this.stats.request_duration.observe(started.elapsed());
             Ok(resp.map(|body| ExchangeBody::new(body, state)))
         }
     }
@@ -563,8 +568,12 @@ impl HttpListener {
     ) -> Result<Answer, Response<RespBody>> {
         let timeout = self.upstream.cfg.response_timeout;
         let (mut lease, reused) = self.checkout().await?;
+        let sent = Instant::now();
         let (untouched, why) = match lease.exchange(&head, flags.head_request, timeout).await {
-            Ok(head) => return Ok(Answer::new(head, lease)),
+            Ok(head) => {
+                lease.server.stats.response_head.observe(sent.elapsed());
+                return Ok(Answer::new(head, lease));
+            }
             Err(Failed::TimedOut) => return Err(self.timed_out(&lease.server)),
             Err(Failed::Broken { untouched, why }) => (untouched, why),
         };
@@ -581,8 +590,12 @@ impl HttpListener {
         server.stats.retries.fetch_add(1, Ordering::Relaxed);
         // To whichever server answers: the one that failed may be gone.
         let (mut lease, _) = self.checkout_with(Reuse::Never).await?;
+        let sent = Instant::now();
         match lease.exchange(&head, flags.head_request, timeout).await {
-            Ok(head) => Ok(Answer::new(head, lease)),
+            Ok(head) => {
+                lease.server.stats.response_head.observe(sent.elapsed());
+                Ok(Answer::new(head, lease))
+            }
             Err(Failed::TimedOut) => Err(self.timed_out(&lease.server)),
             Err(Failed::Broken { why, .. }) => Err(self.upstream_failed(&lease.server.label, &why)),
         }
@@ -607,8 +620,10 @@ impl HttpListener {
             Err(e) => return Err(self.upstream_failed(&server.label, &e.to_string())),
         };
         let timeout = self.upstream.cfg.response_timeout;
+        let started = Instant::now();
         let err = match tokio::time::timeout(timeout, tx.send_request(req)).await {
             Ok(Ok(resp)) => {
+                server.stats.response_head.observe(started.elapsed());
                 if let Err(why) = validate::response(resp.status(), resp.headers()) {
                     return Err(self.upstream_failed(&server.label, why));
                 }

@@ -161,6 +161,7 @@ impl HttpListener {
                 }
             };
             buf.advance(req.len);
+            let started = tokio::time::Instant::now();
             served = served.wrapping_add(1);
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let reply = self.send_bodyless(req.upstream, req.flags).await;
@@ -172,6 +173,7 @@ impl HttpListener {
                     "client connection error");
                 return Simple::Over;
             }
+            self.stats.request_duration.observe(started.elapsed());
             if close {
                 let reason = if draining {
                     Reason::Drain
