@@ -330,7 +330,58 @@ pub fn count_many(scopes: &[Scope]) -> io::Result<Vec<StateCounts>> {
         .collect())
 }
 
+/// True when this host holds a TIME_WAIT socket from `local` to `peer`: the kernel's answer
+/// to who closed first when a socket reads CLOSE right after its own FIN, which is either
+/// TIME_WAIT of its own (the peer's FIN came after ours, the full socket is gone) or LAST_ACK
+/// acknowledged (the peer's came first and the TIME_WAIT is the peer's). One exact lookup
+/// (inet_diag without NLM_F_DUMP), not a dump: the kernel finds the 4-tuple in its hash.
+pub fn time_wait_between(local: SocketAddr, peer: SocketAddr) -> io::Result<bool> {
+    let (family, local_ip, peer_ip) = match (local.ip(), peer.ip()) {
+        (IpAddr::V4(l), IpAddr::V4(p)) => (AF_INET, IpAddr::V4(l), IpAddr::V4(p)),
+        (l, p) => (AF_INET6, IpAddr::V6(v6(l)), IpAddr::V6(v6(p))),
+    };
+    let socket_id = SocketId {
+        source_port: local.port(),
+        destination_port: peer.port(),
+        source_address: local_ip,
+        destination_address: peer_ip,
+        interface_id: 0,
+        // All 0xff: any socket with this 4-tuple, whatever its cookie.
+        cookie: [0xff; 8],
+    };
+    let socket = open_socket()?;
+    let request = build_message(NLM_F_REQUEST, family, 1, socket_id, &[])?;
+    socket.send(&request, 0)?;
+    let mut buf = vec![0u8; 4096];
+    let mut state = None;
+    loop {
+        let len = match socket.recv(&mut &mut buf[..], 0) {
+            Ok(len) => len,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let datagram = buf.get(..len).unwrap_or(&[]);
+        // A found socket comes as one message and nothing after it (no NLMSG_DONE without a
+        // dump); none found is an NLMSG_ERROR of ENOENT.
+        match read_datagram(datagram, 1, &mut |h| state = Some(h.state)) {
+            Ok(_) if state.is_some() || datagram.is_empty() => break,
+            Ok(_) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(state == Some(TCP_TIME_WAIT))
+}
+
 // === private helpers ===
+
+/// An address as IPv6, IPv4 ones in their v4-mapped form (how an IPv6 socket holds them).
+fn v6(ip: IpAddr) -> std::net::Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
 
 /// Both `Scope`s and answers compare in this form (see `Scope::canonical`).
 fn canonical_addr(ip: IpAddr, port: u16) -> SocketAddr {
@@ -419,14 +470,25 @@ fn dump(
 /// 56-byte header only), so the one attribute is appended here and the netlink header's
 /// length field rewritten to cover it.
 fn build_request(family: u8, seq: u32, bytecode: &[u8]) -> io::Result<Vec<u8>> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = seq;
     let socket_id = if family == AF_INET {
         SocketId::new_v4()
     } else {
         SocketId::new_v6()
     };
+    build_message(NLM_F_REQUEST | NLM_F_DUMP, family, seq, socket_id, bytecode)
+}
+
+/// One `inet_diag_req_v2` message with `flags`, for `socket_id`, then `bytecode` if any.
+fn build_message(
+    flags: u16,
+    family: u8,
+    seq: u32,
+    socket_id: SocketId,
+    bytecode: &[u8],
+) -> io::Result<Vec<u8>> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
     let mut message = NetlinkMessage::new(
         header,
         SockDiagMessage::InetRequest(InetRequest {
@@ -682,6 +744,40 @@ mod tests {
                 assert_eq!((client.time_wait, server.time_wait), (ss_client, ss_server));
             }
             None => eprintln!("ss not installed: census not compared with ss"),
+        }
+    }
+
+    #[test]
+    fn exact_lookup_finds_the_time_wait_of_its_own_four_tuple_only() {
+        for ip in [
+            IpAddr::from(Ipv4Addr::LOCALHOST),
+            IpAddr::from(Ipv6Addr::LOCALHOST),
+        ] {
+            let listener = TcpListener::bind((ip, 0)).unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (mut server, _) = listener.accept().unwrap();
+            let (local, peer) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+            assert!(
+                !time_wait_between(local, peer).unwrap(),
+                "open is not TIME_WAIT"
+            );
+            // The client closes first: TIME_WAIT is the client's 4-tuple's, not the server's.
+            drop(client);
+            let mut byte = [0u8; 1];
+            assert_eq!(server.read(&mut byte).unwrap(), 0);
+            drop(server);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !time_wait_between(local, peer).unwrap() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert!(
+                time_wait_between(local, peer).unwrap(),
+                "{ip}: the closer's TIME_WAIT"
+            );
+            assert!(
+                !time_wait_between(peer, local).unwrap(),
+                "{ip}: the passive side's"
+            );
         }
     }
 

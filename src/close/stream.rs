@@ -227,14 +227,25 @@ impl<S: Socket> Tracked<S> {
             let unset = self.first.is_none();
             // The facts just read said the peer had not closed.
             self.first.get_or_insert(Closer::Proxy);
+            // Read now: a socket that reaches CLOSE no longer says who its peer was.
+            let peer = if unset && S::IS_TCP {
+                self.addr(|sock| sock.peer_addr())
+            } else {
+                None
+            };
             self.send_fin().await;
             // But its FIN may have crossed the decision. LAST_ACK right after our FIN says the
-            // peer's came first, and TIME_WAIT is its; so does CLOSE, which on loopback is a
-            // LAST_ACK already acknowledged, or a FIN of the peer's that crossed ours (both
-            // ends keep TIME_WAIT then; the peer's is the one this records). A peer that had
-            // not closed leaves us in FIN_WAIT1 or FIN_WAIT2 this soon.
-            if unset && matches!(self.tcp_state(), Some(TCP_LAST_ACK | TCP_CLOSE)) {
-                self.first = Some(Closer::Peer);
+            // peer's came first, and TIME_WAIT is its. CLOSE says one of two things on
+            // loopback: a LAST_ACK already acknowledged (the peer's), or a peer so quick to
+            // answer our FIN with its own that the socket is TIME_WAIT already (ours); only
+            // the kernel's table tells them apart. A peer that had not closed leaves us in
+            // FIN_WAIT1 or FIN_WAIT2 this soon.
+            if unset {
+                match self.tcp_state() {
+                    Some(TCP_LAST_ACK) => self.first = Some(Closer::Peer),
+                    Some(TCP_CLOSE) if !self.in_time_wait(peer) => self.first = Some(Closer::Peer),
+                    _ => {}
+                }
             }
         }
         let expired = match step.wait {
@@ -431,6 +442,25 @@ impl<S: Socket> Tracked<S> {
                 self.tcp_state(),
                 Some(TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSE)
             )
+    }
+
+    /// Whether this connection's 4-tuple (`peer` as read before the close) is in TIME_WAIT
+    /// on this host, by the kernel's table; if that cannot be read, counts as not.
+    fn in_time_wait(&self, peer: Option<std::net::SocketAddr>) -> bool {
+        match (self.addr(|sock| sock.local_addr()), peer) {
+            (Some(local), Some(peer)) => {
+                super::census::time_wait_between(local, peer).unwrap_or(false)
+            }
+            _ => false,
+        }
+    }
+
+    /// One of the socket's addresses, if it is an IP one and can be read.
+    fn addr(
+        &self,
+        read: impl Fn(&SockRef<'_>) -> io::Result<socket2::SockAddr>,
+    ) -> Option<std::net::SocketAddr> {
+        read(&SockRef::from(&self.inner)).ok()?.as_socket()
     }
 
     /// The TCP state read just now if there is one, else read now (and kept for the close
