@@ -20,6 +20,8 @@
 //!   own HTTP/1.1 exchange for bodyless requests and hyper's client for those with a body.
 //! - `mysql`: the MySQL front: logins checked here, server connections lent per session.
 //! - `tcp`: the byte relay for any protocol, with half-close and preconnected servers.
+//! - `tls`: listeners' certificates, the handshake with clients, and the TLS stream that
+//!   closes by the same policy as a plain socket.
 //! - `proxy_protocol`: PROXY v1/v2 headers read from load balancers and sent to servers.
 //! - `admin`: /metrics, /stats, /healthz and /reload, and the `waitless stats` table; it
 //!   sees the running proxy only through `admin::Control`.
@@ -58,4 +60,5 @@ pub mod pool;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod tcp;
+pub mod tls;
 pub mod workers;

@@ -27,6 +27,7 @@ use crate::close::{Ending, Socket, Tracked};
 use crate::config::Address;
 use crate::eager::EagerTcp;
 use crate::proxy_protocol;
+use crate::tls::{self, ServerTls, TlsStats};
 
 /// A protocol's handler for accepted client connections.
 pub trait Serve: Send + Sync + 'static {
@@ -41,6 +42,12 @@ pub trait Serve: Send + Sync + 'static {
     /// Wraps a client connection in the listener's close tracking (its ledger, its client
     /// policy), for connections turned away before `serve` saw them.
     fn track<S: Socket>(&self, stream: S) -> Tracked<S>;
+
+    /// The listener's TLS, taken before the protocol sees the connection, and the bound on
+    /// its handshake. None for plain listeners (and for protocols that start TLS themselves).
+    fn tls(&self) -> Option<(&ServerTls, Duration)> {
+        None
+    }
 
     /// Turns a client away because the listener is at `max_clients`. By default the
     /// connection is closed as a refusal (reset: nothing was sent); protocols with an error
@@ -76,6 +83,8 @@ pub struct ListenerStats {
     pub errors_upstream: AtomicU64,
     /// How long requests (tcp, mysql: sessions) took, end to end, one observation each.
     pub request_duration: Histogram,
+    /// TLS handshakes with clients.
+    pub tls: TlsStats,
 }
 
 /// Listening sockets bound but not yet given to a runtime: for TCP one socket per worker in
@@ -321,6 +330,46 @@ pub async fn accept_loop<T: Serve>(svc: watch::Receiver<Arc<T>>, sock: Bound, op
         // Each task holds only what its connection needs for its whole life: it is most of
         // what an idle client connection costs.
         match accepted {
+            Accepted::Tcp(stream, _) if over && svc.tls().is_some() => {
+                // An answer (a 503, ERR 1040) would need a handshake first: refused as is.
+                opts.tasks.spawn(Box::pin(async move {
+                    let _active = active;
+                    svc.track(stream).finish_client(Ending::Refused).await
+                }));
+            }
+            Accepted::Tcp(mut stream, peer) if svc.tls().is_some() => {
+                let opts = opts.clone();
+                opts.tasks.clone().spawn(async move {
+                    let _active = active;
+                    let client = Box::pin(client_addr(&mut stream, peer, &opts)).await;
+                    match (client, svc.tls()) {
+                        (Some(client), Some((config, within))) => {
+                            match Box::pin(tls::accept(config, stream, within, &opts.stats.tls))
+                                .await
+                            {
+                                Ok(tls) => {
+                                    drop(opts);
+                                    svc.serve(tls, Some(client)).await
+                                }
+                                Err((e, stream)) => {
+                                    // Accepted, if never served.
+                                    opts.stats.connections.fetch_add(1, Ordering::Relaxed);
+                                    tracing::debug!(listener = %opts.name, peer = %client,
+                                        error = e.as_str(), "TLS handshake failed");
+                                    // A TLS client has an alert to read; a plain one waits
+                                    // for an answer it could not read, and sees the close.
+                                    let ending = match e {
+                                        tls::HandshakeError::NotTls => Ending::ReadsToEof,
+                                        _ => Ending::RefusedAfterAnswer,
+                                    };
+                                    Box::pin(svc.track(stream).finish_client(ending)).await
+                                }
+                            }
+                        }
+                        _ => Box::pin(svc.track(stream).finish_client(Ending::Refused)).await,
+                    }
+                });
+            }
             Accepted::Tcp(mut stream, peer) if over => {
                 // Boxed: rare, and large; it must not weigh on every task.
                 let opts = opts.clone();

@@ -238,6 +238,10 @@ impl Serve for TcpRelay {
     fn track<S: Socket>(&self, stream: S) -> Tracked<S> {
         Tracked::client(stream, self.ledger.clone(), self.cfg.close_policy())
     }
+
+    fn tls(&self) -> Option<(&crate::tls::ServerTls, std::time::Duration)> {
+        Some((self.cfg.tls.as_ref()?, self.cfg.header_timeout))
+    }
 }
 
 /// The server side after a relay, and how the relay ended.

@@ -50,6 +50,8 @@ struct Families {
     closes: Family<Labels, Counter>,
     sockets: Family<Labels, Gauge>,
     request_duration: Histograms,
+    tls_handshakes: Family<Labels, Counter>,
+    tls_errors: Family<Labels, Counter>,
     connect_duration: Histograms,
     response_head: Histograms,
 }
@@ -119,6 +121,17 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
             f.errors.get_or_create(&labels).inc_by(n);
         }
         closes(&f, "listener", &l.name, &l.ledger);
+        if let Some(tls) = &l.tls {
+            let side = || vec![("side", "client".to_string()), ("name", l.name.clone())];
+            f.tls_handshakes
+                .get_or_create(&side())
+                .inc_by(tls.handshakes);
+            for (reason, n) in &tls.errors {
+                let mut labels = side();
+                labels.push(("reason", reason.clone()));
+                f.tls_errors.get_or_create(&labels).inc_by(*n);
+            }
+        }
         f.request_duration
             .0
             .push((who(), l.request_duration.clone()));
@@ -172,6 +185,16 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
         "client_connections_rejected",
         "Client connections turned away at max_clients (HTTP: 503, MySQL: error 1040, tcp: closed)",
         f.rejected,
+    );
+    reg.register(
+        "tls_handshakes",
+        "TLS handshakes completed, by side (client: with a listener's clients) and name",
+        f.tls_handshakes,
+    );
+    reg.register(
+        "tls_handshake_errors",
+        "TLS handshakes failed, by side, name and reason (timeout: not done within header_timeout; eof: the peer left; no_application_protocol: no ALPN protocol in common, e.g. h2 only; not_tls: plain text on a TLS port, closed unanswered; protocol: TLS that rustls refused)",
+        f.tls_errors,
     );
     reg.register(
         "errors",

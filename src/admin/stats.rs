@@ -43,6 +43,18 @@ pub struct ListenerSnap {
     /// Request (session) durations (absent from older versions' /stats).
     #[serde(default)]
     pub request_duration: HistogramSnap,
+    /// TLS handshakes with clients, when the listener has `tls`.
+    #[serde(default)]
+    pub tls: Option<TlsSnap>,
+}
+
+/// One side's TLS handshakes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TlsSnap {
+    /// Completed.
+    pub handshakes: u64,
+    /// Failed, by reason (`timeout`, `eof`, `no_application_protocol`, `protocol`).
+    pub errors: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -197,6 +209,14 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
                 ledger: LedgerSnap::of(&l.ledger),
                 census: l.addr.and_then(|a| census_of(Scope::LocalPort(a.port()))),
                 request_duration: s.request_duration.snapshot(),
+                tls: l.cfg.tls.as_ref().map(|_| TlsSnap {
+                    handshakes: s.tls.handshakes.load(Ordering::Relaxed),
+                    errors: s
+                        .tls
+                        .errors()
+                        .map(|(kind, n)| (kind.as_str().to_string(), n))
+                        .collect(),
+                }),
             }
         })
         .collect();

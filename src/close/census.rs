@@ -847,11 +847,14 @@ mod tests {
     fn count_many_answers_in_order_and_equals_single_counts() {
         let (listener, _clients, _servers) = connected(Ipv4Addr::LOCALHOST.into());
         let addr = listener.local_addr().unwrap();
-        // A port with nothing on it: bound then released.
-        let unused = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
+        // A port with nothing on it: bound and kept, not listening (a bound-only socket is
+        // in no table the kernel dumps), so that no other test's socket can take it meanwhile.
+        let holder =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        holder
+            .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
             .unwrap();
+        let unused = holder.local_addr().unwrap().as_socket().unwrap();
         let scopes = [
             Scope::Remote(addr),
             Scope::LocalPort(unused.port()),

@@ -36,6 +36,15 @@ pub trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send + Sync + 'static 
     /// Reads what has arrived already, without waiting: Ok(0) at EOF, WouldBlock when
     /// nothing is there (or the socket cannot tell without waiting).
     fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// The connection is TLS (`tls::Tls`): its clients asked for https.
+    const IS_TLS: bool = false;
+
+    /// Says the session is over in the protocol under the application's, before any close:
+    /// TLS's close_notify. A FIN or RST follows, by policy.
+    fn poll_close_notify(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// `Socket` for a tokio stream type; TCP and unix streams differ only in `IS_TCP`.
@@ -223,6 +232,11 @@ impl<S: Socket> Tracked<S> {
 
     /// Takes `step`: its FIN, its wait, then the close the wait's outcome calls for.
     async fn carry_out(mut self, step: Step) {
+        if S::IS_TLS && !self.done {
+            // Whoever sends the first FIN, a TLS reader sees the end only by the alert; and
+            // under `none` it is sent before the RST's wait for everything to be acknowledged.
+            let _ = std::future::poll_fn(|cx| self.inner.poll_close_notify(cx)).await;
+        }
         if step.fin_first {
             let unset = self.first.is_none();
             // The facts just read said the peer had not closed.

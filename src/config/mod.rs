@@ -70,9 +70,14 @@ pub trait Stage: fmt::Debug + Clone + PartialEq {
     /// A mysql user's password: as written, `None` when it comes from `password_env`; once
     /// resolved, the password itself.
     type Password: Clone + PartialEq + Eq;
+    /// A listener's TLS: the certificate files as written; once resolved, also loaded.
+    type ServerTls: fmt::Debug + Clone;
 
     /// The admin address as a listen address, to check listeners against it.
     fn admin_address(admin: &Self::AdminAddress) -> Self::Address;
+
+    /// A listener's certificate files, at either stage.
+    fn cert_files(tls: &Self::ServerTls) -> &[crate::tls::CertFiles];
 }
 
 /// The stage pure parsing gives: host names and `password_env` as written.
@@ -183,6 +188,8 @@ pub struct Listener<S: Stage = Resolved> {
     /// `underscores_in_headers off`), for servers that read `_` as `-` and could be told a
     /// forged `X_Forwarded_For` for the real one. Framing names with `_` are refused anyway.
     pub drop_underscore_headers: bool,
+    /// TLS from clients: the certificates (as written), then loaded (once resolved).
+    pub tls: Option<S::ServerTls>,
 }
 
 /// How an upstream picks a server.
@@ -343,9 +350,14 @@ impl Stage for Unresolved {
     type Address = Endpoint;
     type AdminAddress = Endpoint;
     type Password = Option<String>;
+    type ServerTls = Vec<crate::tls::CertFiles>;
 
     fn admin_address(admin: &Endpoint) -> Endpoint {
         admin.clone()
+    }
+
+    fn cert_files(tls: &Self::ServerTls) -> &[crate::tls::CertFiles] {
+        tls
     }
 }
 
@@ -353,9 +365,14 @@ impl Stage for Resolved {
     type Address = Address;
     type AdminAddress = SocketAddr;
     type Password = String;
+    type ServerTls = crate::tls::ServerTls;
 
     fn admin_address(admin: &SocketAddr) -> Address {
         Address::Tcp(*admin)
+    }
+
+    fn cert_files(tls: &Self::ServerTls) -> &[crate::tls::CertFiles] {
+        &tls.files
     }
 }
 

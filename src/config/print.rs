@@ -54,6 +54,19 @@ impl<S: Stage> fmt::Display for Config<S> {
             let header = format_duration(listener.header_timeout);
             writeln!(f, "header_timeout = \"{header}\"")?;
             writeln!(f, "defer_accept = {}", listener.defer_accept)?;
+            if let Some(certs) = &listener.tls {
+                let certs: Vec<String> = S::cert_files(certs)
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{{ cert = {}, key = {} }}",
+                            quoted(&c.cert.display().to_string()),
+                            quoted(&c.key.display().to_string())
+                        )
+                    })
+                    .collect();
+                writeln!(f, "tls = {{ certs = [{}] }}", certs.join(", "))?;
+            }
             if listener.protocol == Protocol::Http {
                 let drop = listener.drop_underscore_headers;
                 writeln!(f, "drop_underscore_headers = {drop}")?;

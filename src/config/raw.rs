@@ -94,6 +94,33 @@ struct RawListener {
     header_timeout: Option<RawDuration>,
     defer_accept: Option<bool>,
     drop_underscore_headers: Option<bool>,
+    tls: Option<RawTls>,
+}
+
+/// `tls = { cert, key }` or `tls = { certs = [{ cert, key }, ...] }` as written.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a table: tls = { cert = \"FILE\", key = \"FILE\" }, or tls = { certs = [{ cert = \"FILE\", key = \"FILE\" }, ...] }"
+)]
+enum RawTls {
+    One(RawCert),
+    Many(RawCerts),
+}
+
+/// One certificate chain and its key, as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCert {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+/// `certs = [...]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCerts {
+    certs: Vec<RawCert>,
 }
 
 /// `[[upstream]]` as written; the fields mirror [`Upstream`], None where the key is absent.
@@ -190,7 +217,7 @@ impl RawConfig {
             listeners: self
                 .listener
                 .into_iter()
-                .map(RawListener::into_listener)
+                .map(|l| l.into_listener(at.file().parent()))
                 .collect(),
             upstreams,
             mysql_users,
@@ -224,7 +251,8 @@ impl RawMysqlUser {
 // === impl RawListener ===
 
 impl RawListener {
-    fn into_listener(self) -> Listener<Unresolved> {
+    /// `base`: the config file's directory, which relative certificate paths start from.
+    fn into_listener(self, base: Option<&std::path::Path>) -> Listener<Unresolved> {
         let protocol = self.protocol.map(|w| w.0).unwrap_or_default();
         // Clients of HTTP speak first; of tcp, perhaps not; of mysql, never.
         let defer_default =
@@ -246,6 +274,23 @@ impl RawListener {
             header_timeout: self.header_timeout.map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
             defer_accept: self.defer_accept.unwrap_or(defer_default),
             drop_underscore_headers: self.drop_underscore_headers.unwrap_or(false),
+            tls: self.tls.map(|tls| {
+                let certs = match tls {
+                    RawTls::One(cert) => vec![cert],
+                    RawTls::Many(many) => many.certs,
+                };
+                let at = |p: std::path::PathBuf| match base {
+                    Some(base) if p.is_relative() => base.join(p),
+                    _ => p,
+                };
+                certs
+                    .into_iter()
+                    .map(|c| crate::tls::CertFiles {
+                        cert: at(c.cert),
+                        key: at(c.key),
+                    })
+                    .collect()
+            }),
         }
     }
 }

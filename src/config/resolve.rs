@@ -7,7 +7,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use super::units::parse_endpoint;
 use super::{
-    Address, Admin, Config, ConfigError, Endpoint, Listener, MysqlUser, Parsed, Resolved,
+    Address, Admin, Config, ConfigError, Endpoint, Listener, MysqlUser, Parsed, Protocol, Resolved,
     Unresolved, Upstream,
 };
 
@@ -52,7 +52,13 @@ impl Parsed {
             .map(|(i, l)| {
                 let listen = lookup(&l.listen, with)
                     .map_err(|message| at.error(format!("listener[{i}].listen"), message))?;
-                Ok(with_listen(l, listen))
+                let tls = l
+                    .tls
+                    .as_ref()
+                    .map(|files| load_tls(l, files))
+                    .transpose()
+                    .map_err(|message| at.error(format!("listener[{i}].tls"), message))?;
+                Ok(with_listen(l, listen, tls))
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let upstreams = written
@@ -151,8 +157,28 @@ fn read_password(
     })
 }
 
-/// `l` with its address resolved; every other field as written.
-fn with_listen(l: &Listener<Unresolved>, listen: Address) -> Listener<Resolved> {
+/// The certificates of listener `l`, read and checked now (and again at each reload).
+fn load_tls(
+    l: &Listener<Unresolved>,
+    files: &[crate::tls::CertFiles],
+) -> Result<crate::tls::ServerTls, String> {
+    // An http client that offers ALPN must be offered what is spoken: HTTP/1.1 only.
+    let alpn: &[&[u8]] = match l.protocol {
+        Protocol::Http => &[b"http/1.1"],
+        Protocol::Tcp => &[],
+        Protocol::Mysql => {
+            return Err("TLS on mysql listeners is not available yet (http and tcp have it)".into())
+        }
+    };
+    crate::tls::ServerTls::load(files.to_vec(), alpn)
+}
+
+/// `l` with its address and certificates resolved; every other field as written.
+fn with_listen(
+    l: &Listener<Unresolved>,
+    listen: Address,
+    tls: Option<crate::tls::ServerTls>,
+) -> Listener<Resolved> {
     Listener {
         name: l.name.clone(),
         listen,
@@ -168,6 +194,7 @@ fn with_listen(l: &Listener<Unresolved>, listen: Address) -> Listener<Resolved> 
         header_timeout: l.header_timeout,
         defer_accept: l.defer_accept,
         drop_underscore_headers: l.drop_underscore_headers,
+        tls,
     }
 }
 

@@ -158,11 +158,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn forward_request(
     headers: &HeaderMap,
     client: Option<&HeaderValue>,
-    drop_underscored: bool,
+    rules: Rules,
     mut emit: impl FnMut(&HeaderName, &HeaderValue),
 ) {
     let named = Named::of(headers);
-    let mut forwarding = Forwarding::new(client, drop_underscored);
+    let mut forwarding = Forwarding::new(client, rules);
     for (name, value) in headers {
         let name_bytes = name.as_str().as_bytes();
         if forwarding.keeps(name_bytes, name_bytes, value.as_bytes()) && !named.contains(name) {
@@ -170,6 +170,16 @@ pub fn forward_request(
         }
     }
     forwarding.finish(emit);
+}
+
+/// The listener's and the connection's part in how a request's fields go upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// `drop_underscore_headers`: names with `_` are left out.
+    pub drop_underscored: bool,
+    /// The client came over TLS: X-Forwarded-Proto is `https`, whatever the client said
+    /// (waitless terminated its TLS and knows).
+    pub https: bool,
 }
 
 /// The rules a request's fields go upstream by, for a map (`forward_request`) or for the
@@ -182,19 +192,19 @@ pub struct Forwarding<'a> {
     prior_for: Option<&'a [u8]>,
     /// The request came with an X-Forwarded-Proto.
     has_proto: bool,
-    /// `drop_underscore_headers`: names with `_` are left out.
-    drop_underscored: bool,
+    /// The listener's and the connection's rules.
+    rules: Rules,
 }
 
 // === impl Forwarding ===
 
 impl<'a> Forwarding<'a> {
-    pub fn new(client: Option<&'a HeaderValue>, drop_underscored: bool) -> Forwarding<'a> {
+    pub fn new(client: Option<&'a HeaderValue>, rules: Rules) -> Forwarding<'a> {
         Forwarding {
             client,
             prior_for: None,
             has_proto: false,
-            drop_underscored,
+            rules,
         }
     }
 
@@ -205,14 +215,19 @@ impl<'a> Forwarding<'a> {
         if is_hop_by_hop_name(lower) || lower == b"expect" {
             return false;
         }
-        if self.drop_underscored && raw.contains(&b'_') {
+        if self.rules.drop_underscored && raw.contains(&b'_') {
             return false;
         }
         if self.client.is_some() && lower == b"x-forwarded-for" {
             self.prior_for.get_or_insert(value);
             return false;
         }
-        self.has_proto |= lower == b"x-forwarded-proto";
+        if lower == b"x-forwarded-proto" {
+            if self.rules.https {
+                return false;
+            }
+            self.has_proto = true;
+        }
         true
     }
 
@@ -229,7 +244,9 @@ impl<'a> Forwarding<'a> {
                 });
             emit(&X_FORWARDED_FOR, joined.as_ref().unwrap_or(ip));
         }
-        if !self.has_proto {
+        if self.rules.https {
+            emit(&X_FORWARDED_PROTO, &HeaderValue::from_static("https"));
+        } else if !self.has_proto {
             emit(&X_FORWARDED_PROTO, &HeaderValue::from_static("http"));
         }
     }
@@ -352,7 +369,7 @@ mod tests {
     fn forwarded(h: &HeaderMap, ip: Option<&str>) -> Vec<(String, String)> {
         let ip = forwarded_for(ip.map(|ip| ip.parse().unwrap()));
         let mut out = Vec::new();
-        forward_request(h, ip.as_ref(), false, |name, value| {
+        forward_request(h, ip.as_ref(), Rules::default(), |name, value| {
             out.push((name.to_string(), value.to_str().unwrap().to_string()))
         });
         out
@@ -448,7 +465,11 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("1"));
         let names = |drop| {
             let mut out = Vec::new();
-            forward_request(&h, None, drop, |name, _| out.push(name.to_string()));
+            let rules = Rules {
+                drop_underscored: drop,
+                https: false,
+            };
+            forward_request(&h, None, rules, |name, _| out.push(name.to_string()));
             out
         };
         assert_eq!(names(false), ["x_api_key", "x-kept", "x-forwarded-proto"]);

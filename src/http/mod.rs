@@ -76,6 +76,8 @@ pub struct ConnState {
     client_ip: Option<IpAddr>,
     /// The same, as the X-Forwarded-For value of its requests.
     forwarded_for: Option<HeaderValue>,
+    /// How its requests' fields go upstream (the listener's rules, and whether it is TLS).
+    rules: headers::Rules,
     /// The client reads the response to EOF (HTTP/1.0 without keep-alive, or no length).
     eof_reader: AtomicBool,
     /// The request being served is HTTP/1.0.
@@ -168,6 +170,10 @@ impl Serve for HttpListener {
 
     fn track<S: Socket>(&self, stream: S) -> Tracked<S> {
         Tracked::client(stream, self.ledger.clone(), self.cfg.close_policy())
+    }
+
+    fn tls(&self) -> Option<(&crate::tls::ServerTls, std::time::Duration)> {
+        Some((self.cfg.tls.as_ref()?, self.cfg.header_timeout))
     }
 
     /// At `max_clients`: every request on the connection gets a 503, then it closes.
@@ -328,6 +334,10 @@ impl HttpListener {
             listener: self.clone(),
             client_ip: peer.map(|p| p.ip()),
             forwarded_for: headers::forwarded_for(peer.map(|p| p.ip())),
+            rules: headers::Rules {
+                drop_underscored: self.cfg.drop_underscore_headers,
+                https: S::IS_TLS,
+            },
             eof_reader: AtomicBool::new(false),
             http10: AtomicBool::new(false),
             refused: AtomicBool::new(false),
@@ -526,12 +536,12 @@ impl HttpListener {
         }
         // The headers are rewritten for upstream as the request goes out.
         let client = state.forwarded_for.as_ref();
-        let drop_underscored = self.cfg.drop_underscore_headers;
+        let rules = state.rules;
         if body.is_end_stream() {
             let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
             let mut head = Vec::with_capacity(512);
             let (method, headers) = (&parts.method, &parts.headers);
-            wire::encode_request(&mut head, method, target, headers, client, drop_underscored);
+            wire::encode_request(&mut head, method, target, headers, client, rules);
             let flags = Bodyless {
                 head_request: parts.method == Method::HEAD,
                 idempotent: is_idempotent(&parts.method),
@@ -539,7 +549,7 @@ impl HttpListener {
             return Prepared::Bodyless { head, flags };
         }
         let mut forwarded = http::HeaderMap::with_capacity(parts.headers.len() + 2);
-        headers::forward_request(&parts.headers, client, drop_underscored, |name, value| {
+        headers::forward_request(&parts.headers, client, rules, |name, value| {
             forwarded.append(name.clone(), value.clone());
         });
         if body.size_hint().exact().is_none() {

@@ -95,7 +95,10 @@ impl HttpListener {
     ) -> Simple<S> {
         let mut buf = BytesMut::from(unread);
         let client = headers::forwarded_for(peer.map(|p| p.ip()));
-        let drop_underscored = self.cfg.drop_underscore_headers;
+        let rules = headers::Rules {
+            drop_underscored: self.cfg.drop_underscore_headers,
+            https: S::IS_TLS,
+        };
         // Grown from empty, a short connection's one response took six reallocations
         // (1,000 instructions, callgrind).
         let mut out = Vec::with_capacity(OUT_START);
@@ -146,7 +149,7 @@ impl HttpListener {
                 }
             }
             let req = loop {
-                if let Some(req) = parse_request(&buf, client.as_ref(), drop_underscored) {
+                if let Some(req) = parse_request(&buf, client.as_ref(), rules) {
                     break req;
                 }
                 // Only a head that is not simple as it came pays for this, once.
@@ -299,12 +302,11 @@ fn encode_target(buf: &mut BytesMut) -> bool {
 }
 
 /// The request at the start of `buf` and its head as it goes upstream, if it is simple;
-/// `client` is the X-Forwarded-For address, `drop_underscored` the listener's
-/// `drop_underscore_headers`.
+/// `client` is the X-Forwarded-For address, `rules` the listener's and the connection's.
 fn parse_request(
     buf: &[u8],
     client: Option<&HeaderValue>,
-    drop_underscored: bool,
+    rules: headers::Rules,
 ) -> Option<Parsed> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; wire::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -330,7 +332,7 @@ fn parse_request(
     upstream.extend_from_slice(target.as_bytes());
     upstream.extend_from_slice(b" HTTP/1.1\r\n");
     let (mut hosts, mut close) = (0, false);
-    let mut forwarding = headers::Forwarding::new(client, drop_underscored);
+    let mut forwarding = headers::Forwarding::new(client, rules);
     for h in req.headers.iter() {
         let mut lower = [0u8; 24];
         let name = headers::lower(h.name.as_bytes(), &mut lower);
@@ -639,7 +641,7 @@ mod tests {
 
     fn upstream(raw: &str, client: Option<&str>) -> Option<(String, Parsed)> {
         let ip = headers::forwarded_for(client.map(|c| c.parse().unwrap()));
-        let parsed = parse_request(raw.as_bytes(), ip.as_ref(), false)?;
+        let parsed = parse_request(raw.as_bytes(), ip.as_ref(), Default::default())?;
         Some((String::from_utf8(parsed.upstream.clone()).unwrap(), parsed))
     }
 
@@ -700,10 +702,14 @@ mod tests {
     #[test]
     fn underscored_names_pass_unless_the_listener_drops_them() {
         let raw = b"GET / HTTP/1.1\r\nHost: x\r\nX_Api_Key: 1\r\nX-A: 2\r\n\r\n";
-        let kept = parse_request(raw, None, false).unwrap();
+        let kept = parse_request(raw, None, Default::default()).unwrap();
         let kept = String::from_utf8(kept.upstream).unwrap();
         assert!(kept.contains("X_Api_Key: 1\r\n"), "{kept}");
-        let dropped = parse_request(raw, None, true).unwrap();
+        let drop = headers::Rules {
+            drop_underscored: true,
+            https: false,
+        };
+        let dropped = parse_request(raw, None, drop).unwrap();
         let dropped = String::from_utf8(dropped.upstream).unwrap();
         assert!(!dropped.contains("X_Api_Key"), "{dropped}");
         assert!(dropped.contains("X-A: 2\r\n"), "{dropped}");
@@ -791,7 +797,7 @@ mod tests {
                     _ => drop(raw.remove(at)),
                 }
             }
-            let Some(parsed) = parse_request(&raw, None, false) else {
+            let Some(parsed) = parse_request(&raw, None, Default::default()) else {
                 continue;
             };
             taken += 1;

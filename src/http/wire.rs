@@ -131,21 +131,21 @@ impl Framing {
 // === request ===
 
 /// Writes a request head as it goes upstream (`headers::forward_request`): `target` is the
-/// origin-form path and query, `client` the X-Forwarded-For address, `drop_underscored`
-/// the listener's `drop_underscore_headers`.
+/// origin-form path and query, `client` the X-Forwarded-For address, `rules` the listener's
+/// and the connection's.
 pub fn encode_request(
     out: &mut Vec<u8>,
     method: &Method,
     target: &str,
     headers: &HeaderMap,
     client: Option<&HeaderValue>,
-    drop_underscored: bool,
+    rules: super::headers::Rules,
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    super::headers::forward_request(headers, client, drop_underscored, |name, value| {
+    super::headers::forward_request(headers, client, rules, |name, value| {
         write_field(out, name.as_str().as_bytes(), value.as_bytes())
     });
     out.extend_from_slice(b"\r\n");
@@ -538,7 +538,7 @@ mod tests {
         h.append("x-b", HeaderValue::from_static("2"));
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
         let mut out = Vec::new();
-        encode_request(&mut out, &Method::GET, "/p?q", &h, None, false);
+        encode_request(&mut out, &Method::GET, "/p?q", &h, None, Default::default());
         let want = "GET /p?q HTTP/1.1\r\nhost: a\r\nx-b: 1\r\nx-b: 2\r\n\
                     x-forwarded-proto: http\r\n\r\n";
         assert_eq!(String::from_utf8(out).unwrap(), want);
