@@ -1,9 +1,10 @@
-//! The admin listener: `/metrics` (Prometheus: the snapshot, the process, the host's TCP),
-//! `/stats` (JSON), `/healthz`, `/reload`.
+//! The admin listener: `/` (the live dashboard), `/metrics` (Prometheus: the snapshot, the
+//! process, the host's TCP), `/stats` (JSON), `/healthz`, `/reload`.
 //!
 //! It sees the running proxy only through `Control`, which the composition root (`proxy`)
 //! implements: what a snapshot is taken from, and a reload.
 
+pub mod dashboard;
 pub mod histogram;
 pub mod metrics;
 pub mod report;
@@ -84,6 +85,9 @@ pub async fn serve(sock: TcpListener, proxy: Arc<dyn Control>) {
 }
 
 async fn route(req: Request<Incoming>, proxy: Arc<dyn Control>) -> Response<Full<Bytes>> {
+    if let Some((ctype, body)) = dashboard::asset(req.uri().path()) {
+        return static_body(ctype, body);
+    }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/reload" if req.method() == http::Method::POST => {
@@ -145,6 +149,13 @@ async fn route(req: Request<Incoming>, proxy: Arc<dyn Control>) -> Response<Full
         },
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
+}
+
+fn static_body(ctype: &'static str, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    resp
 }
 
 fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
