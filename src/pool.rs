@@ -149,6 +149,8 @@ pub struct ServerInfo<'a> {
     pub addr: &'a Address,
     pub label: &'a str,
     pub idle: usize,
+    /// Connections open now, idle or lent.
+    pub open: usize,
     pub state: &'static str,
     pub weight: u32,
     pub stats: &'a ServerStats,
@@ -540,6 +542,7 @@ impl<C: PoolConn + std::fmt::Debug> UpstreamInfo for Upstream<C> {
                 addr: &s.addr,
                 label: &s.label,
                 idle: s.idle_count(),
+                open: s.open_now(),
                 state: s.health.state(),
                 weight: s.weight,
                 stats: &s.stats,

@@ -104,6 +104,22 @@ async fn dashboard_in_chromium_shows_both_listeners_and_the_time_wait_of_stats()
         census.is_some_and(|n| n > 0),
         "edge-proxy census {census:?}"
     );
+    // What /stats gained for the page: connections open now. The clients are gone; the
+    // pool keeps at most pool_size, idle ones among them.
+    for l in listeners(&stats) {
+        assert_eq!(l["active"].as_u64(), Some(0), "active of {}", l["name"]);
+    }
+    for s in stats["upstreams"][0]["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let (idle, open) = (s["idle"].as_u64(), s["open"].as_u64());
+        assert!(
+            matches!((idle, open), (Some(i), Some(o)) if i <= o && o <= 2),
+            "idle {idle:?}, open {open:?}"
+        );
+    }
     // The headline: nginx runs here, so its census is read and the page says what it holds.
     let backend_tw: u64 = stats["upstreams"]
         .as_array()

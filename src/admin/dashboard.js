@@ -98,7 +98,7 @@
     card.append(t);
     const t2 = el("table", {});
     t2.append(row("connections", num(l.connections)));
-    if (l.active !== undefined) t2.append(row("open now", num(l.active)));
+    t2.append(row("open now", num(l.active)));
     if (l.census) t2.append(row("established (census)", num(l.census.established)));
     t2.append(row("requests", num(l.requests)));
     t2.append(row("refused (max_clients)", num(l.rejected)));
@@ -136,8 +136,7 @@
     card.append(t);
     const t2 = el("table", {});
     t2.append(row("weight", s.weight));
-    t2.append(row("idle / open", num(s.idle) + " / " +
-      (s.open !== undefined ? num(s.open) : s.census_proxy ? num(s.census_proxy.established) : "–")));
+    t2.append(row("idle / open", num(s.idle) + " / " + num(s.open)));
     t2.append(row("reused / opened", num(s.reused) + " / " + num(s.opened) + " (" + reuse + " reused)"));
     t2.append(row("connect errors / retries", num(s.connect_errors) + " / " + num(s.retries)));
     if (s.resets || s.resets_skipped) t2.append(row("resets / skipped", num(s.resets) + " / " + num(s.resets_skipped)));

@@ -39,6 +39,7 @@ struct Families {
     requests: Family<Labels, Counter>,
     client_connections: Family<Labels, Counter>,
     rejected: Family<Labels, Counter>,
+    active: Family<Labels, Gauge>,
     errors: Family<Labels, Counter>,
     opened: Family<Labels, Counter>,
     reused: Family<Labels, Counter>,
@@ -47,6 +48,7 @@ struct Families {
     connect_errors: Family<Labels, Counter>,
     resets: Family<Labels, Counter>,
     idle: Family<Labels, Gauge>,
+    open: Family<Labels, Gauge>,
     closes: Family<Labels, Counter>,
     sockets: Family<Labels, Gauge>,
     request_duration: Histograms,
@@ -110,6 +112,7 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
             .get_or_create(&who())
             .inc_by(l.connections);
         f.rejected.get_or_create(&who()).inc_by(l.rejected);
+        f.active.get_or_create(&who()).set(l.active as i64);
         for (kind, n) in [
             ("connect", l.errors.connect),
             ("timeout", l.errors.timeout),
@@ -157,6 +160,7 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
                 }
             }
             f.idle.get_or_create(&who()).set(s.idle as i64);
+            f.open.get_or_create(&who()).set(s.open as i64);
             f.connect_duration
                 .0
                 .push((who(), s.connect_duration.clone()));
@@ -185,6 +189,11 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
         "client_connections_rejected",
         "Client connections turned away at max_clients (HTTP: 503, MySQL: error 1040, tcp: closed)",
         f.rejected,
+    );
+    reg.register(
+        "client_connections_active",
+        "Client connections open now",
+        f.active,
     );
     reg.register(
         "tls_handshakes",
@@ -235,6 +244,11 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
         "pool_idle_connections",
         "Idle pooled upstream connections",
         f.idle,
+    );
+    reg.register(
+        "pool_open_connections",
+        "Upstream connections open now, idle or lent",
+        f.open,
     );
     reg.register(
         "closes",

@@ -32,6 +32,9 @@ pub struct ListenerSnap {
     pub listen: String,
     pub time_wait: String,
     pub connections: u64,
+    /// Client connections open now (absent from older versions' /stats).
+    #[serde(default)]
+    pub active: u64,
     /// Client connections turned away at `max_clients` (absent from older versions' /stats).
     #[serde(default)]
     pub rejected: u64,
@@ -79,6 +82,9 @@ pub struct ServerSnap {
     pub state: String,
     pub weight: u32,
     pub idle: usize,
+    /// Connections open now, idle or lent (absent from older versions' /stats).
+    #[serde(default)]
+    pub open: usize,
     pub opened: u64,
     pub reused: u64,
     pub connect_errors: u64,
@@ -198,6 +204,7 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
                     .map_or_else(|| l.cfg.listen.to_string(), |a| a.to_string()),
                 time_wait: l.cfg.time_wait.to_string(),
                 connections: s.connections.load(Ordering::Relaxed),
+                active: s.active.load(Ordering::Relaxed) as u64,
                 rejected: s.rejected.load(Ordering::Relaxed),
                 requests: s.requests.load(Ordering::Relaxed),
                 errors: Errors {
@@ -238,6 +245,7 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
                         state: server.state.to_string(),
                         weight: server.weight,
                         idle: server.idle,
+                        open: server.open,
                         opened: st.opened.load(Ordering::Relaxed),
                         reused: st.reused.load(Ordering::Relaxed),
                         connect_errors: st.connect_errors.load(Ordering::Relaxed),
