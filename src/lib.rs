@@ -44,6 +44,7 @@
     )
 )]
 
+pub mod access;
 pub mod admin;
 pub mod alloc;
 pub mod close;

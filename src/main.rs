@@ -220,7 +220,9 @@ fn run(config: Config) -> ExitCode {
             match proxy.reload() {
                 Ok(()) => tracing::info!("configuration reloaded"),
                 Err(e) => {
-                    tracing::error!(error = %e, "reload refused; the running configuration stays")
+                    tracing::error!(error = %e, "reload refused; the running configuration stays");
+                    // SIGHUP still reopens the access log, as logrotate expects.
+                    waitless::access::reopen();
                 }
             }
         }

@@ -334,6 +334,8 @@ impl Proxy {
                 up.drain();
             }
         }
+        // Past every check: a refused config leaves the log where it was.
+        crate::access::configure(&config.log);
         let gen = Generation {
             config: Some(config),
             listeners,

@@ -136,16 +136,23 @@ impl TcpRelay {
             .ok()
             .and_then(|a| a.as_socket());
         let policy = self.cfg.close_policy();
-        let mut client = Tracked::client(stream, self.ledger.clone(), policy);
+        let mut client = Tracked::client(stream, self.ledger.clone(), policy)
+            .logged(crate::access::Conn::new(&self.cfg.name, "tcp", peer));
         let header = self.header(peer, local);
         let up = &self.upstream;
         let linger = self.cfg.linger;
         // Preconnected connections first, then a fresh connect; a server that refuses is
         // skipped for the next. A client waits up to connect_timeout for room under
         // max_connections.
+        let asked = client.log().map(|_| Instant::now());
         match connector::get(up, Reuse::Any, &HANDSHAKE, &self.cfg.name).await {
-            Ok((mut lease, _)) => {
+            Ok((mut lease, reused)) => {
                 self.refill.notify_one();
+                if let (Some(log), Some(asked)) = (client.log(), asked) {
+                    let mut trip = crate::access::Trip::default();
+                    trip.lent(&lease.server.label, reused, Some(asked.elapsed()));
+                    log.session(trip, None);
+                }
                 // The lease (and its max_connections permit) lives as long as the relay; the
                 // socket is the relay's to close.
                 let Some(io) = lease.pooled.conn.io.take() else {

@@ -288,6 +288,7 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
         build,
     );
     host(reg, sys);
+    access_log(reg);
 
     let mut out = String::new();
     let written = match format {
@@ -372,6 +373,25 @@ fn host(reg: &mut Registry, sys: &System) {
             tw,
         );
     }
+}
+
+/// The access log's own counters: what it wrote, and what it dropped to never make a
+/// request wait.
+fn access_log(reg: &mut Registry) {
+    let written = Counter::<u64, AtomicU64>::default();
+    written.inc_by(crate::access::written());
+    reg.register(
+        "access_log_lines",
+        "Access log lines written ([log] access)",
+        written,
+    );
+    let dropped = Counter::<u64, AtomicU64>::default();
+    dropped.inc_by(crate::access::dropped());
+    reg.register(
+        "access_log_dropped",
+        "Access log lines dropped because the writer could not keep up ([log] queue full)",
+        dropped,
+    );
 }
 
 /// prometheus-client's OpenMetrics text as text format 0.0.4: a counter family's HELP and

@@ -24,6 +24,7 @@ use super::policy::{
     decide, grace, ClientPolicy, ClientTimeWait, Close, Ending, Expired, Facts, Side, Step,
     UpstreamPolicy, UpstreamTimeWait, Wait,
 };
+use crate::access;
 
 /// A stream socket a `Tracked` can wrap.
 pub trait Socket: AsyncRead + AsyncWrite + AsFd + Unpin + Send + Sync + 'static {
@@ -116,6 +117,9 @@ pub struct Tracked<S: Socket> {
     /// What TCP_INFO said just now (read by `peer_closed` or `await_acked`), for the steps
     /// that follow at once, so a close reads it once; cleared before anything that waits.
     seen: Option<TcpView>,
+    /// A client connection's access log, when it is on: bytes each way, and its last line,
+    /// which the close completes.
+    log: Option<Arc<access::Conn>>,
 }
 
 const REASON_UNSET: u8 = u8::MAX;
@@ -180,7 +184,19 @@ impl<S: Socket> Tracked<S> {
             first: None,
             done: false,
             seen: None,
+            log: None,
         }
+    }
+
+    /// Logs the connection in the access log (`access::Conn::new` is None when it is off).
+    pub fn logged(mut self, log: Option<Arc<access::Conn>>) -> Tracked<S> {
+        self.log = log;
+        self
+    }
+
+    /// The connection's access log, when it is on.
+    pub fn log(&self) -> Option<&Arc<access::Conn>> {
+        self.log.as_ref()
     }
 
     /// The wrapped socket.
@@ -521,6 +537,13 @@ impl<S: Socket> Tracked<S> {
             how => how,
         };
         self.ledger.record(closer, how, reason);
+        if let Some(log) = self.log.take() {
+            log.closed(access::Closed {
+                closer,
+                how,
+                reason,
+            });
+        }
     }
 }
 
@@ -539,6 +562,14 @@ impl<S: Socket> Drop for Tracked<S> {
     }
 }
 
+impl<S: Socket> Tracked<S> {
+    fn count_written(&self, poll: &Poll<io::Result<usize>>) {
+        if let (Some(log), Poll::Ready(Ok(n))) = (&self.log, poll) {
+            log.wrote(*n);
+        }
+    }
+}
+
 impl<S: Socket> AsyncRead for Tracked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -548,8 +579,12 @@ impl<S: Socket> AsyncRead for Tracked<S> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = poll {
-            if buf.filled().len() == before && buf.remaining() > 0 {
+            let read = buf.filled().len() - before;
+            if read == 0 && buf.remaining() > 0 {
                 self.saw_eof();
+            }
+            if let Some(log) = &self.log {
+                log.read(read);
             }
         }
         poll
@@ -562,7 +597,9 @@ impl<S: Socket> AsyncWrite for Tracked<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.count_written(&poll);
+        poll
     }
 
     fn poll_write_vectored(
@@ -570,7 +607,9 @@ impl<S: Socket> AsyncWrite for Tracked<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.count_written(&poll);
+        poll
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -58,6 +58,8 @@ pub struct Config<S: Stage = Resolved> {
     pub upstreams: Vec<Upstream<S>>,
     /// Accounts of mysql listeners (`[[mysql_user]]`).
     pub mysql_users: Vec<MysqlUser<S>>,
+    /// `[log]`.
+    pub log: Log,
 }
 
 /// How far a config has been carried: the types of the parts that the resolve step fills in.
@@ -97,6 +99,29 @@ pub struct Parsed {
     pub config: Config<Unresolved>,
     /// Where each key is written, for the resolve step's errors.
     at: Locator,
+}
+
+/// `[log]`: the access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Log {
+    /// `access`: `"off"` (the default), `"stderr"`, or a file (relative to the config's
+    /// directory), appended to and reopened on SIGHUP.
+    pub access: crate::access::Destination,
+    /// `format`: `"json"` (the default) or `"text"`.
+    pub format: crate::access::Format,
+    /// `queue`: lines that may wait for the writer before new ones are dropped (counted);
+    /// read at the first start of the log, a change needs a restart.
+    pub queue: usize,
+}
+
+impl Default for Log {
+    fn default() -> Log {
+        Log {
+            access: crate::access::Destination::Off,
+            format: crate::access::Format::Json,
+            queue: crate::access::DEFAULT_QUEUE,
+        }
+    }
 }
 
 /// `[admin]`.

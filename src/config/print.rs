@@ -26,6 +26,17 @@ impl<S: Stage> fmt::Display for Config<S> {
             Some(addr) => writeln!(f, "listen = {}", quoted(&addr.to_string()))?,
             None => writeln!(f, "listen = \"off\"")?,
         }
+        writeln!(f)?;
+        writeln!(f, "[log]")?;
+        match &self.log.access {
+            crate::access::Destination::Off => writeln!(f, "access = \"off\"")?,
+            crate::access::Destination::Stderr => writeln!(f, "access = \"stderr\"")?,
+            crate::access::Destination::File(path) => {
+                writeln!(f, "access = {}", quoted(&path.display().to_string()))?
+            }
+        }
+        writeln!(f, "format = \"{}\"", self.log.format)?;
+        writeln!(f, "queue = {}", self.log.queue)?;
         for listener in &self.listeners {
             writeln!(f)?;
             writeln!(f, "[[listener]]")?;

@@ -12,7 +12,7 @@ use super::locate::Locator;
 use super::units::{parse_duration, parse_endpoint, parse_mode, Keyword};
 use super::{
     Admin, Balance, CheckKind, ClientTimeWait, Config, ConfigError, Endpoint, HealthCheck,
-    LingerFallback, Listener, MysqlUser, Protocol, ProxyProtocol, Unresolved, Upstream,
+    LingerFallback, Listener, Log, MysqlUser, Protocol, ProxyProtocol, Unresolved, Upstream,
     UpstreamTimeWait,
 };
 
@@ -66,6 +66,18 @@ struct RawConfig {
     /// `[[mysql_user]]` tables, in file order.
     #[serde(default)]
     mysql_user: Vec<RawMysqlUser>,
+    /// `[log]`.
+    log: Option<RawLog>,
+}
+
+/// `[log]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    /// `access`: `off`, `stderr` or a path.
+    access: Option<String>,
+    format: Option<RawWord<crate::access::Format>>,
+    queue: Option<usize>,
 }
 
 /// `[admin]` as written.
@@ -209,6 +221,9 @@ impl RawConfig {
             .enumerate()
             .map(|(i, u)| u.into_user(i, at))
             .collect::<Result<Vec<_>, _>>()?;
+        let log = self
+            .log
+            .map_or_else(Log::default, |l| l.into_log(at.file().parent()));
         Ok(Config {
             source: at.file().to_path_buf(),
             workers: self.workers.unwrap_or(0),
@@ -221,7 +236,33 @@ impl RawConfig {
                 .collect(),
             upstreams,
             mysql_users,
+            log,
         })
+    }
+}
+
+// === impl RawLog ===
+
+impl RawLog {
+    /// `base`: the config file's directory, which a relative log path starts from.
+    fn into_log(self, base: Option<&std::path::Path>) -> Log {
+        use crate::access::Destination;
+        let access = match self.access.as_deref() {
+            None | Some("" | "off") => Destination::Off,
+            Some("stderr") => Destination::Stderr,
+            Some(path) => {
+                let path = std::path::PathBuf::from(path);
+                match base {
+                    Some(base) if path.is_relative() => Destination::File(base.join(path)),
+                    _ => Destination::File(path),
+                }
+            }
+        };
+        Log {
+            access,
+            format: self.format.map(|w| w.0).unwrap_or_default(),
+            queue: self.queue.unwrap_or(crate::access::DEFAULT_QUEUE).max(1),
+        }
     }
 }
 

@@ -96,6 +96,7 @@ impl Parsed {
             listeners,
             upstreams,
             mysql_users,
+            log: written.log.clone(),
         };
         config.validate(at)?;
         Ok(config)

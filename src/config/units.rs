@@ -212,6 +212,20 @@ impl Keyword for CheckKind {
         &[("tcp", CheckKind::Tcp), ("http", CheckKind::Http)];
 }
 
+impl Keyword for crate::access::Format {
+    const WORDS: &'static [(&'static str, Self)] = &[
+        ("json", crate::access::Format::Json),
+        ("text", crate::access::Format::Text),
+    ];
+}
+
+/// The config word, `json` or `text`.
+impl fmt::Display for crate::access::Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(word_of(*self))
+    }
+}
+
 impl Keyword for ProxyProtocol {
     const WORDS: &'static [(&'static str, Self)] = &[
         ("off", ProxyProtocol::Off),

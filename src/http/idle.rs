@@ -26,6 +26,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{ConnState, RespBody};
+use crate::access;
 
 /// How often a hyper connection checks whether it is idle; it is let go after one full tick
 /// without an exchange starting or ending, so within one to two ticks of idleness.
@@ -55,6 +56,8 @@ pub struct ExchangeBody {
     inner: RespBody,
     /// The connection whose `Activity` counts this exchange.
     conn: Arc<ConnState>,
+    /// Its access-log line, handed to the connection's log when the response is done.
+    logged: Option<Box<access::Exchange>>,
 }
 
 /// A client socket lent to one hyper connection: it yields first the bytes a previous hyper
@@ -114,8 +117,16 @@ impl Snapshot {
 
 impl ExchangeBody {
     /// Wraps the response of an exchange counted as started on `conn`.
-    pub fn new(inner: RespBody, conn: Arc<ConnState>) -> ExchangeBody {
-        ExchangeBody { inner, conn }
+    pub fn new(
+        inner: RespBody,
+        conn: Arc<ConnState>,
+        logged: Option<Box<access::Exchange>>,
+    ) -> ExchangeBody {
+        ExchangeBody {
+            inner,
+            conn,
+            logged,
+        }
     }
 }
 
@@ -144,6 +155,9 @@ impl Drop for ExchangeBody {
         // hyper drops the body once its end is in the write buffer, or when it gives up on
         // the connection: either way the exchange no longer keeps the connection busy.
         self.conn.activity.ended.fetch_add(1, Ordering::Relaxed);
+        if let (Some(log), Some(ex)) = (self.conn.log.as_ref(), self.logged.take()) {
+            log.exchange(*ex);
+        }
     }
 }
 

@@ -37,6 +37,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::access;
 use crate::close::{Ending, Reason, SideLedger, Socket, Tracked};
 use crate::config;
 use crate::connector::{self, GetError, OpenError, Reuse};
@@ -76,6 +77,8 @@ pub struct ConnState {
     client_ip: Option<IpAddr>,
     /// The same, as the X-Forwarded-For value of its requests.
     forwarded_for: Option<HeaderValue>,
+    /// The connection's access log, when it is on.
+    log: Option<Arc<access::Conn>>,
     /// How its requests' fields go upstream (the listener's rules, and whether it is TLS).
     rules: headers::Rules,
     /// The client reads the response to EOF (HTTP/1.0 without keep-alive, or no length).
@@ -164,7 +167,8 @@ impl Serve for HttpListener {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         // Wrapped here, not inside the async fn: its arguments live as long as its future,
         // and a bare socket beside the wrapped one would be dead weight in every idle task.
-        let io = Tracked::client(stream, self.ledger.clone(), self.cfg.close_policy());
+        let io = Tracked::client(stream, self.ledger.clone(), self.cfg.close_policy())
+            .logged(access::Conn::new(&self.cfg.name, "http", peer));
         self.serve_client(io, peer)
     }
 
@@ -334,6 +338,7 @@ impl HttpListener {
             listener: self.clone(),
             client_ip: peer.map(|p| p.ip()),
             forwarded_for: headers::forwarded_for(peer.map(|p| p.ip())),
+            log: io.log().cloned(),
             rules: headers::Rules {
                 drop_underscored: self.cfg.drop_underscore_headers,
                 https: S::IS_TLS,
@@ -437,6 +442,10 @@ impl HttpListener {
                 } else {
                     [&parts.read_buf[..], &replayed[..]].concat().into()
                 };
+                // Its last request is logged now, not at a close that may be far off.
+                if let Some(log) = io.log() {
+                    log.flush();
+                }
                 return Session::Released(io, rest);
             }
             Ok(()) if head_late => Reason::Idle,
@@ -467,19 +476,24 @@ impl HttpListener {
         req: Request<Incoming>,
     ) -> impl Future<Output = Result<Response<ExchangeBody>, Infallible>> + Send + 'static {
         let started = Instant::now();
+        let mut logged = state.log.as_ref().map(|_| {
+            let target = req.uri().to_string();
+            Box::new(access::Exchange::new(req.method().as_str(), &target))
+        });
         let prepared = state.listener.prepare(req, &state);
         async move {
             let this = &state.listener;
+            let trip = logged.as_deref_mut().map(|ex| &mut ex.trip);
             let resp = match prepared {
                 Prepared::Refused(resp) => Err(*resp),
                 Prepared::Bodyless { head, flags } => this
-                    .send_bodyless(head, flags)
+                    .send_bodyless(head, flags, trip)
                     .await
                     .map(Answer::into_response),
                 Prepared::WithBody(req) => {
                     // Boxed, as connecting is: the rare path's large future (hyper's
                     // handshake) would otherwise size every request's future.
-                    let sending = Box::pin(this.send_with_body(*req, &state));
+                    let sending = Box::pin(this.send_with_body(*req, &state, trip));
                     sending.await
                 }
             };
@@ -500,7 +514,10 @@ impl HttpListener {
             // To the response head handed to hyper (the simple path: to the whole response
             // written).
             this.stats.request_duration.observe(started.elapsed());
-            Ok(resp.map(|body| ExchangeBody::new(body, state)))
+            if let Some(ex) = logged.as_deref_mut() {
+                ex.status = resp.status().as_u16();
+            }
+            Ok(resp.map(|body| ExchangeBody::new(body, state, logged)))
         }
     }
 
@@ -575,13 +592,22 @@ impl HttpListener {
         self: &Arc<Self>,
         head: Vec<u8>,
         flags: Bodyless,
+        mut trip: Option<&mut access::Trip>,
     ) -> Result<Answer, Response<RespBody>> {
         let timeout = self.upstream.cfg.response_timeout;
+        let asked = trip.is_some().then(Instant::now);
         let (mut lease, reused) = self.checkout().await?;
         let sent = Instant::now();
+        if let Some(trip) = trip.as_deref_mut() {
+            trip.lent(&lease.server.label, reused, asked.map(|a| sent - a));
+        }
         let (untouched, why) = match lease.exchange(&head, flags.head_request, timeout).await {
             Ok(head) => {
-                lease.server.stats.response_head.observe(sent.elapsed());
+                let took = sent.elapsed();
+                lease.server.stats.response_head.observe(took);
+                if let Some(trip) = trip {
+                    trip.head = Some(took);
+                }
                 return Ok(Answer::new(head, lease));
             }
             Err(Failed::TimedOut) => return Err(self.timed_out(&lease.server)),
@@ -599,11 +625,19 @@ impl HttpListener {
             "reused upstream connection failed before a response; retrying on a fresh one");
         server.stats.retries.fetch_add(1, Ordering::Relaxed);
         // To whichever server answers: the one that failed may be gone.
+        let asked = trip.is_some().then(Instant::now);
         let (mut lease, _) = self.checkout_with(Reuse::Never).await?;
         let sent = Instant::now();
+        if let Some(trip) = trip.as_deref_mut() {
+            trip.lent(&lease.server.label, false, asked.map(|a| sent - a));
+        }
         match lease.exchange(&head, flags.head_request, timeout).await {
             Ok(head) => {
-                lease.server.stats.response_head.observe(sent.elapsed());
+                let took = sent.elapsed();
+                lease.server.stats.response_head.observe(took);
+                if let Some(trip) = trip {
+                    trip.head = Some(took);
+                }
                 Ok(Answer::new(head, lease))
             }
             Err(Failed::TimedOut) => Err(self.timed_out(&lease.server)),
@@ -619,12 +653,17 @@ impl HttpListener {
         self: &Arc<Self>,
         req: Request<Incoming>,
         state: &ConnState,
+        mut trip: Option<&mut access::Trip>,
     ) -> Result<Response<UpstreamBody>, Response<RespBody>> {
         let (parts, body) = req.into_parts();
         let (body, sent) = ClientBody::new(body);
         let req = Request::from_parts(parts, body);
-        let (lease, _) = self.checkout().await?;
+        let asked = trip.is_some().then(Instant::now);
+        let (lease, reused) = self.checkout().await?;
         let server = lease.server.clone();
+        if let (Some(trip), Some(asked)) = (trip.as_deref_mut(), asked) {
+            trip.lent(&server.label, reused, Some(asked.elapsed()));
+        }
         let (mut tx, verdict) = match lease.hand_to_hyper().await {
             Ok(handed) => handed,
             Err(e) => return Err(self.upstream_failed(&server.label, &e.to_string())),
@@ -633,7 +672,11 @@ impl HttpListener {
         let started = Instant::now();
         let err = match tokio::time::timeout(timeout, tx.send_request(req)).await {
             Ok(Ok(resp)) => {
-                server.stats.response_head.observe(started.elapsed());
+                let took = started.elapsed();
+                server.stats.response_head.observe(took);
+                if let Some(trip) = trip {
+                    trip.head = Some(took);
+                }
                 if let Err(why) = validate::response(resp.status(), resp.headers()) {
                     return Err(self.upstream_failed(&server.label, why));
                 }
@@ -757,6 +800,9 @@ fn read_arrived<S: Socket>(io: &mut Tracked<S>) -> Option<Bytes> {
     // Big enough for most request heads; hyper reads the rest from the socket.
     let mut buf = [0u8; 2048];
     let n = io.get_mut().read_now(&mut buf).ok()?;
+    if let Some(log) = io.log() {
+        log.read(n);
+    }
     Some(Bytes::copy_from_slice(buf.get(..n)?))
 }
 

@@ -33,6 +33,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::upstream::BodyError;
 use super::{headers, idle, validate, wire, Answer, Bodyless, HttpListener, RespBody};
+use crate::access;
 use crate::close::{Ending, Reason, Socket, Tracked};
 
 /// Longest head this path reads before leaving it to hyper (cookies make heads of several
@@ -142,7 +143,13 @@ impl HttpListener {
                     Next::Idle if self.idle_wait() <= idle::TICK => {
                         return self.finish(io, Reason::Idle).await
                     }
-                    Next::Idle => return Simple::Idle(io),
+                    Next::Idle => {
+                        // Its last request is logged now, not at a close that may be far off.
+                        if let Some(log) = io.log() {
+                            log.flush();
+                        }
+                        return Simple::Idle(io);
+                    }
                     Next::Stopped => return self.finish(io, Reason::Drain).await,
                     // Dropped: the close mechanism records the error.
                     Next::Failed => return Simple::Over,
@@ -163,15 +170,30 @@ impl HttpListener {
                     return Simple::Hyper(io, buf.freeze());
                 }
             };
+            // The access log's view of the request, taken before its bytes go.
+            let mut logged = io
+                .log()
+                .map(|log| (log.clone(), access::Exchange::begin(&buf)));
             buf.advance(req.len);
             let started = tokio::time::Instant::now();
             served = served.wrapping_add(1);
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let reply = self.send_bodyless(req.upstream, req.flags).await;
+            let trip = logged.as_mut().map(|(_, ex)| &mut ex.trip);
+            let reply = self.send_bodyless(req.upstream, req.flags, trip).await;
+            if let Some((_, ex)) = logged.as_mut() {
+                ex.status = match &reply {
+                    Ok(answer) => answer.head.status.as_u16(),
+                    Err(resp) => resp.status().as_u16(),
+                };
+            }
             // A draining listener finishes the response in flight and closes after it.
             let draining = self.stop.is_cancelled();
             let close = req.close || draining;
-            if let Err(e) = write_response(&mut io, reply, req.flags, close, &mut out).await {
+            let written = write_response(&mut io, reply, req.flags, close, &mut out).await;
+            if let Some((log, ex)) = logged {
+                log.exchange(ex);
+            }
+            if let Err(e) = written {
                 tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e,
                     "client connection error");
                 return Simple::Over;

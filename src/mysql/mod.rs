@@ -400,9 +400,11 @@ impl MysqlListener {
     async fn serve_client<S: Socket>(self: Arc<Self>, stream: S, peer: Option<SocketAddr>) {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         let policy = self.policy();
-        let mut client = PacketIo::new(Tracked::client(stream, self.ledger.clone(), policy));
+        let log = crate::access::Conn::new(&self.cfg.name, "mysql", peer);
+        let tracked = Tracked::client(stream, self.ledger.clone(), policy).logged(log.clone());
+        let mut client = PacketIo::new(tracked);
         let fd = client.get_ref().get_ref().as_fd().as_raw_fd();
-        match self.session(&mut client, fd, peer).await {
+        match self.session(&mut client, fd, peer, log).await {
             End::Done(why) => client.into_inner().finish_client(Ending::Over(why)).await,
             End::ServerGone => {
                 client
@@ -443,7 +445,14 @@ impl MysqlListener {
 
     /// Login, borrow, commands, give back.
     /// `fd`: the client's socket, open for as long as this runs.
-    async fn session<C>(&self, client: &mut PacketIo<C>, fd: RawFd, peer: Option<SocketAddr>) -> End
+    /// `log`: the client connection's access log, when it is on.
+    async fn session<C>(
+        &self,
+        client: &mut PacketIo<C>,
+        fd: RawFd,
+        peer: Option<SocketAddr>,
+        log: Option<Arc<crate::access::Conn>>,
+    ) -> End
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
@@ -482,11 +491,22 @@ impl MysqlListener {
             }
         };
 
+        let asked = log.as_ref().map(|_| Instant::now());
         let lease = match up
             .checkout(picked.index, &login, picked.greeted, &self.cfg.name)
             .await
         {
-            Ok(lease) => lease,
+            Ok(lease) => {
+                if let (Some(log), Some(asked)) = (log.as_ref(), asked) {
+                    let trip = crate::access::Trip {
+                        server: Some(lease.server.label.clone()),
+                        connect: Some(asked.elapsed()),
+                        ..Default::default()
+                    };
+                    log.session(trip, Some(login.user.user.clone()));
+                }
+                lease
+            }
             Err(Checkout::Busy) => {
                 self.stats.errors_busy.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(listener = %self.cfg.name, upstream = %up.cfg().name,
