@@ -445,22 +445,7 @@ impl Conn {
     }
 
     fn record(&self, time: SystemTime) -> Record {
-        Record {
-            time,
-            listener: self.listener.clone(),
-            protocol: self.protocol,
-            client: self.client,
-            request: None,
-            user: None,
-            server: None,
-            reused: None,
-            bytes_in: 0,
-            bytes_out: 0,
-            total: None,
-            connect: None,
-            head: None,
-            close: None,
-        }
+        Record::new(time, self.listener.clone(), self.protocol, self.client)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
@@ -513,24 +498,18 @@ impl Exchange {
 // === impl Record ===
 
 impl Record {
-    fn fill(&mut self, trip: Trip) {
-        if trip.server.is_some() {
-            self.server = trip.server;
-        }
-        self.reused = trip.reused.or(self.reused);
-        self.connect = trip.connect.or(self.connect);
-        self.head = trip.head.or(self.head);
-    }
-}
-
-#[cfg(test)]
-impl Record {
-    fn empty() -> Record {
+    /// A line of `listener` about `client`, begun at `time`, with nothing else known yet.
+    fn new(
+        time: SystemTime,
+        listener: Arc<str>,
+        protocol: &'static str,
+        client: Option<SocketAddr>,
+    ) -> Record {
         Record {
-            time: UNIX_EPOCH,
-            listener: Arc::from(""),
-            protocol: "",
-            client: None,
+            time,
+            listener,
+            protocol,
+            client,
             request: None,
             user: None,
             server: None,
@@ -542,6 +521,15 @@ impl Record {
             head: None,
             close: None,
         }
+    }
+
+    fn fill(&mut self, trip: Trip) {
+        if trip.server.is_some() {
+            self.server = trip.server;
+        }
+        self.reused = trip.reused.or(self.reused);
+        self.connect = trip.connect.or(self.connect);
+        self.head = trip.head.or(self.head);
     }
 }
 
@@ -711,9 +699,7 @@ mod tests {
 
     #[test]
     fn a_line_says_where_time_wait_landed() {
-        let mut r = Record::empty();
-        r.protocol = "http";
-        r.listener = Arc::from("web");
+        let mut r = Record::new(UNIX_EPOCH, Arc::from("web"), "http", None);
         r.request = Some(Request {
             method: "GET".into(),
             target: "/a\"b".into(),
