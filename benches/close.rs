@@ -55,11 +55,7 @@ fn pair(listener: &StdListener, peer: Peer) -> Pair {
 }
 
 fn policy(time_wait: ClientTimeWait) -> ClientPolicy {
-    ClientPolicy {
-        time_wait,
-        linger: Duration::from_secs(2),
-        fallback: LingerFallback::Fin,
-    }
+    ClientPolicy::new(time_wait, Duration::from_secs(2), LingerFallback::Fin)
 }
 
 fn ledger() -> Arc<SideLedger> {

@@ -48,8 +48,10 @@ pub enum UpstreamTimeWait {
 pub struct ClientPolicy {
     /// Where TIME_WAIT should land for client connections.
     pub time_wait: ClientTimeWait,
-    /// How long a close waits for the client (its FIN, or its acknowledgements).
-    pub linger: Duration,
+    /// How long a close waits for the client (its FIN, or its acknowledgements), in
+    /// milliseconds: every client connection's task carries this policy, and as a Duration
+    /// it made the idle task outgrow its 512-byte block.
+    linger_ms: u32,
     /// What to do when `linger` runs out, or for a client that will never close first.
     pub fallback: LingerFallback,
 }
@@ -182,6 +184,19 @@ const GRACE_RTTS: u32 = 4;
 // === impl ClientPolicy ===
 
 impl ClientPolicy {
+    pub fn new(time_wait: ClientTimeWait, linger: Duration, fallback: LingerFallback) -> Self {
+        ClientPolicy {
+            time_wait,
+            linger_ms: u32::try_from(linger.as_millis()).unwrap_or(u32::MAX),
+            fallback,
+        }
+    }
+
+    /// How long a close waits for the client.
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(u64::from(self.linger_ms))
+    }
+
     /// A tcp relay ends the client connection as soon as its server closed (instead of
     /// passing the half-close on and relaying on), so that the client can be reset once it
     /// has everything: only where a reset is what the policy falls back to.
@@ -231,7 +246,7 @@ pub fn decide(side: Side, facts: Facts, ending: Ending) -> Step {
 }
 
 fn client(policy: ClientPolicy, facts: Facts, ending: Ending) -> Step {
-    let linger = policy.linger;
+    let linger = policy.linger();
     if !facts.tcp {
         // No TIME_WAIT on a unix socket, and no RST either: any close is free.
         return Step::now(How::Fin, label(ending, facts));
@@ -349,7 +364,7 @@ fn fallback(policy: ClientPolicy, reason: Reason) -> Expired {
             reason,
         }),
         LingerFallback::Reset => Expired::ResetOnceAcked {
-            within: policy.linger,
+            within: policy.linger(),
             reason,
         },
     }
@@ -424,11 +439,7 @@ mod tests {
     const LINGER: Duration = Duration::from_secs(5);
 
     fn client(time_wait: ClientTimeWait, fallback: LingerFallback) -> Side {
-        Side::Client(ClientPolicy {
-            time_wait,
-            linger: LINGER,
-            fallback,
-        })
+        Side::Client(ClientPolicy::new(time_wait, LINGER, fallback))
     }
 
     fn upstream(time_wait: UpstreamTimeWait) -> Side {
@@ -736,11 +747,7 @@ mod tests {
     fn relay_ends_at_server_close_only_where_the_fallback_is_a_reset() {
         for time_wait in POLICIES {
             for fallback in FALLBACKS {
-                let policy = ClientPolicy {
-                    time_wait,
-                    linger: LINGER,
-                    fallback,
-                };
+                let policy = ClientPolicy::new(time_wait, LINGER, fallback);
                 let expect =
                     time_wait != ClientTimeWait::Proxy && fallback == LingerFallback::Reset;
                 assert_eq!(

@@ -361,11 +361,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Parsed, ConfigError> {
 impl<S: Stage> Listener<S> {
     /// The client-side close policy its settings ask for.
     pub fn close_policy(&self) -> ClientPolicy {
-        ClientPolicy {
-            time_wait: self.time_wait,
-            linger: self.linger,
-            fallback: self.linger_fallback,
-        }
+        ClientPolicy::new(self.time_wait, self.linger, self.linger_fallback)
     }
 }
 
