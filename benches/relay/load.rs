@@ -34,8 +34,8 @@ pub struct Load {
     pub client_cpu_us: Option<f64>,
 }
 
-/// Runs wrk against `addr`; bounded to `secs` + 15 s.
-pub fn run_wrk(wrk: &Path, addr: SocketAddr, clients: Clients, secs: u64) -> Result<Load, String> {
+/// Runs wrk against `url`; bounded to `secs` + 15 s.
+pub fn run_wrk(wrk: &Path, url: &str, clients: Clients, secs: u64) -> Result<Load, String> {
     let dir = TempDir::create("wrk").map_err(|e| e.to_string())?;
     let out_path = dir.0.join("wrk.out");
     let out = std::fs::File::create(&out_path).map_err(|e| e.to_string())?;
@@ -49,7 +49,7 @@ pub fn run_wrk(wrk: &Path, addr: SocketAddr, clients: Clients, secs: u64) -> Res
     if clients == Clients::Short {
         cmd.args(["-H", "Connection: close"]);
     }
-    cmd.arg(format!("http://{addr}/"));
+    cmd.arg(url);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(out)

@@ -130,7 +130,14 @@ impl Bench {
         let backend_ticks = self.backend.cpu_ticks();
         let overflow = tw_overflow_count();
         let load = match &self.tools.wrk {
-            Some(wrk) => run_wrk(wrk, addr, clients, self.secs)?,
+            Some(wrk) => {
+                let scheme = if self.tools.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                run_wrk(wrk, &format!("{scheme}://{addr}/"), clients, self.secs)?
+            }
             None => self.rt.block_on(builtin_load(addr, clients, self.secs)),
         };
         let proxy_ticks = proxy

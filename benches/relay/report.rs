@@ -193,8 +193,14 @@ pub struct Ratio {
 /// The targets, as ratios of waitless (`none`, `client` for TIME_WAIT) to the better
 /// of HAProxy and nginx in this run: for rates and CPU the median over the rounds of each
 /// round's ratio, since the runs of one round are minutes apart and the machine's drift
-/// between rounds (up to 20%) moves them together.
-pub fn ratios(summaries: &[Summary], runs: &[Run], rss: &[Rss]) -> (Vec<Ratio>, Vec<String>) {
+/// between rounds (up to 20%) moves them together. `bounds`: the least ratio of requests/s
+/// for short and for keep-alive clients.
+pub fn ratios(
+    summaries: &[Summary],
+    runs: &[Run],
+    rss: &[Rss],
+    bounds: (f64, f64),
+) -> (Vec<Ratio>, Vec<String>) {
     let get = |t: Target, c: &str| {
         let label = t.label();
         summaries
@@ -207,8 +213,14 @@ pub fn ratios(summaries: &[Summary], runs: &[Run], rss: &[Rss]) -> (Vec<Ratio>, 
     let rate = |r: &Run| Some(r.req_per_s);
     let cpu = |r: &Run| r.proxy_cpu_us_per_req;
     let rows = [
-        ("short", "req/s", rate as fn(&Run) -> Option<f64>, true, 1.1),
-        ("keep-alive", "req/s", rate, true, 1.0),
+        (
+            "short",
+            "req/s",
+            rate as fn(&Run) -> Option<f64>,
+            true,
+            bounds.0,
+        ),
+        ("keep-alive", "req/s", rate, true, bounds.1),
         ("short", "CPU µs/req", cpu, false, 1.0),
         ("keep-alive", "CPU µs/req", cpu, false, 1.0),
     ];

@@ -8,6 +8,7 @@ use std::process::Command;
 use tokio::net::TcpListener;
 
 use crate::binary;
+use crate::certs::{Certs, SERVER_NAME};
 use crate::machine::version;
 use crate::nginx;
 use crate::process::Proc;
@@ -27,6 +28,8 @@ pub struct Tools {
     /// HAProxy and nginx listen with their deferred accept too (`defer-accept`, `deferred`),
     /// as waitless's HTTP listeners do by default (`WAITLESS_BENCH_ANCHOR_DEFER=1`).
     pub anchor_defer: bool,
+    /// HTTPS on both sides of every proxy and at the backend (`WAITLESS_BENCH_TLS`).
+    pub tls: Option<Certs>,
 }
 
 /// Which clients a run uses.
@@ -102,16 +105,18 @@ impl Backend {
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(bin) = &tools.nginx {
             let dir = TempDir::create("backend").map_err(|e| e.to_string())?;
+            let ssl = if tools.tls.is_some() { " ssl" } else { "" };
             let listens: String = list
                 .iter()
-                .map(|p| format!("    listen 127.0.0.1:{p} backlog=4096;\n"))
+                .map(|p| format!("    listen 127.0.0.1:{p}{ssl} backlog=4096;\n"))
                 .collect();
+            let certs = tools.tls.as_ref().map(nginx_certs).unwrap_or_default();
             // One process: the proxies and the load generator need the other core.
             // keepalive_requests: nginx would otherwise close a keep-alive connection every
             // 1000 requests, putting TIME_WAIT on the backend that no proxy could help.
             let http = format!(
                 "  keepalive_requests 1000000;\n  keepalive_timeout 75s;\n\
-                 \x20 server {{\n{listens}\
+                 \x20 server {{\n{listens}{certs}\
                  \x20   location / {{ return 200 \"hello from the backend\\n\"; }}\n  }}\n"
             );
             let conf = nginx::config(&dir.0, "worker_processes 1;\n", 16384, &http);
@@ -120,11 +125,17 @@ impl Backend {
             let mut proc = Proc::spawn("backend nginx", &mut cmd, dir)?;
             proc.wait_listening(list[0])?;
             Ok(Backend {
-                describe: format!("nginx {} `return 200`, 1 process", version(bin, "-v")),
+                describe: format!(
+                    "nginx {} `return 200`{}, 1 process",
+                    version(bin, "-v"),
+                    if tools.tls.is_some() { " over TLS" } else { "" }
+                ),
                 kind: BackendKind::Nginx(proc),
                 ports: list,
                 taken: 0,
             })
+        } else if tools.tls.is_some() {
+            Err("the HTTPS bench needs nginx as its backend (apt-get install nginx)".into())
         } else {
             let mut tasks = Vec::new();
             for &p in &list {
@@ -204,11 +215,25 @@ pub fn start_proxy(
         Target::Direct => return Ok(None),
         Target::Waitless(policy) => {
             let dir = TempDir::create("waitless").map_err(|e| e.to_string())?;
+            let (front, back) = match &tools.tls {
+                Some(c) => (
+                    format!(
+                        "tls = {{ cert = \"{}\", key = \"{}\" }}\n",
+                        c.cert.display(),
+                        c.key.display()
+                    ),
+                    format!(
+                        "tls = {{ ca = \"{}\", server_name = \"{SERVER_NAME}\" }}\n",
+                        c.ca.display()
+                    ),
+                ),
+                None => Default::default(),
+            };
             let conf = format!(
                 "workers = 0\n\n[admin]\nlisten = \"off\"\n\n\
                  [[listener]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n\
-                 protocol = \"http\"\nupstream = \"backend\"\ntime_wait = \"{policy}\"\n\n\
-                 [[upstream]]\nname = \"backend\"\nservers = [\"{backend}\"]\npool_size = 64\n"
+                 protocol = \"http\"\nupstream = \"backend\"\ntime_wait = \"{policy}\"\n{front}\n\
+                 [[upstream]]\nname = \"backend\"\nservers = [\"{backend}\"]\npool_size = 64\n{back}"
             );
             let mut cmd = binary::command(&dir.0, &conf, "error").map_err(|e| e.to_string())?;
             Proc::spawn(&target.label(), &mut cmd, dir)?
@@ -221,14 +246,27 @@ pub fn start_proxy(
                  defaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n\
                  \x20   timeout server 60s\n    timeout http-keep-alive 60s\n\
                  \x20   http-reuse always\n\n\
-                 frontend bench\n    bind 127.0.0.1:{port}{defer}\n    default_backend backend\n\n\
-                 backend backend\n    server s1 {backend}\n",
+                 frontend bench\n    bind 127.0.0.1:{port}{defer}{front}\n    default_backend backend\n\n\
+                 backend backend\n    server s1 {backend}{back}\n",
                 maxconn = tools.idle_conns + 200,
                 defer = if tools.anchor_defer {
                     " defer-accept"
                 } else {
                     ""
                 },
+                front = tools
+                    .tls
+                    .as_ref()
+                    .map(|c| format!(" ssl crt {}", c.combined.display()))
+                    .unwrap_or_default(),
+                back = tools
+                    .tls
+                    .as_ref()
+                    .map(|c| format!(
+                        " ssl verify required ca-file {} sni str({SERVER_NAME}) verifyhost {SERVER_NAME}",
+                        c.ca.display()
+                    ))
+                    .unwrap_or_default(),
             );
             let path = dir.0.join("haproxy.cfg");
             std::fs::write(&path, conf).map_err(|e| e.to_string())?;
@@ -243,11 +281,24 @@ pub fn start_proxy(
                 "  keepalive_requests 1000000;\n  keepalive_timeout 75s;\n\
                  \x20 upstream backend {{\n    server {backend};\n    keepalive 64;\n\
                  \x20   keepalive_requests 1000000;\n  }}\n\
-                 \x20 server {{\n    listen 127.0.0.1:{port} backlog=4096{defer};\n\
-                 \x20   location / {{\n      proxy_pass http://backend;\n\
-                 \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+                 \x20 server {{\n    listen 127.0.0.1:{port}{ssl} backlog=4096{defer};\n{certs}\
+                 \x20   location / {{\n      proxy_pass {scheme}://backend;\n\
+                 \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n{verify}\
                  \x20   }}\n  }}\n",
                 defer = if tools.anchor_defer { " deferred" } else { "" },
+                ssl = if tools.tls.is_some() { " ssl" } else { "" },
+                certs = tools.tls.as_ref().map(nginx_certs).unwrap_or_default(),
+                scheme = if tools.tls.is_some() { "https" } else { "http" },
+                verify = tools
+                    .tls
+                    .as_ref()
+                    .map(|c| format!(
+                        "      proxy_ssl_session_reuse on;\n      proxy_ssl_verify on;\n\
+                         \x20     proxy_ssl_trusted_certificate {};\n\
+                         \x20     proxy_ssl_name {SERVER_NAME};\n      proxy_ssl_server_name on;\n",
+                        c.ca.display()
+                    ))
+                    .unwrap_or_default(),
             );
             let main = "worker_processes auto;\nworker_rlimit_nofile 30000;\n";
             let conf = nginx::config(&dir.0, main, 16384, &http);
@@ -258,4 +309,13 @@ pub fn start_proxy(
     };
     proc.wait_listening(port)?;
     Ok(Some(proc))
+}
+
+/// nginx's lines for the bench's server certificate.
+fn nginx_certs(c: &Certs) -> String {
+    format!(
+        "    ssl_certificate {};\n    ssl_certificate_key {};\n",
+        c.cert.display(),
+        c.key.display()
+    )
 }
