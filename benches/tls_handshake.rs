@@ -23,6 +23,9 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, Server
 #[path = "../tests/common/tempdir.rs"]
 mod tempdir;
 
+/// How a provider is made.
+type Provider = fn() -> CryptoProvider;
+
 /// Handshakes per measurement.
 const COUNT: u32 = 2_000;
 
@@ -40,7 +43,7 @@ fn main() {
 fn run() -> Result<(), String> {
     let dir = tempdir::TempDir::create("tls-bench").map_err(|e| e.to_string())?;
     make_certs(&dir.0)?;
-    let providers: [(&str, fn() -> CryptoProvider); 2] = [
+    let providers: [(&str, Provider); 2] = [
         ("aws-lc-rs", rustls::crypto::aws_lc_rs::default_provider),
         ("ring", rustls::crypto::ring::default_provider),
     ];
@@ -146,7 +149,7 @@ fn make_certs(dir: &Path) -> Result<(), String> {
 fn configs(
     dir: &Path,
     key: &str,
-    provider: fn() -> CryptoProvider,
+    provider: Provider,
 ) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
     let chain = CertificateDer::pem_file_iter(dir.join(format!("{key}.pem")))
