@@ -308,6 +308,8 @@ async fn tcp_sessions_are_one_line_each_with_their_bytes_and_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_sessions_are_one_line_each_with_their_user() {
     let db = common::mysql::MariaDb::start().await;
+    let mut watcher = db.watcher().await;
+    let before = watcher.status("Connections").await;
     let dir = TempDir::new("access");
     let path = dir.0.join("access.log");
     // [log] after the listener's keys: a table of its own, closed by [[upstream]].
@@ -326,4 +328,17 @@ async fn mysql_sessions_are_one_line_each_with_their_user() {
         assert!(line["bytes_in"].as_u64().unwrap_or(0) > 0, "{line}");
         assert!(line["close"]["reason"].is_string(), "{line}");
     }
+    // A session that got a fresh server connection says so: as many as the server saw opened.
+    let opened = watcher.status("Connections").await - before;
+    let fresh = got.iter().filter(|l| l["reused"] == false).count();
+    let reused = got.iter().filter(|l| l["reused"] == true).count();
+    assert_eq!(
+        fresh + reused,
+        N,
+        "every line says whether it reused: {got:?}"
+    );
+    assert_eq!(
+        fresh as u64, opened,
+        "fresh sessions against the server's Connections"
+    );
 }

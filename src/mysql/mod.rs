@@ -184,14 +184,14 @@ impl MysqlUpstream {
     /// A connection for `login` on server `index`: an idle one of the same session key with
     /// its database set, or a new one. When `max_connections` are open, idle connections of
     /// other keys are closed to make room, and then the client waits up to
-    /// `connect_timeout` for one to come back.
+    /// `connect_timeout` for one to come back. With the lease, whether it served a session before.
     async fn checkout(
         &self,
         index: usize,
         login: &Login,
         greeted: Option<pool::Pooled<MysqlConn>>,
         listener: &str,
-    ) -> Result<Lease, Checkout> {
+    ) -> Result<(Lease, bool), Checkout> {
         let cfg = self.cfg();
         let (Some(server), Some(facts)) = (self.pool.servers.get(index), self.facts.get(index))
         else {
@@ -206,7 +206,7 @@ impl MysqlUpstream {
         };
         if let Some(mut pooled) = greeted {
             return match pooled.conn.log_in(&login_as, cfg.connect_timeout).await {
-                Ok(()) => Ok(Lease::new(pooled, server, &self.pool).0),
+                Ok(()) => Ok(Lease::new(pooled, server, &self.pool)),
                 Err(BackendError::Server(err)) => Err(Checkout::Server(err)),
                 Err(BackendError::Io(e)) => {
                     connector::failed(cfg, server, &e, listener);
@@ -226,7 +226,7 @@ impl MysqlUpstream {
                     .use_schema(&login.user, db, cfg.response_timeout)
                     .await
                 {
-                    Ok(()) => return Ok(Lease::new(pooled, server, &self.pool).0),
+                    Ok(()) => return Ok(Lease::new(pooled, server, &self.pool)),
                     Err(BackendError::Server(err)) => {
                         // Unknown database, say: the connection itself is fine.
                         server.put(cfg, pooled);
@@ -259,7 +259,7 @@ impl MysqlUpstream {
             }
             waiting.fetch_sub(1, Ordering::AcqRel);
             match connector::open(&self.pool, server, &login_as, Duration::ZERO, listener).await {
-                Ok(pooled) => return Ok(Lease::new(pooled, server, &self.pool).0),
+                Ok(pooled) => return Ok(Lease::new(pooled, server, &self.pool)),
                 Err(OpenError::Refused(err)) => return Err(Checkout::Server(err)),
                 Err(OpenError::Io(e)) => {
                     return Err(Checkout::Failed(format!("{}: {e}", server.label)))
@@ -496,10 +496,11 @@ impl MysqlListener {
             .checkout(picked.index, &login, picked.greeted, &self.cfg.name)
             .await
         {
-            Ok(lease) => {
+            Ok((lease, reused)) => {
                 if let (Some(log), Some(asked)) = (log.as_ref(), asked) {
                     let trip = crate::access::Trip {
                         server: Some(lease.server.label.clone()),
+                        reused: Some(reused),
                         connect: Some(asked.elapsed()),
                         ..Default::default()
                     };
