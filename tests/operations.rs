@@ -297,7 +297,7 @@ async fn connection_limit_answers_503_beyond_max_clients() {
 }
 
 /// Clients turned away at `max_clients` are counted where an operator looks: /stats, /metrics
-/// and the `waitless stats` table.
+/// and the `waitless stats` table, which also shows the client still connected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_turned_away_at_max_clients_show_as_rejected_in_stats_metrics_and_table() {
     let backend = Backend::start(BackendMode::Echo).await;
@@ -332,6 +332,8 @@ async fn clients_turned_away_at_max_clients_show_as_rejected_in_stats_metrics_an
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{table}");
     assert!(table.contains("rejected 3"), "{table}");
+    // The one client let in is still connected.
+    assert!(table.contains("open 1  connections 1"), "{table}");
 }
 
 #[test]

@@ -12,10 +12,11 @@ pub fn render(stats: &Snapshot) -> String {
     for l in &stats.listeners {
         let e = &l.errors;
         out.push_str(&format!(
-            "  {} on {}  time_wait={}  connections {}  rejected {}  requests {}  errors {}\n",
+            "  {} on {}  time_wait={}  open {}  connections {}  rejected {}  requests {}  errors {}\n",
             l.name,
             l.listen,
             l.time_wait,
+            l.active,
             l.connections,
             l.rejected,
             l.requests,
@@ -29,11 +30,12 @@ pub fn render(stats: &Snapshot) -> String {
         out.push_str(&format!("  {}  time_wait={}\n", u.name, u.time_wait));
         for srv in &u.servers {
             out.push_str(&format!(
-                "    server {}  {}  weight {}  idle {}  opened {}  reused {}  retries {}  connect errors {}\n",
+                "    server {}  {}  weight {}  idle {} of {} open  opened {}  reused {}  retries {}  connect errors {}\n",
                 srv.server,
                 srv.state,
                 srv.weight,
                 srv.idle,
+                srv.open,
                 srv.opened,
                 srv.reused,
                 srv.retries,
