@@ -710,6 +710,10 @@ impl Resolve for Fake {
             .find(|(var, _)| *var == name)
             .map(|(_, value)| value.to_string())
     }
+
+    fn activated(&self, name: &str) -> bool {
+        name == "web"
+    }
 }
 
 /// MINIMAL with a host name for its server and a mysql listener whose user's password comes
