@@ -236,6 +236,12 @@ pub async fn dial<C>(
             let s = UnixStream::connect(path).await?;
             ServerSocket::Unix(Tracked::upstream(s, ledger, policy, ctl.clone()))
         }
+        // Validation keeps systemd sockets out of server lists.
+        Address::Systemd(name) => {
+            return Err(io::Error::other(format!(
+                "systemd:{name} is a listening socket, not a server"
+            )))
+        }
     };
     server.stats.opened.fetch_add(1, Ordering::Relaxed);
     Ok(io)

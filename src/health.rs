@@ -86,6 +86,10 @@ pub async fn check(
                 let s = UnixStream::connect(path).await?;
                 probe_tracked(s, hc, "localhost", up, ledger).await
             }
+            // Validation keeps systemd sockets out of server lists.
+            Address::Systemd(name) => Err(io::Error::other(format!(
+                "systemd:{name} is a listening socket, not a server"
+            ))),
         }
     };
     // A probe cut by the timeout is dropped: the close mechanism records it as an error.
@@ -137,6 +141,7 @@ pub fn describe(addr: &Address) -> String {
     match addr {
         Address::Tcp(a) => SocketAddr::to_string(a),
         Address::Unix(p) => format!("unix:{}", p.display()),
+        Address::Systemd(name) => format!("systemd:{name}"),
     }
 }
 

@@ -60,6 +60,7 @@ pub mod mysql;
 pub mod pool;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod systemd;
 pub mod tcp;
 pub mod tls;
 pub mod workers;

@@ -111,9 +111,9 @@ pub enum Accepted {
     Unix(tokio::net::UnixStream),
 }
 
-/// Listen backlog: short-connection load arrives in bursts; a small backlog turns them into
-/// SYN retries (a second of latency each).
-const BACKLOG: i32 = 4096;
+/// Listen backlog when `listen_backlog` is absent: short-connection load arrives in bursts; a
+/// small backlog turns them into SYN retries (a second of latency each).
+pub const DEFAULT_BACKLOG: u32 = 4096;
 /// TCP_DEFER_ACCEPT's wait for a silent client, in seconds (the kernel rounds it to SYN-ACK
 /// retransmissions: one, a second after the handshake).
 const DEFER_ACCEPT_SECS: libc::c_int = 1;
@@ -123,32 +123,38 @@ const DEFER_ACCEPT_SECS: libc::c_int = 1;
 impl Listening {
     /// Binds `addr` for `workers` workers. A unix socket file left by a dead process is
     /// replaced; one that a live process still accepts on is not stolen, and neither is a
-    /// TCP port another process listens on (SO_REUSEPORT alone would share it).
+    /// TCP port another process listens on (SO_REUSEPORT alone would share it). A
+    /// `systemd:NAME` socket is taken as systemd made it (its backlog, its mode).
     pub fn bind(
         addr: &Address,
         mode: Option<u32>,
         defer_accept: bool,
+        backlog: u32,
         workers: usize,
     ) -> io::Result<Listening> {
+        let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
         match addr {
             Address::Tcp(sa) => {
                 if workers <= 1 {
-                    let sock = tcp_socket(*sa, false, defer_accept)?;
+                    let sock = tcp_socket(*sa, false, defer_accept, backlog)?;
                     return Ok(Listening::Tcp(vec![sock]));
                 }
                 // Bound without SO_REUSEPORT first: fails if anyone listens on the port.
-                let probe = tcp_socket(*sa, false, false)?;
+                let probe = tcp_socket(*sa, false, false, backlog)?;
                 let port = probe.local_addr()?.port();
                 drop(probe);
                 let at = SocketAddr::new(sa.ip(), port);
                 let socks = (0..workers)
-                    .map(|_| tcp_socket(at, true, defer_accept))
+                    .map(|_| tcp_socket(at, true, defer_accept, backlog))
                     .collect::<io::Result<Vec<_>>>()?;
                 Ok(Listening::Tcp(socks))
             }
+            Address::Systemd(name) => activated(name, defer_accept, workers),
             Address::Unix(path) => {
                 remove_stale_socket(path)?;
                 let listener = std::os::unix::net::UnixListener::bind(path)?;
+                // std listens with a backlog of its own; listen(2) again sets ours.
+                SockRef::from(&listener).listen(backlog)?;
                 listener.set_nonblocking(true)?;
                 if let Some(mode) = mode {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
@@ -202,6 +208,7 @@ fn tcp_socket(
     sa: SocketAddr,
     shared: bool,
     defer_accept: bool,
+    backlog: i32,
 ) -> io::Result<std::net::TcpListener> {
     let sock = RawSocket::new(Domain::for_address(sa), Type::STREAM, None)?;
     // Rebinding right after a restart must not fail on old TIME_WAIT sockets.
@@ -218,8 +225,38 @@ fn tcp_socket(
     set_defer_accept(&sock, defer_accept)?;
     sock.set_nonblocking(true)?;
     sock.bind(&sa.into())?;
-    sock.listen(BACKLOG)?;
+    sock.listen(backlog)?;
     Ok(sock.into())
+}
+
+/// The socket systemd passed as `name`: a listening TCP or unix stream socket. TCP is one
+/// socket, not a SO_REUSEPORT group: each worker accepts on a descriptor of its own for it.
+/// Unix sockets are given no path, so waitless never removes systemd's file.
+fn activated(name: &str, defer_accept: bool, workers: usize) -> io::Result<Listening> {
+    let sock = RawSocket::from(crate::systemd::socket(name)?);
+    if sock.r#type()? != Type::STREAM || !sock.is_listener()? {
+        return Err(io::Error::other(format!(
+            "systemd socket `{name}` is not a listening stream socket (ListenStream=)"
+        )));
+    }
+    sock.set_nonblocking(true)?;
+    let local = sock.local_addr()?;
+    if local.as_socket().is_some() {
+        sock.set_tcp_nodelay(true)?;
+        set_defer_accept(&sock, defer_accept)?;
+        let first: std::net::TcpListener = sock.into();
+        let mut socks = (1..workers.max(1))
+            .map(|_| first.try_clone())
+            .collect::<io::Result<Vec<_>>>()?;
+        socks.insert(0, first);
+        Ok(Listening::Tcp(socks))
+    } else if local.is_unix() {
+        Ok(Listening::Unix(sock.into(), PathBuf::new()))
+    } else {
+        Err(io::Error::other(format!(
+            "systemd socket `{name}` is neither TCP nor unix"
+        )))
+    }
 }
 
 /// Turns TCP_DEFER_ACCEPT on or off on a listening socket. On, the kernel keeps a handshaken

@@ -47,6 +47,10 @@ enum Command {
         /// The admin listener (default: `[admin] listen` of the config, else 127.0.0.1:9901).
         #[arg(long)]
         admin: Option<SocketAddr>,
+        /// The admin token (default: `[admin] token` or `token_env` of the config, when
+        /// `--admin` is not given).
+        #[arg(long)]
+        token: Option<String>,
     },
     /// Show where TIME_WAIT lands: short connections sent directly to an embedded backend,
     /// then through an embedded waitless under each client-side policy. Needs nothing else.
@@ -83,10 +87,18 @@ fn main() -> ExitCode {
             concurrency,
         } => return demo(requests, concurrency.max(1)),
         Command::Stats { admin: Some(addr) } => return stats(addr),
-        Command::Reload { admin: Some(addr) } => return reload(addr),
+        Command::Reload {
+            admin: Some(addr),
+            token,
+        } => return reload(addr, token.as_deref()),
         _ => {}
     }
-    let config = match Config::load(&cli.config) {
+    // `check` runs as ExecStartPre, which systemd passes no sockets to.
+    let loaded = match command {
+        Command::Check => Config::load_with(&cli.config, &waitless::config::Checking),
+        _ => Config::load(&cli.config),
+    };
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("waitless: config error: {e}");
@@ -102,7 +114,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Stats { .. } => stats(admin_of(&config)),
-        Command::Reload { .. } => reload(admin_of(&config)),
+        Command::Reload { token, .. } => reload(
+            admin_of(&config),
+            token.as_deref().or(config.admin.token.as_deref()),
+        ),
         Command::Run | Command::Demo { .. } => run(config),
     }
 }
@@ -114,8 +129,9 @@ fn admin_of(config: &Config) -> SocketAddr {
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)))
 }
 
-fn reload(admin: SocketAddr) -> ExitCode {
-    match admin_request(admin, "POST", "/reload") {
+fn reload(admin: SocketAddr, token: Option<&str>) -> ExitCode {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n"));
+    match admin_request(admin, "POST", "/reload", auth.as_deref().unwrap_or("")) {
         Ok((200, body)) => {
             print!("{body}");
             ExitCode::SUCCESS
@@ -166,20 +182,26 @@ fn stats(admin: SocketAddr) -> ExitCode {
 
 /// GET /stats from the admin listener.
 fn fetch_stats(admin: SocketAddr) -> Result<Snapshot, String> {
-    match admin_request(admin, "GET", "/stats")? {
+    match admin_request(admin, "GET", "/stats", "")? {
         (200, body) => serde_json::from_str(&body).map_err(|e| e.to_string()),
         (status, body) => Err(format!("{status}: {body}")),
     }
 }
 
 /// One plain HTTP/1.0 request to the admin listener, which closes after the response.
-fn admin_request(admin: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
+/// `headers`: extra header lines, each ending in CRLF.
+fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let timeout = Duration::from_secs(30);
     let mut s = std::net::TcpStream::connect_timeout(&admin, timeout).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: waitless\r\n\r\n").as_bytes())
+    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: waitless\r\n{headers}\r\n").as_bytes())
         .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
@@ -216,6 +238,8 @@ fn run(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // Every listener is bound and its accept loop started: systemd may send traffic.
+        waitless::systemd::ready("serving");
         while let Signal::Reload = signals.next().await {
             match proxy.reload() {
                 Ok(()) => tracing::info!("configuration reloaded"),
@@ -235,6 +259,7 @@ fn run(config: Config) -> ExitCode {
             ?drain_timeout,
             "draining: no new connections; waiting for those in flight"
         );
+        waitless::systemd::stopping();
         tokio::select! {
             _ = proxy.shutdown(drain_timeout) => {
                 tracing::info!("drained; exiting");

@@ -462,7 +462,7 @@ impl<C: PoolConn> Upstream<C> {
                         server: label.clone(),
                         addr: match addr {
                             Address::Tcp(a) => Some(*a),
-                            Address::Unix(_) => None,
+                            Address::Unix(_) | Address::Systemd(_) => None,
                         },
                     }),
                     label,
@@ -568,6 +568,7 @@ pub fn address_label(addr: &Address) -> String {
     match addr {
         Address::Tcp(a) => a.to_string(),
         Address::Unix(p) => format!("unix:{}", p.display()),
+        Address::Systemd(name) => format!("systemd:{name}"),
     }
 }
 
@@ -575,7 +576,7 @@ pub fn address_label(addr: &Address) -> String {
 pub fn tcp_addr(addr: &Address) -> Option<SocketAddr> {
     match addr {
         Address::Tcp(a) => Some(*a),
-        Address::Unix(_) => None,
+        Address::Unix(_) | Address::Systemd(_) => None,
     }
 }
 

@@ -13,13 +13,14 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{self, Control, Inputs};
+use crate::admin::{self, Control, Inputs, ReloadCounts};
 use crate::close::{Ledger, SideId};
 use crate::config::{self, Config, Protocol};
 use crate::frontend::{self, Context, Parts, Pools, Swap};
@@ -46,6 +47,8 @@ pub struct Proxy {
     tasks: TaskTracker,
     /// The worker runtimes; every listener accepts on each of them.
     workers: Workers,
+    /// Reloads taken and refused, for /stats and /metrics.
+    reloads: Reloads,
 }
 
 /// One config's listeners and pools.
@@ -57,6 +60,15 @@ pub struct Generation {
     pub listeners: Vec<ListenerInfo>,
     /// Upstream pools by name, so a reload can keep the unchanged ones.
     pools: Pools,
+}
+
+/// Reload outcomes since start.
+#[derive(Debug, Default)]
+struct Reloads {
+    /// Configs read and applied.
+    taken: AtomicU64,
+    /// Configs refused (the running one stayed).
+    refused: AtomicU64,
 }
 
 /// A start-up or reload failure, naming what could not be set up.
@@ -119,6 +131,7 @@ impl Proxy {
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             workers,
+            reloads: Reloads::default(),
         });
         proxy.apply(config)?;
         for l in &proxy.current().listeners {
@@ -143,8 +156,24 @@ impl Proxy {
     }
 
     /// Re-reads the config file the running config came from and applies it; on any error
-    /// the running config stays as it is.
+    /// the running config stays as it is. systemd is told the reload's start and its end
+    /// (SIGHUP and POST /reload alike), and each outcome is counted.
     pub fn reload(&self) -> Result<(), String> {
+        crate::systemd::reloading();
+        let result = self.reload_file();
+        let counter = match &result {
+            Ok(()) => &self.reloads.taken,
+            Err(_) => &self.reloads.refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        crate::systemd::ready(match &result {
+            Ok(()) => "serving; configuration reloaded",
+            Err(_) => "serving; reload refused, the running configuration stays",
+        });
+        result
+    }
+
+    fn reload_file(&self) -> Result<(), String> {
         let gen = self.current();
         let Some(path) = gen.config.as_ref().map(|c| c.source.clone()) else {
             return Err("no config file to reload".into());
@@ -208,10 +237,11 @@ impl Proxy {
                 continue;
             }
             let n = self.workers.count();
-            let bound = Listening::bind(&l.listen, l.mode, l.defer_accept, n).and_then(|s| {
-                let tcp = s.tcp_handles()?;
-                Ok((s.split(n)?, tcp))
-            });
+            let bound = Listening::bind(&l.listen, l.mode, l.defer_accept, l.listen_backlog, n)
+                .and_then(|s| {
+                    let tcp = s.tcp_handles()?;
+                    Ok((s.split(n)?, tcp))
+                });
             let socks = bound.map_err(|e| {
                 StartError(format!(
                     "listener {}: cannot listen on {}: {e}",
@@ -354,7 +384,15 @@ impl Control for Proxy {
         Inputs {
             listeners: gen.listeners.clone(),
             upstreams: gen.upstreams().to_vec(),
+            reloads: ReloadCounts {
+                taken: self.reloads.taken.load(Ordering::Relaxed),
+                refused: self.reloads.refused.load(Ordering::Relaxed),
+            },
         }
+    }
+
+    fn token(&self) -> Option<String> {
+        self.current().config.as_ref()?.admin.token.clone()
     }
 
     fn reload(&self) -> Result<(), String> {

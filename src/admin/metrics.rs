@@ -287,6 +287,20 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
         "Always 1; its version label is waitless's version",
         build,
     );
+    let reloads = Family::<Labels, Counter>::default();
+    for (result, n) in [
+        ("taken", snap.reloads.taken),
+        ("refused", snap.reloads.refused),
+    ] {
+        reloads
+            .get_or_create(&vec![("result", result.to_string())])
+            .inc_by(n);
+    }
+    reg.register(
+        "reloads",
+        "Config reloads (SIGHUP or POST /reload), by whether the new config was taken or refused",
+        reloads,
+    );
     host(reg, sys);
     access_log(reg);
 

@@ -36,6 +36,10 @@ pub trait Control: Send + Sync + 'static {
     /// Re-reads the config file and applies it; on any error, which it returns, the running
     /// config stays. Blocks (it reads the file): call it off the runtime threads.
     fn reload(&self) -> Result<(), String>;
+
+    /// The bearer token POST endpoints require now (`[admin] token`), if any: read per
+    /// request, so a reload that changes it applies at once.
+    fn token(&self) -> Option<String>;
 }
 
 /// What a snapshot is taken from: the running generation's listeners and pools.
@@ -45,6 +49,17 @@ pub struct Inputs {
     pub listeners: Vec<ListenerInfo>,
     /// Upstream pools, whatever their protocol.
     pub upstreams: Vec<Arc<dyn UpstreamInfo>>,
+    /// Reloads since start.
+    pub reloads: ReloadCounts,
+}
+
+/// Reloads since start, by outcome.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct ReloadCounts {
+    /// Configs read and applied.
+    pub taken: u64,
+    /// Configs refused: the running one stayed.
+    pub refused: u64,
 }
 
 /// What the admin side sees of a listener.
@@ -87,6 +102,24 @@ pub async fn serve(sock: TcpListener, proxy: Arc<dyn Control>) {
 async fn route(req: Request<Incoming>, proxy: Arc<dyn Control>) -> Response<Full<Bytes>> {
     if let Some((ctype, body)) = dashboard::asset(req.uri().path()) {
         return static_body(ctype, body);
+    }
+    // Reading is open; anything that changes the proxy needs the token, checked before the
+    // path so that a wrong token learns nothing about what exists.
+    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
+        if let Some(token) = proxy.token() {
+            if !authorized(req.headers(), &token) {
+                let mut resp = text(
+                    StatusCode::UNAUTHORIZED,
+                    "text/plain",
+                    "a write endpoint: send Authorization: Bearer <[admin] token>\n".into(),
+                );
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"waitless\""),
+                );
+                return resp;
+            }
+        }
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -149,6 +182,20 @@ async fn route(req: Request<Incoming>, proxy: Arc<dyn Control>) -> Response<Full
         },
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
+}
+
+/// Whether `headers` carry `Authorization: Bearer <token>`. The comparison takes the same
+/// time wherever the first difference is, so the token cannot be guessed byte by byte.
+fn authorized(headers: &http::HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 fn static_body(ctype: &'static str, body: &'static str) -> Response<Full<Bytes>> {

@@ -23,6 +23,9 @@ pub struct Snapshot {
     pub upstreams: Vec<UpstreamSnap>,
     /// Set when the census could not be read (it is then all zeros).
     pub census_error: Option<String>,
+    /// Reloads since start (absent from older versions' /stats).
+    #[serde(default)]
+    pub reloads: crate::admin::ReloadCounts,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -269,6 +272,7 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
         listeners,
         upstreams,
         census_error,
+        reloads: inputs.reloads,
     }
 }
 

@@ -37,7 +37,7 @@ mod tests;
 use locate::Locator;
 // The close policies are the close mechanism's types; the config names them.
 pub use crate::close::policy::{ClientTimeWait, LingerFallback, UpstreamTimeWait};
-pub use resolve::{parse_address, Resolve, System};
+pub use resolve::{parse_address, Checking, Resolve, System};
 pub use units::{format_duration, parse_duration, parse_endpoint, parse_mode};
 
 /// The whole, validated configuration. `Config` alone is the resolved one the proxy runs;
@@ -129,6 +129,11 @@ impl Default for Log {
 pub struct Admin<S: Stage = Resolved> {
     /// Where /metrics, /stats and /healthz are served; None disables the admin listener.
     pub listen: Option<S::AdminAddress>,
+    /// The bearer token that POST endpoints (/reload) require; None leaves them open.
+    /// Once resolved, also the one read from `token_env`.
+    pub token: Option<String>,
+    /// The environment variable the token is read from, if it comes from one.
+    pub token_env: Option<String>,
 }
 
 /// Where a listener accepts or a server is reached, resolved.
@@ -138,6 +143,9 @@ pub enum Address {
     Tcp(SocketAddr),
     /// `unix:/path`.
     Unix(PathBuf),
+    /// `systemd:NAME`: a listening socket systemd passed (socket activation), by its
+    /// `FileDescriptorName=`. Listeners only.
+    Systemd(String),
 }
 
 /// An address as written in the file, before any name is looked up.
@@ -154,6 +162,8 @@ pub enum Endpoint {
     },
     /// `unix:/path`.
     Unix(PathBuf),
+    /// `systemd:NAME`, checked against the passed sockets by the resolve step.
+    Systemd(String),
 }
 
 /// The protocol a listener speaks.
@@ -209,6 +219,8 @@ pub struct Listener<S: Stage = Resolved> {
     /// serving it starts with a read that finds the request (no wait for readiness). Only for
     /// protocols whose client speaks first; default on for http over TCP.
     pub defer_accept: bool,
+    /// listen(2)'s backlog: handshaken connections the kernel queues until accepted.
+    pub listen_backlog: u32,
     /// http: request header fields whose names contain `_` are not forwarded (as nginx's
     /// `underscores_in_headers off`), for servers that read `_` as `-` and could be told a
     /// forged `X_Forwarded_For` for the real one. Framing names with `_` are refused anyway.
@@ -333,6 +345,17 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         parse(text, path)?.resolve(&System)
     }
+
+    /// As [`Config::load`], resolving with `with` (`Checking` for `waitless check`).
+    pub fn load_with(path: &Path, with: &impl Resolve) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        parse(&text, path)?.resolve(with)
+    }
 }
 
 impl<S: Stage> Config<S> {
@@ -424,6 +447,8 @@ impl Default for Admin {
     fn default() -> Self {
         Admin {
             listen: Some(raw::DEFAULT_ADMIN_LISTEN),
+            token: None,
+            token_env: None,
         }
     }
 }
@@ -432,6 +457,8 @@ impl Default for Admin<Unresolved> {
     fn default() -> Self {
         Admin {
             listen: Some(Endpoint::Ip(raw::DEFAULT_ADMIN_LISTEN)),
+            token: None,
+            token_env: None,
         }
     }
 }

@@ -26,6 +26,12 @@ impl<S: Stage> fmt::Display for Config<S> {
             Some(addr) => writeln!(f, "listen = {}", quoted(&addr.to_string()))?,
             None => writeln!(f, "listen = \"off\"")?,
         }
+        // The token itself is never printed: `check` output ends up in logs.
+        match (&self.admin.token_env, &self.admin.token) {
+            (Some(var), _) => writeln!(f, "token_env = {}", quoted(var))?,
+            (None, Some(_)) => writeln!(f, "token = \"(set)\"")?,
+            (None, None) => {}
+        }
         writeln!(f)?;
         writeln!(f, "[log]")?;
         match &self.log.access {
@@ -65,6 +71,7 @@ impl<S: Stage> fmt::Display for Config<S> {
             let header = format_duration(listener.header_timeout);
             writeln!(f, "header_timeout = \"{header}\"")?;
             writeln!(f, "defer_accept = {}", listener.defer_accept)?;
+            writeln!(f, "listen_backlog = {}", listener.listen_backlog)?;
             if let Some(certs) = &listener.tls {
                 let certs: Vec<String> = S::cert_files(certs)
                     .iter()

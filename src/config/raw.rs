@@ -86,6 +86,10 @@ struct RawLog {
 struct RawAdmin {
     /// `listen`; absent means the default address.
     listen: Option<RawAdminListen>,
+    /// `token`: the bearer token write endpoints require.
+    token: Option<String>,
+    /// `token_env`: the variable the token is read from instead.
+    token_env: Option<String>,
 }
 
 /// `[[listener]]` as written; the fields mirror [`Listener`], None where the key is absent.
@@ -105,6 +109,7 @@ struct RawListener {
     max_clients: Option<usize>,
     header_timeout: Option<RawDuration>,
     defer_accept: Option<bool>,
+    listen_backlog: Option<u32>,
     drop_underscore_headers: Option<bool>,
     tls: Option<RawTls>,
 }
@@ -206,8 +211,29 @@ pub(super) fn parse(text: &str, at: &Locator) -> Result<Config<Unresolved>, Conf
 
 impl RawConfig {
     fn into_config(self, at: &Locator) -> Result<Config<Unresolved>, ConfigError> {
-        let admin = match self.admin.and_then(|a| a.listen) {
-            Some(RawAdminListen(listen)) => Admin { listen },
+        let admin = match self.admin {
+            Some(a) => {
+                if a.token.is_some() && a.token_env.is_some() {
+                    return Err(at.error(
+                        "admin.token_env",
+                        "give the admin token or token_env, not both",
+                    ));
+                }
+                if a.token.as_deref() == Some("") {
+                    return Err(at.error(
+                        "admin.token",
+                        "an empty token would let anyone write; leave the key out instead",
+                    ));
+                }
+                Admin {
+                    listen: a.listen.map_or_else(
+                        || Admin::<Unresolved>::default().listen,
+                        |RawAdminListen(listen)| listen,
+                    ),
+                    token: a.token,
+                    token_env: a.token_env,
+                }
+            }
             None => Admin::<Unresolved>::default(),
         };
         let upstreams = self
@@ -314,6 +340,9 @@ impl RawListener {
             max_clients: self.max_clients.unwrap_or(DEFAULT_MAX_CLIENTS),
             header_timeout: self.header_timeout.map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
             defer_accept: self.defer_accept.unwrap_or(defer_default),
+            listen_backlog: self
+                .listen_backlog
+                .unwrap_or(crate::listener::DEFAULT_BACKLOG),
             drop_underscore_headers: self.drop_underscore_headers.unwrap_or(false),
             tls: self.tls.map(|tls| {
                 let certs = match tls {
@@ -430,8 +459,8 @@ impl<'de> Deserialize<'de> for RawAdminListen {
         match text.as_str() {
             "" | "off" => Ok(RawAdminListen(None)),
             _ => match parse_endpoint(&text).map_err(de::Error::custom)? {
-                Endpoint::Unix(_) => Err(de::Error::custom(
-                    "the admin listener takes HOST:PORT, not a unix socket",
+                Endpoint::Unix(_) | Endpoint::Systemd(_) => Err(de::Error::custom(
+                    "the admin listener takes HOST:PORT, not a unix or systemd socket",
                 )),
                 tcp => Ok(RawAdminListen(Some(tcp))),
             },

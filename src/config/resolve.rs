@@ -17,11 +17,18 @@ pub trait Resolve {
     fn lookup(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>>;
     /// The value of environment variable `name`, if it is set and UTF-8.
     fn var(&self, name: &str) -> Option<String>;
+    /// Whether systemd passed a listening socket named `name` (socket activation).
+    fn activated(&self, name: &str) -> bool;
 }
 
 /// The system's resolver (getaddrinfo) and this process's environment.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct System;
+
+/// As [`System`], but every `systemd:NAME` counts as passed: `waitless check`, run as
+/// ExecStartPre, is given no sockets (systemd passes them to ExecStart alone).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Checking;
 
 // === impl Parsed ===
 
@@ -36,7 +43,7 @@ impl Parsed {
             Some(endpoint) => match lookup(endpoint, with) {
                 Ok(Address::Tcp(addr)) => Some(addr),
                 // The raw layer refuses a unix admin address; kept an error, not a panic.
-                Ok(Address::Unix(_)) => {
+                Ok(Address::Unix(_) | Address::Systemd(_)) => {
                     return Err(at.error(
                         "admin.listen",
                         "the admin listener takes HOST:PORT, not a unix socket",
@@ -88,11 +95,28 @@ impl Parsed {
                     .map_err(|m| at.error(format!("mysql_user[{i}].password_env"), m))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let token = match (&written.admin.token, &written.admin.token_env) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(var)) => match with.var(var) {
+                Some(token) if !token.is_empty() => Some(token),
+                _ => {
+                    return Err(at.error(
+                        "admin.token_env",
+                        format!("environment variable `{var}` is not set, empty or not UTF-8"),
+                    ))
+                }
+            },
+            (None, None) => None,
+        };
         let config = Config {
             source: written.source.clone(),
             workers: written.workers,
             drain_timeout: written.drain_timeout,
-            admin: Admin { listen: admin },
+            admin: Admin {
+                listen: admin,
+                token,
+                token_env: written.admin.token_env.clone(),
+            },
             listeners,
             upstreams,
             mysql_users,
@@ -113,6 +137,26 @@ impl Resolve for System {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
     }
+
+    fn activated(&self, name: &str) -> bool {
+        crate::systemd::has(name)
+    }
+}
+
+// === impl Checking ===
+
+impl Resolve for Checking {
+    fn lookup(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        System.lookup(host, port)
+    }
+
+    fn var(&self, name: &str) -> Option<String> {
+        System.var(name)
+    }
+
+    fn activated(&self, _name: &str) -> bool {
+        true
+    }
 }
 
 // === helpers ===
@@ -128,6 +172,15 @@ pub(super) fn lookup(endpoint: &Endpoint, with: &impl Resolve) -> Result<Address
     match endpoint {
         Endpoint::Ip(addr) => Ok(Address::Tcp(*addr)),
         Endpoint::Unix(path) => Ok(Address::Unix(path.clone())),
+        Endpoint::Systemd(name) if with.activated(name) => Ok(Address::Systemd(name.clone())),
+        Endpoint::Systemd(name) => Err(format!(
+            "systemd passed no socket named `{name}` (passed: {}); the .socket unit's \
+             FileDescriptorName= must match, and waitless must be started by that socket",
+            match crate::systemd::names() {
+                names if names.is_empty() => "none".to_string(),
+                names => names.join(", "),
+            }
+        )),
         Endpoint::Name { host, port } => with
             .lookup(host, *port)
             .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
@@ -194,6 +247,7 @@ fn with_listen(
         max_clients: l.max_clients,
         header_timeout: l.header_timeout,
         defer_accept: l.defer_accept,
+        listen_backlog: l.listen_backlog,
         drop_underscore_headers: l.drop_underscore_headers,
         tls,
     }

@@ -710,6 +710,10 @@ impl Resolve for Fake {
             .find(|(var, _)| *var == name)
             .map(|(_, value)| value.to_string())
     }
+
+    fn activated(&self, name: &str) -> bool {
+        name == "web"
+    }
 }
 
 /// MINIMAL with a host name for its server and a mysql listener whose user's password comes
@@ -898,4 +902,80 @@ fn drop_underscore_headers_is_off_by_default_and_only_for_http_listeners() {
         "{message}"
     );
     assert!(message.contains("http listeners"), "{message}");
+}
+
+#[test]
+fn a_systemd_listener_resolves_only_to_a_socket_that_was_passed() {
+    let text = MINIMAL.replace("127.0.0.1:8080", "systemd:web");
+    let parsed = super::parse(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        parsed.config.listeners[0].listen,
+        Endpoint::Systemd("web".into())
+    );
+    let fake = Fake {
+        names: &[],
+        vars: &[],
+    };
+    let config = parsed.resolve(&fake).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.listeners[0].listen, Address::Systemd("web".into()));
+    // The Fake passes only "web".
+    let other = super::parse(
+        &MINIMAL.replace("127.0.0.1:8080", "systemd:api"),
+        Path::new("test.toml"),
+    )
+    .unwrap();
+    let e = other.resolve(&fake).unwrap_err().to_string();
+    assert!(
+        e.contains("key `listener[0].listen`: systemd passed no socket named `api`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_systemd_socket_is_no_server_and_no_admin_address() {
+    let e = error(&MINIMAL.replace("127.0.0.1:8081", "systemd:web"));
+    assert!(e.contains("upstream[0].servers[0]"), "{e}");
+    let e = error(&format!("[admin]\nlisten = \"systemd:admin\"\n{MINIMAL}"));
+    assert!(e.contains("not a unix or systemd socket"), "{e}");
+    let e = error(&MINIMAL.replace("127.0.0.1:8080", "systemd:"));
+    assert!(e.contains("FileDescriptorName="), "{e}");
+}
+
+#[test]
+fn the_admin_token_comes_from_the_file_or_its_variable_never_both_and_is_not_printed() {
+    let with = |admin: &str| format!("[admin]\n{admin}\n{MINIMAL}");
+    let e = error(&with("token = \"a\"\ntoken_env = \"B\""));
+    assert!(e.contains("admin.token_env"), "{e}");
+    let e = error(&with("token = \"\""));
+    assert!(e.contains("admin.token"), "{e}");
+    let parsed = super::parse(&with("token = \"s3cret\""), Path::new("test.toml")).unwrap();
+    assert!(!parsed.to_string().contains("s3cret"), "{parsed}");
+    let fake = Fake {
+        names: &[],
+        vars: &[("WAITLESS_TOKEN", "t0ken")],
+    };
+    let config = parsed.resolve(&fake).unwrap();
+    assert_eq!(config.admin.token.as_deref(), Some("s3cret"));
+    let parsed =
+        super::parse(&with("token_env = \"WAITLESS_TOKEN\""), Path::new("t.toml")).unwrap();
+    assert_eq!(
+        parsed.resolve(&fake).unwrap().admin.token.as_deref(),
+        Some("t0ken")
+    );
+    let parsed = super::parse(&with("token_env = \"UNSET_HERE\""), Path::new("t.toml")).unwrap();
+    let e = parsed.resolve(&fake).unwrap_err().to_string();
+    assert!(e.contains("admin.token_env"), "{e}");
+}
+
+#[test]
+fn listen_backlog_defaults_to_4096_and_is_printed() {
+    let parsed = super::parse(MINIMAL, Path::new("test.toml")).unwrap();
+    assert_eq!(parsed.config.listeners[0].listen_backlog, 4096);
+    let text = MINIMAL.replace(
+        "upstream = \"web\"\n",
+        "upstream = \"web\"\nlisten_backlog = 512\n",
+    );
+    let parsed = super::parse(&text, Path::new("test.toml")).unwrap();
+    assert_eq!(parsed.config.listeners[0].listen_backlog, 512);
+    assert!(parsed.to_string().contains("listen_backlog = 512"));
 }

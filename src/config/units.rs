@@ -89,6 +89,14 @@ pub fn format_duration(duration: Duration) -> String {
 /// Parses `HOST:PORT`, `[V6]:PORT` or `unix:/path` as written; a host name is kept as a name
 /// for the resolve step, whose errors would not say what is wrong with the shape.
 pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
+    if let Some(name) = text.strip_prefix("systemd:") {
+        if name.is_empty() || name.contains(':') {
+            return Err(
+                "`systemd:` needs the socket's FileDescriptorName=, e.g. systemd:web".to_string(),
+            );
+        }
+        return Ok(Endpoint::Systemd(name.to_string()));
+    }
     if let Some(path) = text.strip_prefix("unix:") {
         if path.is_empty() {
             return Err("`unix:` needs a socket path, e.g. unix:/run/waitless.sock".to_string());
@@ -152,6 +160,7 @@ impl fmt::Display for Address {
         match self {
             Address::Tcp(addr) => write!(f, "{addr}"),
             Address::Unix(path) => write!(f, "unix:{}", path.display()),
+            Address::Systemd(name) => write!(f, "systemd:{name}"),
         }
     }
 }
@@ -164,6 +173,7 @@ impl fmt::Display for Endpoint {
             Endpoint::Ip(addr) => write!(f, "{addr}"),
             Endpoint::Name { host, port } => write!(f, "{host}:{port}"),
             Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+            Endpoint::Systemd(name) => write!(f, "systemd:{name}"),
         }
     }
 }

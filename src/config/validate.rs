@@ -21,6 +21,8 @@ pub trait Place {
     fn unix_path(&self) -> Option<&Path>;
     /// The TCP port, if a TCP address.
     fn port(&self) -> Option<u16>;
+    /// A `systemd:NAME` socket, which only a listener can take.
+    fn is_systemd(&self) -> bool;
     /// Whether a listener bound here keeps one bound at `other` from binding: the same
     /// address, or the same port of one family where either takes every interface.
     fn overlaps(&self, other: &Self) -> bool;
@@ -255,6 +257,12 @@ impl<S: Stage> Config<S> {
             return Err(at.error(key("servers"), "at least one server is required"));
         }
         for (j, server) in upstream.servers.iter().enumerate() {
+            if server.is_systemd() {
+                return Err(at.error(
+                    format!("upstream[{i}].servers[{j}]"),
+                    format!("{server} is a listening socket systemd passes; a server is HOST:PORT or unix:/path"),
+                ));
+            }
             if server.port() == Some(0) {
                 return Err(at.error(
                     format!("upstream[{i}].servers[{j}]"),
@@ -399,15 +407,19 @@ impl Place for Address {
     fn unix_path(&self) -> Option<&Path> {
         match self {
             Address::Unix(path) => Some(path),
-            Address::Tcp(_) => None,
+            Address::Tcp(_) | Address::Systemd(_) => None,
         }
     }
 
     fn port(&self) -> Option<u16> {
         match self {
             Address::Tcp(addr) => Some(addr.port()),
-            Address::Unix(_) => None,
+            Address::Unix(_) | Address::Systemd(_) => None,
         }
+    }
+
+    fn is_systemd(&self) -> bool {
+        matches!(self, Address::Systemd(_))
     }
 
     fn overlaps(&self, other: &Self) -> bool {
@@ -434,8 +446,12 @@ impl Place for Endpoint {
         match self {
             Endpoint::Ip(addr) => Some(addr.port()),
             Endpoint::Name { port, .. } => Some(*port),
-            Endpoint::Unix(_) => None,
+            Endpoint::Unix(_) | Endpoint::Systemd(_) => None,
         }
+    }
+
+    fn is_systemd(&self) -> bool {
+        matches!(self, Endpoint::Systemd(_))
     }
 
     /// Names are compared as written; a name and an IP, once the name is resolved.
