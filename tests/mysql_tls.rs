@@ -240,6 +240,21 @@ $m->close();
         handshakes += 1;
         assert_eq!(tls_counts(&proxy, "protocol").await, (handshakes, 0));
     }
+    // Every session's close went through the close mechanism, TLS or not: the ledger has one
+    // entry per client (the two plain ones too).
+    let sessions = handshakes + 2;
+    let mut closed = 0;
+    for _ in 0..50 {
+        let stats = proxy.stats().await;
+        closed = stats["listeners"][0]["ledger"]["closed"]
+            .as_u64()
+            .unwrap_or(0);
+        if closed >= sessions {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(closed, sessions, "one ledger entry per client session");
     drop(db);
 }
 
