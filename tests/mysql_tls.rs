@@ -259,10 +259,11 @@ $m->close();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_after_an_ssl_request_is_a_clean_close_counted_as_a_handshake_error() {
+async fn garbage_or_silence_after_an_ssl_request_is_a_clean_close_counted_as_a_handshake_error() {
     let certs = Certs::make();
     let db = MariaDb::start().await;
-    let proxy = MysqlProxy::start(db.port, &certs.listener_key(), "").await;
+    let listener = format!("{}\nheader_timeout = \"1s\"", certs.listener_key());
+    let proxy = MysqlProxy::start(db.port, &listener, "").await;
 
     // Plain text where the ClientHello belongs: not_tls, closed unanswered.
     let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
@@ -294,6 +295,16 @@ async fn garbage_after_an_ssl_request_is_a_clean_close_counted_as_a_handshake_er
     );
     let stats = proxy.stats().await;
     assert_eq!(tls_counts(&proxy, "protocol").await, (0, 1), "{stats}");
+
+    // An SSLRequest and then silence: the handshake is bounded by header_timeout.
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    greeting_caps(&mut s).await;
+    s.write_all(&ssl_request()).await.unwrap();
+    let got = read_to_end(&mut s)
+        .await
+        .expect("a clean close, not a reset");
+    assert!(got.is_empty(), "answered a silent client with {got:?}");
+    assert_eq!(tls_counts(&proxy, "timeout").await, (0, 1));
 
     // Each close was recorded, and the listener still serves.
     let c = connect(proxy.port, Some("appdb")).await;
