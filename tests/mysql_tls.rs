@@ -8,10 +8,13 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::mysql::*;
 use common::tempdir::TempDir;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -305,6 +308,35 @@ async fn garbage_or_silence_after_an_ssl_request_is_a_clean_close_counted_as_a_h
         .expect("a clean close, not a reset");
     assert!(got.is_empty(), "answered a silent client with {got:?}");
     assert_eq!(tls_counts(&proxy, "timeout").await, (0, 1));
+
+    // A TLS handshake and then silence: the login over TLS is bounded by header_timeout too.
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    greeting_caps(&mut s).await;
+    s.write_all(&ssl_request()).await.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(certs.path("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, s)
+        .await
+        .expect("TLS handshake after the SSLRequest");
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(LIMIT, tls.read_to_end(&mut got))
+        .await
+        .expect("waitless closed the silent TLS client");
+    assert!(end.is_ok() && got.is_empty(), "{end:?} {got:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(tls_counts(&proxy, "timeout").await, (1, 1));
 
     // Each close was recorded, and the listener still serves.
     let c = connect(proxy.port, Some("appdb")).await;

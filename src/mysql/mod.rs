@@ -449,13 +449,16 @@ impl MysqlListener {
         {
             Ok(tracked) => {
                 let mut client = PacketIo::new(tracked);
-                let end = match front::response(&mut client).await {
-                    Ok(reply) => {
-                        self.log_in(&mut client, fd, peer, log, started, reply)
-                            .await
-                    }
-                    Err(refused) => self.refused(refused, peer),
-                };
+                let deadline = started.deadline;
+                let end =
+                    match tokio::time::timeout_at(deadline, front::response(&mut client)).await {
+                        Ok(Ok(reply)) => {
+                            self.log_in(&mut client, fd, peer, log, started, reply)
+                                .await
+                        }
+                        Ok(Err(refused)) => self.refused(refused, peer),
+                        Err(_) => self.late(peer),
+                    };
                 self.close(client, end, peer).await
             }
             Err((e, tracked)) => {
