@@ -122,6 +122,42 @@ pub struct Tracked<S: Socket> {
     log: Option<Arc<access::Conn>>,
 }
 
+/// A `Tracked` without its socket, while a layer is put over the socket (`Tracked::wrap`).
+#[derive(Debug)]
+struct Carried {
+    /// `Tracked::ledger`.
+    ledger: Arc<SideLedger>,
+    /// `Tracked::role`.
+    role: Role,
+    /// `Tracked::peer_eof`.
+    peer_eof: bool,
+    /// `Tracked::sent_fin`.
+    sent_fin: bool,
+    /// `Tracked::first`.
+    first: Option<Closer>,
+    /// `Tracked::done`.
+    done: bool,
+    /// `Tracked::log`.
+    log: Option<Arc<access::Conn>>,
+}
+
+impl Carried {
+    /// Tracks `inner` as the connection it carries on. What TCP_INFO said is read anew.
+    fn onto<T: Socket>(self, inner: T) -> Tracked<T> {
+        Tracked {
+            inner,
+            ledger: self.ledger,
+            role: self.role,
+            peer_eof: self.peer_eof,
+            sent_fin: self.sent_fin,
+            first: self.first,
+            done: self.done,
+            seen: None,
+            log: self.log,
+        }
+    }
+}
+
 const REASON_UNSET: u8 = u8::MAX;
 
 // TCP states as in include/net/tcp_states.h.
@@ -208,6 +244,49 @@ impl<S: Socket> Tracked<S> {
     /// an EOF seen this way is seen again by the next tracked read).
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
+    }
+
+    /// The same connection over a layer that takes its socket (TLS started mid-protocol, as
+    /// MySQL's SSLRequest does): the close seen so far, the ledger and the access log carry
+    /// over to the new stream. When `layer` fails it hands the socket back, tracked as before.
+    /// `layer` must end by itself (the TLS handshake's own deadline): dropped halfway, it
+    /// takes the socket with it and the close goes unrecorded.
+    pub async fn wrap<T, E, F, Fut>(self, layer: F) -> Result<Tracked<T>, (E, Tracked<S>)>
+    where
+        T: Socket,
+        F: FnOnce(S) -> Fut,
+        Fut: std::future::Future<Output = Result<T, (E, S)>>,
+    {
+        let (inner, carried) = self.into_parts();
+        match layer(inner).await {
+            Ok(layered) => Ok(carried.onto(layered)),
+            Err((e, inner)) => Err((e, carried.onto(inner))),
+        }
+    }
+
+    /// The socket and the rest, without this connection's drop recording a close.
+    fn into_parts(self) -> (S, Carried) {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never used or dropped again, so each field read out of it here
+        // has one owner from now on.
+        let (inner, ledger, role, log) = unsafe {
+            (
+                std::ptr::read(&this.inner),
+                std::ptr::read(&this.ledger),
+                std::ptr::read(&this.role),
+                std::ptr::read(&this.log),
+            )
+        };
+        let carried = Carried {
+            ledger,
+            role,
+            peer_eof: this.peer_eof,
+            sent_fin: this.sent_fin,
+            first: this.first,
+            done: this.done,
+            log,
+        };
+        (inner, carried)
     }
 
     /// Ends a client connection, by the listener's policy, for how it ended.

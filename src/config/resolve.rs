@@ -219,10 +219,8 @@ fn load_tls(
     // An http client that offers ALPN must be offered what is spoken: HTTP/1.1 only.
     let alpn: &[&[u8]] = match l.protocol {
         Protocol::Http => &[b"http/1.1"],
-        Protocol::Tcp => &[],
-        Protocol::Mysql => {
-            return Err("TLS on mysql listeners is not available yet (http and tcp have it)".into())
-        }
+        // MySQL clients start TLS after the greeting (SSLRequest) and name no protocol.
+        Protocol::Tcp | Protocol::Mysql => &[],
     };
     crate::tls::ServerTls::load(files.to_vec(), alpn)
 }

@@ -2,6 +2,8 @@
 //! with the server's version and capabilities), reads HandshakeResponse41 and checks the
 //! password itself with mysql_native_password — switching clients that start with another
 //! plugin (caching_sha2_password) over to it — before any server connection is touched.
+//! On a listener with tls, CLIENT_SSL is offered too: a client's SSLRequest is followed by
+//! the TLS handshake (the caller's: it changes the stream), then the login over TLS.
 
 use std::io;
 
@@ -13,7 +15,7 @@ use mysql_common::scramble::scramble_native;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::backend::{Profile, SessionKey, SESSION_CAPS};
-use super::packet::{err_payload, PacketIo, MAX_HANDSHAKE_PACKET};
+use super::packet::{err_payload, Packet, PacketIo, MAX_HANDSHAKE_PACKET};
 use crate::config::MysqlUser;
 
 /// A client that logged in.
@@ -38,8 +40,8 @@ pub enum Refused {
     Io(io::Error),
 }
 
-/// What waitless offers clients: what it can relay and pool. Not offered: TLS and
-/// compression (not supported yet), optional result set metadata, query attributes and
+/// What waitless offers clients: what it can relay and pool. Not offered: compression
+/// (not supported yet), CLIENT_SSL (added when the listener has tls), optional result set metadata, query attributes and
 /// MariaDB's extended capabilities (they change packet shapes the relay tracks).
 const OFFER_CAPS: CapabilityFlags = CapabilityFlags::from_bits_truncate(
     SESSION_CAPS.bits()
@@ -61,20 +63,37 @@ const ER_ACCESS_DENIED: u16 = 1045;
 const ER_HANDSHAKE_ERROR: u16 = 1043;
 const ER_NOT_SUPPORTED_AUTH_MODE: u16 = 1251;
 
-/// Greets the client, checks its login and returns who it is.
-pub async fn accept<S>(
+/// What a client was greeted with, for the rest of its login.
+#[derive(Debug)]
+pub struct Greeted {
+    /// The nonce its password is scrambled with.
+    nonce: Vec<u8>,
+    /// The capabilities offered to it.
+    offered: CapabilityFlags,
+    /// The server's default collation, for a client that names none.
+    collation: u8,
+}
+
+/// Greets the client and reads its first answer: its HandshakeResponse, or an SSLRequest
+/// when it wants TLS (`tls`: the listener offers it). The answer is read to its last byte
+/// and no further: after an SSLRequest the client's TLS handshake follows at once, and it
+/// must stay in the socket for the TLS layer to read.
+pub async fn greet<S>(
     io: &mut PacketIo<S>,
     profile: &Profile,
-    users: &[MysqlUser],
-    host: &str,
     connection_id: u32,
-) -> Result<Login, Refused>
+    tls: bool,
+) -> Result<(Greeted, Packet), Refused>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let nonce = nonce();
     // Bit 0 (CLIENT_MYSQL to MariaDB) set: no MariaDB extended capabilities are offered.
-    let offered = (profile.caps & OFFER_CAPS) | CapabilityFlags::CLIENT_LONG_PASSWORD;
+    let mut offered = (profile.caps & OFFER_CAPS) | CapabilityFlags::CLIENT_LONG_PASSWORD;
+    if tls {
+        // waitless's own TLS, whatever the server's: the client's session ends here.
+        offered |= CapabilityFlags::CLIENT_SSL;
+    }
     let (head, tail) = nonce.split_at(8);
     let mut scramble_1 = [0u8; 8];
     scramble_1.copy_from_slice(head);
@@ -95,12 +114,61 @@ where
     let mut buf = Vec::new();
     greeting.serialize(&mut buf);
     io.send(0, &buf).await.map_err(Refused::Io)?;
+    let reply = if tls {
+        io.read_alone(MAX_HANDSHAKE_PACKET)
+            .await
+            .map_err(Refused::Io)?
+            .ok_or_else(closed)?
+    } else {
+        read(io).await?
+    };
+    let greeted = Greeted {
+        nonce,
+        offered,
+        collation: profile.collation,
+    };
+    Ok((greeted, reply))
+}
 
-    let reply = read(io).await?;
+/// True when the client's answer to the greeting is an SSLRequest and TLS was offered.
+pub fn asks_tls(greeted: &Greeted, reply: &Packet) -> bool {
+    greeted.offered.contains(CapabilityFlags::CLIENT_SSL) && is_ssl_request(reply)
+}
+
+/// Reads the HandshakeResponse that follows an SSLRequest, over TLS.
+pub async fn response<S>(io: &mut PacketIo<S>) -> Result<Packet, Refused>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    read(io).await
+}
+
+/// Checks the login in `reply` (the HandshakeResponse) and returns who it is.
+pub async fn log_in<S>(
+    io: &mut PacketIo<S>,
+    greeted: Greeted,
+    reply: Packet,
+    users: &[MysqlUser],
+    host: &str,
+) -> Result<Login, Refused>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Greeted {
+        nonce,
+        offered,
+        collation: default_collation,
+    } = greeted;
     let seq = reply.seq.wrapping_add(1);
-    if reply.payload.len() == SSL_REQUEST_LEN {
-        let msg = "waitless does not support TLS yet: connect without TLS \
-                   (mariadb --skip-ssl, mysql --ssl-mode=DISABLED)";
+    if is_ssl_request(&reply) {
+        // Without tls on the listener CLIENT_SSL was not offered; with it, this is a second
+        // SSLRequest, over TLS already.
+        let msg = if offered.contains(CapabilityFlags::CLIENT_SSL) {
+            "SSL requested twice"
+        } else {
+            "this waitless listener does not support TLS (it has no tls): connect without \
+             TLS (mariadb --skip-ssl, mysql --ssl-mode=DISABLED) or give the listener tls"
+        };
         return refuse(io, seq, ER_HANDSHAKE_ERROR, b"08S01", msg).await;
     }
     let resp: HandshakeResponse<'_> = ParseBuf(&reply.payload)
@@ -119,7 +187,7 @@ where
         .filter(|d| !d.is_empty() && caps.contains(CapabilityFlags::CLIENT_CONNECT_WITH_DB))
         .map(<[u8]>::to_vec);
     let collation = match resp.collation() {
-        0 => profile.collation,
+        0 => default_collation,
         c => c,
     };
 
@@ -182,19 +250,26 @@ where
     Err(Refused::Answered(msg.to_string()))
 }
 
-async fn read<S>(io: &mut PacketIo<S>) -> Result<super::packet::Packet, Refused>
+async fn read<S>(io: &mut PacketIo<S>) -> Result<Packet, Refused>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     io.read(MAX_HANDSHAKE_PACKET)
         .await
         .map_err(Refused::Io)?
-        .ok_or_else(|| {
-            Refused::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "client closed during login",
-            ))
-        })
+        .ok_or_else(closed)
+}
+
+fn closed() -> Refused {
+    Refused::Io(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "client closed during login",
+    ))
+}
+
+/// An SSLRequest: a HandshakeResponse cut after its fixed part.
+fn is_ssl_request(reply: &Packet) -> bool {
+    reply.payload.len() == SSL_REQUEST_LEN
 }
 
 /// Compares without an early exit, so timing tells nothing about the password.

@@ -65,7 +65,8 @@ impl Drop for Entry<'_> {
     }
 }
 
-/// The client on `fd` closed its side, or its next command is COM_QUIT.
+/// The client on `fd` closed its side, or its next command is COM_QUIT. Over TLS the
+/// COM_QUIT is encrypted and never matches: only the FIN is seen.
 fn is_leaving(fd: RawFd) -> bool {
     let mut p = libc::pollfd {
         fd,

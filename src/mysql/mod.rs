@@ -87,6 +87,18 @@ enum End {
     /// The server connection closed or failed under the session: the client sees the end
     /// now, as it would from the server.
     ServerGone,
+    /// The client sent an SSLRequest: its login goes on over TLS.
+    StartTls(Box<Started>),
+}
+
+/// A session whose client was greeted: the rest of its login is to come.
+struct Started {
+    /// The server it goes to.
+    picked: Picked,
+    /// What the client was greeted with.
+    greeted: front::Greeted,
+    /// When the login must be done by (header_timeout after the greeting began).
+    deadline: Instant,
 }
 
 /// How long a waiting client sleeps between looks at a full pool when nothing is returned.
@@ -404,7 +416,72 @@ impl MysqlListener {
         let tracked = Tracked::client(stream, self.ledger.clone(), policy).logged(log.clone());
         let mut client = PacketIo::new(tracked);
         let fd = client.get_ref().get_ref().as_fd().as_raw_fd();
-        match self.session(&mut client, fd, peer, log).await {
+        match self.session(&mut client, fd, peer, log.clone()).await {
+            // Boxed: the TLS session's state must not weigh on every plain one.
+            End::StartTls(started) => {
+                Box::pin(self.serve_tls(client, *started, fd, peer, log)).await
+            }
+            end => self.close(client, end, peer).await,
+        }
+    }
+
+    /// After a client's SSLRequest: the TLS handshake (within what is left of
+    /// `header_timeout`, counted in the listener's TLS stats), then its login and session
+    /// over TLS.
+    async fn serve_tls<S: Socket>(
+        &self,
+        client: PacketIo<Tracked<S>>,
+        started: Started,
+        fd: RawFd,
+        peer: Option<SocketAddr>,
+        log: Option<Arc<crate::access::Conn>>,
+    ) {
+        let Some(tls) = self.cfg.tls.as_ref() else {
+            return self.close(client, End::Done(Reason::Done), peer).await;
+        };
+        let within = started.deadline.saturating_duration_since(Instant::now());
+        let stats = &self.stats.tls;
+        // The SSLRequest was read to its end and no further: the ClientHello is unread.
+        let tracked = client.into_inner();
+        match tracked
+            .wrap(|plain| crate::tls::accept(tls, plain, within, stats))
+            .await
+        {
+            Ok(tracked) => {
+                let mut client = PacketIo::new(tracked);
+                let deadline = started.deadline;
+                let end =
+                    match tokio::time::timeout_at(deadline, front::response(&mut client)).await {
+                        Ok(Ok(reply)) => {
+                            self.log_in(&mut client, fd, peer, log, started, reply)
+                                .await
+                        }
+                        Ok(Err(refused)) => self.refused(refused, peer),
+                        Err(_) => self.late(peer),
+                    };
+                self.close(client, end, peer).await
+            }
+            Err((e, tracked)) => {
+                tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = e.as_str(),
+                    "TLS handshake failed");
+                // A TLS client has an alert to read; a plain one sees the close.
+                let ending = match e {
+                    crate::tls::HandshakeError::NotTls => Ending::ReadsToEof,
+                    _ => Ending::RefusedAfterAnswer,
+                };
+                tracked.finish_client(ending).await
+            }
+        }
+    }
+
+    /// Closes a client whose session ended so, by policy.
+    async fn close<S: Socket>(
+        &self,
+        client: PacketIo<Tracked<S>>,
+        end: End,
+        peer: Option<SocketAddr>,
+    ) {
+        match end {
             End::Done(why) => client.into_inner().finish_client(Ending::Over(why)).await,
             End::ServerGone => {
                 client
@@ -418,6 +495,8 @@ impl MysqlListener {
                 // Dropped: the close mechanism records an error (or the client's close).
                 drop(client);
             }
+            // Asked for in the greeting only, and taken up by `serve_client`.
+            End::StartTls(_) => drop(client),
         }
     }
 
@@ -435,7 +514,7 @@ impl MysqlListener {
                 tracing::debug!(listener = %self.cfg.name, peer = ?peer, error = %e,
                     "mysql client turned away");
             }
-            End::ServerGone => {}
+            End::ServerGone | End::StartTls(_) => {}
         }
     }
 
@@ -472,23 +551,71 @@ impl MysqlListener {
                 return answer(client, 0, &err_payload(CR_CONN_HOST_ERROR, b"HY000", &msg)).await;
             }
         };
-        let host = peer.map_or_else(|| "localhost".to_string(), |p| p.ip().to_string());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // A login must complete within header_timeout: a client that stalls mid-handshake
         // would otherwise hold its connection for ever.
-        let accepting = front::accept(client, &picked.profile, &self.users, &host, id);
-        let login = match tokio::time::timeout(self.cfg.header_timeout, accepting).await {
-            Ok(Ok(login)) => login,
-            Ok(Err(Refused::Answered(msg))) => {
+        let deadline = Instant::now() + self.cfg.header_timeout;
+        let tls = self.cfg.tls.is_some();
+        let greeting = front::greet(client, &picked.profile, id, tls);
+        let (greeted, reply) = match tokio::time::timeout_at(deadline, greeting).await {
+            Ok(Ok(greeted)) => greeted,
+            Ok(Err(refused)) => return self.refused(refused, peer),
+            Err(_) => return self.late(peer),
+        };
+        let started = Started {
+            picked,
+            greeted,
+            deadline,
+        };
+        if front::asks_tls(&started.greeted, &reply) {
+            return End::StartTls(Box::new(started));
+        }
+        self.log_in(client, fd, peer, log, started, reply).await
+    }
+
+    /// How a login that was refused ends.
+    fn refused(&self, refused: Refused, peer: Option<SocketAddr>) -> End {
+        match refused {
+            Refused::Answered(msg) => {
                 tracing::info!(listener = %self.cfg.name, peer = ?peer, "{msg}");
-                return End::Done(Reason::Done);
+                End::Done(Reason::Done)
             }
-            Ok(Err(Refused::Io(e))) => return End::Broken(format!("login: {e}")),
-            Err(_) => {
-                tracing::info!(listener = %self.cfg.name, peer = ?peer,
-                    timeout = ?self.cfg.header_timeout, "login not completed in time; closing");
-                return End::Done(Reason::Idle);
-            }
+            Refused::Io(e) => End::Broken(format!("login: {e}")),
+        }
+    }
+
+    /// How a login not completed within header_timeout ends.
+    fn late(&self, peer: Option<SocketAddr>) -> End {
+        tracing::info!(listener = %self.cfg.name, peer = ?peer,
+            timeout = ?self.cfg.header_timeout, "login not completed in time; closing");
+        End::Done(Reason::Idle)
+    }
+
+    /// The login in `reply`, checked; then a server connection borrowed and the commands.
+    async fn log_in<C>(
+        &self,
+        client: &mut PacketIo<C>,
+        fd: RawFd,
+        peer: Option<SocketAddr>,
+        log: Option<Arc<crate::access::Conn>>,
+        started: Started,
+        reply: packet::Packet,
+    ) -> End
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let up = &self.upstream;
+        let Started {
+            picked,
+            greeted,
+            deadline,
+        } = started;
+        let host = peer.map_or_else(|| "localhost".to_string(), |p| p.ip().to_string());
+        let checking = front::log_in(client, greeted, reply, &self.users, &host);
+        let login = match tokio::time::timeout_at(deadline, checking).await {
+            Ok(Ok(login)) => login,
+            Ok(Err(refused)) => return self.refused(refused, peer),
+            Err(_) => return self.late(peer),
         };
 
         let asked = log.as_ref().map(|_| Instant::now());

@@ -139,6 +139,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketIo<S> {
         }
     }
 
+    /// As `read`, for a packet of one chunk, without reading a byte past it: for the packet
+    /// after which the stream changes hands (an SSLRequest, its TLS handshake right behind).
+    pub async fn read_alone(&mut self, max: usize) -> io::Result<Option<Packet>> {
+        if self.has_buffered() {
+            return self.read(max).await;
+        }
+        let mut head = [0u8; 4];
+        match self.io.read_exact(&mut head).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let [a, b, c, seq] = head;
+        let len = usize::from(a) | usize::from(b) << 8 | usize::from(c) << 16;
+        if len > max || len == MAX_CHUNK {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("packet of {len} bytes where at most {max} are expected"),
+            ));
+        }
+        let mut payload = BytesMut::zeroed(len);
+        self.io.read_exact(&mut payload).await?;
+        Ok(Some(Packet { seq, payload }))
+    }
+
     /// As `read`, flushing `other` before waiting for bytes, so that what was relayed so
     /// far reaches its peer while this side is slow.
     pub async fn read_relaying<T>(
@@ -405,6 +430,19 @@ mod tests {
         let p = io.read(MAX_PACKET).await.unwrap().unwrap();
         assert_eq!((p.seq, &p.payload[..]), (3, &[9u8][..]));
         assert!(io.read(MAX_PACKET).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_packet_read_alone_leaves_what_follows_in_the_stream() {
+        // An SSLRequest-sized packet, then the first bytes of a ClientHello.
+        let mut bytes = vec![32u8, 0, 0, 1];
+        bytes.extend([7u8; 32]);
+        bytes.extend([0x16, 0x03, 0x01]);
+        let mut io = PacketIo::new(std::io::Cursor::new(bytes));
+        let p = io.read_alone(MAX_HANDSHAKE_PACKET).await.unwrap().unwrap();
+        assert_eq!((p.seq, p.payload.len()), (1, 32));
+        assert!(!io.has_buffered());
+        assert_eq!(io.into_inner().position(), 36);
     }
 
     #[tokio::test]
