@@ -95,7 +95,7 @@ impl HttpsNginx {
         let d = dir.0.display();
         let c = certs.display();
         let server = format!(
-            "  log_format conn '$connection';\n\
+            "  log_format conn '$connection $ssl_session_reused';\n\
              server {{\n    listen 127.0.0.1:{port} ssl;\n\
              ssl_certificate {c}/server.pem;\n    ssl_certificate_key {c}/server.key;\n\
              keepalive_requests 100000;\n    access_log {d}/conn.log conn;\n\
@@ -129,6 +129,20 @@ impl HttpsNginx {
 
     /// The connections its requests came on, as nginx numbered them.
     fn connections(&self) -> HashSet<String> {
+        self.log()
+            .iter()
+            .filter_map(|l| l.split(' ').next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Requests whose connection resumed an earlier TLS session (`$ssl_session_reused`).
+    fn resumed(&self) -> usize {
+        self.log().iter().filter(|l| l.ends_with(" r")).count()
+    }
+
+    /// Its log's lines: `$connection $ssl_session_reused`.
+    fn log(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.0.join("conn.log"))
             .unwrap_or_default()
             .lines()
@@ -256,7 +270,7 @@ async fn a_server_certificate_for_another_name_is_a_502_with_the_reason_logged()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tcp_listener_relays_plain_http_to_an_https_backend() {
+async fn a_tcp_listener_relays_plain_http_to_an_https_backend_resuming_tls_sessions() {
     let certs = make_certs();
     let Some(nginx) = HttpsNginx::start(&certs.0).await else {
         eprintln!("skipped: nginx is not installed");
@@ -288,6 +302,11 @@ async fn a_tcp_listener_relays_plain_http_to_an_https_backend() {
         21,
         "one TLS connection per client"
     );
+    assert_eq!(
+        nginx.resumed(),
+        20,
+        "every connection after the first resumed a TLS session"
+    );
     drop(proxy);
 }
 
@@ -318,5 +337,35 @@ fn check_names_a_missing_or_empty_ca_file() {
             err.contains(&dir.0.join(ca).display().to_string()) && err.contains(says),
             "{ca}: {err}"
         );
+    }
+}
+
+#[test]
+fn check_refuses_upstream_tls_where_it_is_not_available_yet() {
+    let dir = TempDir::new("upstream-tls-refused");
+    let certs = make_certs();
+    let ca = certs.0.join("ca.pem");
+    for (protocol, extra, says) in [
+        ("mysql", "", "mysql listener"),
+        ("http", "health_check = { kind = \"http\" }", "health check"),
+        ("tcp", "proxy_protocol = \"v1\"", "proxy_protocol"),
+    ] {
+        let text = format!(
+            "[[listener]]\nname = \"front\"\nlisten = \"127.0.0.1:1\"\nprotocol = \"{protocol}\"\n\
+             upstream = \"api\"\n\n[[upstream]]\nname = \"api\"\nservers = [\"127.0.0.1:2\"]\n\
+             tls = {{ ca = {ca:?} }}\n{extra}\n\n\
+             [[mysql_user]]\nuser = \"u\"\npassword = \"p\"\n"
+        );
+        let file = dir.0.join("waitless.toml");
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_waitless"))
+            .arg("check")
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{protocol} {extra}: check passed");
+        assert!(err.contains(says), "{protocol} {extra}: {err}");
     }
 }
