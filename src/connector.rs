@@ -5,9 +5,10 @@
 //! whether it carried a request before: the retry rule of the keep-alive race reads that in
 //! one line at the call site (Pingora's connector hands back the same). `open` is the one
 //! place a connection is opened: the `max_connections` permit, connect and handshake within
-//! `connect_timeout`, the server's counters and its health. A protocol supplies only what
-//! happens on a fresh socket before it can be lent (`Handshake`): nothing for tcp and http,
-//! the login for mysql.
+//! `connect_timeout`, the TLS handshake when the upstream has `tls` (one per pooled
+//! connection, resuming the upstream's earlier sessions), the server's counters and its
+//! health. A protocol supplies only what happens on a fresh socket before it can be lent
+//! (`Handshake`): nothing for tcp and http, the login for mysql.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -176,7 +177,7 @@ where
     // After the permit: waiting for room under max_connections is not the server's time.
     let started = Instant::now();
     let opening = async {
-        let io = dial(cfg, server, &ctl).await?;
+        let io = dial(up, server, &ctl, started).await?;
         handshake.greet(io).await
     };
     let opened = match tokio::time::timeout(cfg.connect_timeout, opening).await {
@@ -218,19 +219,47 @@ pub fn failed<C>(
 }
 
 /// Connects a socket to `server` (TCP without Nagle's delay: requests go out whole), closed
-/// by the upstream's policy for the reason `ctl` is given, and counts it as opened. Not
-/// bounded in time: `open` bounds it with the handshake.
+/// by the upstream's policy for the reason `ctl` is given, and counts it as opened; with
+/// `tls`, makes the handshake by the `connect_timeout` counted from `started`. Otherwise not
+/// bounded in time: `open` bounds it with the protocol's handshake.
 pub async fn dial<C>(
-    cfg: &config::Upstream,
+    up: &Upstream<C>,
     server: &Server<C>,
     ctl: &Arc<CloseCtl>,
+    started: Instant,
 ) -> io::Result<ServerSocket> {
+    let cfg = &up.cfg;
     let (ledger, policy) = (server.ledger.clone(), cfg.time_wait);
     let io = match &server.addr {
         Address::Tcp(addr) => {
             let s = TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;
-            ServerSocket::Tcp(Tracked::upstream(s, ledger, policy, ctl.clone()))
+            match &cfg.tls {
+                None => ServerSocket::Tcp(Tracked::upstream(s, ledger, policy, ctl.clone())),
+                Some(tls) => {
+                    server.stats.opened.fetch_add(1, Ordering::Relaxed);
+                    let within = cfg.connect_timeout.saturating_sub(started.elapsed());
+                    let name = tls.name_of(&server.addr).ok_or_else(|| {
+                        io::Error::other("no TLS name for this server (config out of step)")
+                    })?;
+                    return match crate::tls::connect(tls, name, s, within, &up.tls).await {
+                        Ok(s) => Ok(ServerSocket::Tls(Box::new(Tracked::upstream(
+                            s,
+                            ledger,
+                            policy,
+                            ctl.clone(),
+                        )))),
+                        Err((kind, e, s)) => {
+                            // Closed by the policy and written in the ledger like any other.
+                            drop(Tracked::upstream(s, ledger, policy, ctl.clone()));
+                            Err(io::Error::new(
+                                e.kind(),
+                                format!("TLS handshake failed ({}): {e}", kind.as_str()),
+                            ))
+                        }
+                    };
+                }
+            }
         }
         Address::Unix(path) => {
             let s = UnixStream::connect(path).await?;

@@ -131,6 +131,8 @@ pub struct Upstream<C> {
     next: AtomicUsize,
     /// Server indexes in weighted round-robin order (smooth, as nginx spreads them).
     schedule: Vec<usize>,
+    /// TLS handshakes with its servers, when it has `tls`.
+    pub tls: crate::tls::TlsStats,
 }
 
 /// What the admin side sees of an upstream, whatever its protocol.
@@ -141,6 +143,8 @@ pub trait UpstreamInfo: Send + Sync + std::fmt::Debug {
     fn server_infos(&self) -> Vec<ServerInfo<'_>>;
     /// Retires every idle connection (shutdown).
     fn drain(&self);
+    /// Its TLS handshakes with the servers.
+    fn tls_stats(&self) -> &crate::tls::TlsStats;
 }
 
 /// One server as the admin side sees it.
@@ -485,6 +489,7 @@ impl<C: PoolConn> Upstream<C> {
             schedule: smooth_schedule(&cfg.weights, servers.len()),
             servers,
             next: AtomicUsize::new(0),
+            tls: crate::tls::TlsStats::default(),
         });
         spawn_reaper(Arc::downgrade(&up), reap_interval(cfg.idle_timeout));
         if let Some(hc) = &cfg.health_check {
@@ -533,6 +538,10 @@ impl<C: PoolConn> Upstream<C> {
 impl<C: PoolConn + std::fmt::Debug> UpstreamInfo for Upstream<C> {
     fn cfg(&self) -> &config::Upstream {
         &self.cfg
+    }
+
+    fn tls_stats(&self) -> &crate::tls::TlsStats {
+        &self.tls
     }
 
     fn server_infos(&self) -> Vec<ServerInfo<'_>> {

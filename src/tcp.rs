@@ -97,7 +97,7 @@ impl PoolConn for TcpConn {
     /// A fresh connection is still good unless the server closed it (EOF or error). Bytes
     /// waiting to be read are fine: some servers greet first.
     fn is_usable(&mut self) -> bool {
-        self.io.as_ref().is_some_and(ServerSocket::is_open)
+        self.io.as_mut().is_some_and(ServerSocket::is_open)
     }
 }
 
@@ -161,6 +161,12 @@ impl TcpRelay {
                 return match io {
                     ServerSocket::Tcp(io) => {
                         self.run(&mut client, io, &header, policy)
+                            .await
+                            .finish(client, linger)
+                            .await
+                    }
+                    ServerSocket::Tls(io) => {
+                        self.run(&mut client, *io, &header, policy)
                             .await
                             .finish(client, linger)
                             .await

@@ -1,5 +1,6 @@
-//! TLS: listeners' certificates, the handshake with clients, and `Tls<S>`, the stream a TLS
-//! connection is read and written through.
+//! TLS: listeners' certificates, upstreams' trust (roots, names, client certificates), the
+//! handshakes with clients and with servers, and `Tls<S>`, the stream a TLS connection is
+//! read and written through, whichever side it faces.
 //!
 //! `Tls<S>` is a `close::Socket` like a plain socket, so `Tracked` closes TLS connections by
 //! the same policy: its `poll_close_notify` sends the alert before any close, and its reads
@@ -18,11 +19,14 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::ServerConfig;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::close::Socket;
@@ -45,7 +49,35 @@ pub struct ServerTls {
     pub config: Arc<ServerConfig>,
 }
 
-/// Why a handshake with a client failed, as counted in /metrics.
+/// An upstream's TLS as written: `tls = { ca, server_name, verify, cert, key }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTlsFiles {
+    /// PEM roots to trust; None: the system's.
+    pub ca: Option<PathBuf>,
+    /// The name sent as SNI and verified; None: the host part of each server as written.
+    pub server_name: Option<String>,
+    /// Verify the server's certificate (default true).
+    pub verify: bool,
+    /// A client certificate, for servers that ask for one.
+    pub client: Option<CertFiles>,
+}
+
+/// An upstream's TLS, loaded: one client config for all its servers, so that its session
+/// store (rustls' in-memory cache, the default resumption) lets every new connection resume.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// As written.
+    pub files: UpstreamTlsFiles,
+    /// What handshakes are made with.
+    pub config: Arc<ClientConfig>,
+    /// The name each server is verified by, by its resolved address.
+    names: Vec<(crate::config::Address, ServerName<'static>)>,
+    /// A digest of the files' contents: a reload that finds them unchanged keeps the pool
+    /// and its warm connections; one that finds them changed builds a new one.
+    digest: u64,
+}
+
+/// Why a handshake failed, as counted in /metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeError {
     /// Not finished within `header_timeout`.
@@ -59,6 +91,8 @@ pub enum HandshakeError {
     NotTls,
     /// What the client sent was not TLS, or not TLS waitless accepts.
     Protocol,
+    /// The server's certificate failed verification (upstreams).
+    Certificate,
 }
 
 /// Counters of one side's handshakes.
@@ -164,6 +198,182 @@ impl CertFiles {
     }
 }
 
+impl ClientTls {
+    /// Loads `files` for an upstream whose servers are `servers` (written, resolved, in the
+    /// same order). Errors name the file.
+    pub fn load(
+        files: UpstreamTlsFiles,
+        servers: &[(crate::config::Endpoint, crate::config::Address)],
+    ) -> Result<ClientTls, String> {
+        use std::hash::{Hash, Hasher};
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut digest = std::collections::hash_map::DefaultHasher::new();
+        let roots = match &files.ca {
+            Some(ca) => {
+                let pem =
+                    std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+                pem.hash(&mut digest);
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.map_err(|e| pem_error(ca, "certificate", e))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("{}: not a CA certificate: {e}", ca.display()))?;
+                }
+                if roots.is_empty() {
+                    return Err(format!("{}: no certificate in it (PEM)", ca.display()));
+                }
+                roots
+            }
+            None => system_roots()?,
+        };
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS versions: {e}"))?;
+        let builder = if files.verify {
+            builder.with_root_certificates(roots)
+        } else {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify(provider.clone())))
+        };
+        let config = match &files.client {
+            Some(client) => {
+                let key = client.load(&provider)?;
+                for path in [&client.cert, &client.key] {
+                    std::fs::read(path).unwrap_or_default().hash(&mut digest);
+                }
+                builder.with_client_cert_resolver(Arc::new(ClientCert(Arc::new(key))))
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let names = servers
+            .iter()
+            .map(|(written, addr)| {
+                let name = match (&files.server_name, written) {
+                    (Some(name), _) => name.clone(),
+                    (None, crate::config::Endpoint::Name { host, .. }) => host.clone(),
+                    (None, crate::config::Endpoint::Ip(ip)) => ip.ip().to_string(),
+                    // Refused at check for upstream tls (and systemd for any server).
+                    (
+                        None,
+                        crate::config::Endpoint::Unix(_) | crate::config::Endpoint::Systemd(_),
+                    ) => "localhost".to_string(),
+                };
+                ServerName::try_from(name.clone())
+                    .map(|n| (addr.clone(), n))
+                    .map_err(|_| format!("`{name}` is not a DNS name or IP address"))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(ClientTls {
+            files,
+            config: Arc::new(config),
+            names,
+            digest: digest.finish(),
+        })
+    }
+
+    /// The name `addr` is sent as SNI and verified by.
+    pub fn name_of(&self, addr: &crate::config::Address) -> Option<ServerName<'static>> {
+        self.names
+            .iter()
+            .find(|(a, _)| a == addr)
+            .map(|(_, n)| n.clone())
+    }
+}
+
+impl PartialEq for ClientTls {
+    fn eq(&self, other: &ClientTls) -> bool {
+        self.files == other.files && self.names == other.names && self.digest == other.digest
+    }
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The system's trusted roots (rustls-native-certs: the distribution's CA bundle).
+fn system_roots() -> Result<RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(found.certs);
+    if roots.is_empty() {
+        return Err(format!(
+            "no system root certificates found ({} errors); give `ca`",
+            found.errors.len()
+        ));
+    }
+    Ok(roots)
+}
+
+/// The one client certificate of an upstream, offered whenever a server asks.
+#[derive(Debug)]
+struct ClientCert(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// `verify = false`: any certificate is taken; the handshake's signatures are still checked
+/// (the server holds the key of the certificate it sent).
+#[derive(Debug)]
+struct NoVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// A PEM file's error, naming the file and what was looked for in it.
 fn pem_error(path: &Path, what: &str, e: rustls_pki_types::pem::Error) -> String {
     match e {
@@ -201,12 +411,13 @@ impl ResolvesServerCert for BySni {
 
 impl HandshakeError {
     /// Every kind, in the order of `TlsStats::errors`.
-    pub const ALL: [HandshakeError; 5] = [
+    pub const ALL: [HandshakeError; 6] = [
         HandshakeError::Timeout,
         HandshakeError::Eof,
         HandshakeError::NoProtocol,
         HandshakeError::NotTls,
         HandshakeError::Protocol,
+        HandshakeError::Certificate,
     ];
 
     /// The label in /metrics and logs.
@@ -217,6 +428,7 @@ impl HandshakeError {
             HandshakeError::NoProtocol => "no_application_protocol",
             HandshakeError::NotTls => "not_tls",
             HandshakeError::Protocol => "protocol",
+            HandshakeError::Certificate => "certificate",
         }
     }
 
@@ -226,6 +438,7 @@ impl HandshakeError {
             .and_then(|inner| inner.downcast_ref::<rustls::Error>());
         match tls {
             Some(rustls::Error::NoApplicationProtocol) => HandshakeError::NoProtocol,
+            Some(rustls::Error::InvalidCertificate(_)) => HandshakeError::Certificate,
             Some(_) => HandshakeError::Protocol,
             None if matches!(
                 e.kind(),
@@ -325,6 +538,35 @@ pub async fn accept<S: Socket>(
     }
 }
 
+/// Makes the TLS handshake with a server on `stream` as `name`, within `within`. On failure
+/// the stream comes back with the error (its reason and rustls' words), for its close to be
+/// carried out and recorded.
+pub async fn connect<S: Socket>(
+    tls: &ClientTls,
+    name: ServerName<'static>,
+    stream: S,
+    within: Duration,
+    stats: &TlsStats,
+) -> Result<Tls<S>, (HandshakeError, io::Error, S)> {
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    let io = Deadline {
+        io: stream,
+        timer: Some(Box::pin(tokio::time::sleep(within))),
+    };
+    match connector.connect(name, io).into_fallible().await {
+        Ok(mut stream) => {
+            stats.handshakes.fetch_add(1, Ordering::Relaxed);
+            stream.get_mut().0.timer = None;
+            Ok(Tls::new(stream.into()))
+        }
+        Err((e, io)) => {
+            let kind = HandshakeError::of(&e);
+            stats.failed(kind);
+            Err((kind, e, io.io))
+        }
+    }
+}
+
 /// The content type of a TLS handshake record, which every ClientHello starts with.
 const HANDSHAKE_RECORD: u8 = 0x16;
 
@@ -414,6 +656,27 @@ impl<S: Socket> Tls<S> {
             eof: false,
             unclean: false,
         }
+    }
+
+    /// Takes in what an idle connection received unasked (a TLS 1.3 NewSessionTicket is
+    /// only bookkeeping; a close_notify or FIN is the server's close): true when nothing is
+    /// left that a request would find ahead of its response.
+    pub fn settle(&mut self) -> bool {
+        if self.ahead_at < self.ahead.len() || self.eof || self.notified {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        Socket::poll_readable(self, &mut cx).is_pending()
+    }
+
+    /// Plaintext read ahead and not handed out yet.
+    pub fn has_ahead(&self) -> bool {
+        self.ahead_at < self.ahead.len()
+    }
+
+    /// The socket under the session.
+    pub fn tcp(&self) -> &S {
+        &self.inner.get_ref().0.io
     }
 
     /// The peer closed TCP without sending close_notify first.

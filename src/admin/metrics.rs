@@ -143,6 +143,17 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
         }
     }
     for up in &snap.upstreams {
+        if let Some(tls) = &up.tls {
+            let side = || vec![("side", "upstream".to_string()), ("name", up.name.clone())];
+            f.tls_handshakes
+                .get_or_create(&side())
+                .inc_by(tls.handshakes);
+            for (reason, n) in &tls.errors {
+                let mut labels = side();
+                labels.push(("reason", reason.clone()));
+                f.tls_errors.get_or_create(&labels).inc_by(*n);
+            }
+        }
         for s in &up.servers {
             let who = || vec![("upstream", up.name.clone()), ("server", s.server.clone())];
             f.opened.get_or_create(&who()).inc_by(s.opened);
@@ -202,7 +213,7 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
     );
     reg.register(
         "tls_handshake_errors",
-        "TLS handshakes failed, by side, name and reason (timeout: not done within header_timeout; eof: the peer left; no_application_protocol: no ALPN protocol in common, e.g. h2 only; not_tls: plain text on a TLS port, closed unanswered; protocol: TLS that rustls refused)",
+        "TLS handshakes failed, by side, name and reason (timeout: not done within header_timeout; eof: the peer left; no_application_protocol: no ALPN protocol in common, e.g. h2 only; not_tls: plain text on a TLS port, closed unanswered; protocol: TLS that rustls refused; certificate: a server's certificate that failed verification)",
         f.tls_errors,
     );
     reg.register(

@@ -59,8 +59,21 @@ pub struct ListenerSnap {
 pub struct TlsSnap {
     /// Completed.
     pub handshakes: u64,
-    /// Failed, by reason (`timeout`, `eof`, `no_application_protocol`, `protocol`).
+    /// Failed, by reason (`timeout`, `eof`, `no_application_protocol`, `not_tls`,
+    /// `protocol`, `certificate`).
     pub errors: std::collections::BTreeMap<String, u64>,
+}
+
+impl TlsSnap {
+    fn of(stats: &crate::tls::TlsStats) -> TlsSnap {
+        TlsSnap {
+            handshakes: stats.handshakes.load(Ordering::Relaxed),
+            errors: stats
+                .errors()
+                .map(|(kind, n)| (kind.as_str().to_string(), n))
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,6 +88,9 @@ pub struct Errors {
 pub struct UpstreamSnap {
     pub name: String,
     pub time_wait: String,
+    /// TLS handshakes with its servers, when it has `tls`.
+    #[serde(default)]
+    pub tls: Option<TlsSnap>,
     pub servers: Vec<ServerSnap>,
 }
 
@@ -219,14 +235,7 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
                 ledger: LedgerSnap::of(&l.ledger),
                 census: l.addr.and_then(|a| census_of(Scope::LocalPort(a.port()))),
                 request_duration: s.request_duration.snapshot(),
-                tls: l.cfg.tls.as_ref().map(|_| TlsSnap {
-                    handshakes: s.tls.handshakes.load(Ordering::Relaxed),
-                    errors: s
-                        .tls
-                        .errors()
-                        .map(|(kind, n)| (kind.as_str().to_string(), n))
-                        .collect(),
-                }),
+                tls: l.cfg.tls.as_ref().map(|_| TlsSnap::of(&s.tls)),
             }
         })
         .collect();
@@ -237,6 +246,7 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
         .map(|up| UpstreamSnap {
             name: up.cfg().name.clone(),
             time_wait: up.cfg().time_wait.to_string(),
+            tls: up.cfg().tls.as_ref().map(|_| TlsSnap::of(up.tls_stats())),
             servers: up
                 .server_infos()
                 .into_iter()

@@ -1,5 +1,5 @@
-//! A socket to an upstream server, TCP or unix, under the upstream's close policy: what every
-//! pool keeps (the connector opens them).
+//! A socket to an upstream server, TCP, TLS over TCP, or unix, under the upstream's close
+//! policy: what every pool keeps (the connector opens them).
 
 use std::io;
 use std::pin::Pin;
@@ -9,11 +9,15 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::stream::{is_established, peek_one, Tracked};
+use crate::tls::Tls;
 
 /// A connection to a server, tracked by the close mechanism.
 #[derive(Debug)]
 pub enum ServerSocket {
     Tcp(Tracked<TcpStream>),
+    /// The upstream has `tls`; its close sends close_notify first. Boxed: the session is
+    /// large, and plain connections should not carry its size.
+    Tls(Box<Tracked<Tls<TcpStream>>>),
     Unix(Tracked<UnixStream>),
 }
 
@@ -21,11 +25,20 @@ pub enum ServerSocket {
 
 impl ServerSocket {
     /// Still open on the server's side: established, with no EOF waiting to be read.
-    /// Bytes waiting are fine (some servers greet first).
-    pub fn is_open(&self) -> bool {
+    /// Bytes waiting are fine (some servers greet first); under TLS what waits is taken in
+    /// first (a session ticket), and a close_notify is the server's close.
+    pub fn is_open(&mut self) -> bool {
         let probe = match self {
             ServerSocket::Tcp(t) if !is_established(t.get_ref()) => return false,
             ServerSocket::Tcp(t) => peek_one(t.get_ref()),
+            ServerSocket::Tls(t) => {
+                let quiet = t.get_mut().settle();
+                return if quiet {
+                    is_established(t.get_ref().tcp())
+                } else {
+                    t.get_ref().has_ahead()
+                };
+            }
             ServerSocket::Unix(t) => peek_one(t.get_ref()),
         };
         match probe {
@@ -36,9 +49,10 @@ impl ServerSocket {
 
     /// Nothing to read, asked of the kernel (a peek): the server has neither closed nor sent
     /// anything unasked.
-    pub fn is_quiet(&self) -> bool {
+    pub fn is_quiet(&mut self) -> bool {
         let probe = match self {
             ServerSocket::Tcp(t) => peek_one(t.get_ref()),
+            ServerSocket::Tls(t) => return t.get_mut().settle(),
             ServerSocket::Unix(t) => peek_one(t.get_ref()),
         };
         matches!(probe, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
@@ -47,8 +61,10 @@ impl ServerSocket {
     /// As `is_quiet`, but tokio's readiness is looked at first, so there is no syscall unless
     /// an event came in since the last read; an event the reactor has not taken yet goes
     /// unseen, so a caller must cope with a server that closed just now.
-    pub fn looks_quiet(&self) -> bool {
+    pub fn looks_quiet(&mut self) -> bool {
         let probe = match self {
+            // TLS records (a session ticket) may have come unasked: read, always.
+            ServerSocket::Tls(t) => return t.get_mut().settle(),
             ServerSocket::Tcp(t) => {
                 let s = t.get_ref();
                 s.try_io(Interest::READABLE, || peek_one(s))
@@ -66,6 +82,7 @@ macro_rules! each {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {
             ServerSocket::Tcp($s) => $e,
+            ServerSocket::Tls($s) => $e,
             ServerSocket::Unix($s) => $e,
         }
     };

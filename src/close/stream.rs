@@ -635,6 +635,12 @@ impl<S: Socket> Drop for Tracked<S> {
             Role::Client(_) => Ending::Error,
             Role::Upstream(_, ctl) => ctl.reason().map_or(Ending::Error, Ending::Retired),
         };
+        if S::IS_TLS {
+            // A drop cannot wait: the alert goes if the socket takes it now (a pooled TLS
+            // connection retired by the pool still says close_notify before its FIN or RST).
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let _ = self.inner.poll_close_notify(&mut cx);
+        }
         // For these endings the decision never waits (a drop cannot): its close is the step.
         let step = decide(self.side(Duration::ZERO), self.facts(), ending);
         self.close_now(step.close.how, step.close.reason);

@@ -74,12 +74,17 @@ pub trait Stage: fmt::Debug + Clone + PartialEq {
     type Password: Clone + PartialEq + Eq;
     /// A listener's TLS: the certificate files as written; once resolved, also loaded.
     type ServerTls: fmt::Debug + Clone;
+    /// An upstream's TLS: the files and names as written; once resolved, also loaded.
+    type ClientTls: fmt::Debug + Clone + PartialEq;
 
     /// The admin address as a listen address, to check listeners against it.
     fn admin_address(admin: &Self::AdminAddress) -> Self::Address;
 
     /// A listener's certificate files, at either stage.
     fn cert_files(tls: &Self::ServerTls) -> &[crate::tls::CertFiles];
+
+    /// An upstream's TLS as written, at either stage.
+    fn upstream_tls(tls: &Self::ClientTls) -> &crate::tls::UpstreamTlsFiles;
 }
 
 /// The stage pure parsing gives: host names and `password_env` as written.
@@ -299,6 +304,8 @@ pub struct Upstream<S: Stage = Resolved> {
     pub fail_backoff: Duration,
     /// Optional active checks.
     pub health_check: Option<HealthCheck>,
+    /// TLS to the servers: as written, then loaded (once resolved).
+    pub tls: Option<S::ClientTls>,
 }
 
 /// `[[mysql_user]]`: an account that clients of mysql listeners log in as and that waitless
@@ -395,12 +402,17 @@ impl Stage for Unresolved {
     type AdminAddress = Endpoint;
     type Password = Option<String>;
     type ServerTls = Vec<crate::tls::CertFiles>;
+    type ClientTls = crate::tls::UpstreamTlsFiles;
 
     fn admin_address(admin: &Endpoint) -> Endpoint {
         admin.clone()
     }
 
     fn cert_files(tls: &Self::ServerTls) -> &[crate::tls::CertFiles] {
+        tls
+    }
+
+    fn upstream_tls(tls: &Self::ClientTls) -> &crate::tls::UpstreamTlsFiles {
         tls
     }
 }
@@ -410,12 +422,17 @@ impl Stage for Resolved {
     type AdminAddress = SocketAddr;
     type Password = String;
     type ServerTls = crate::tls::ServerTls;
+    type ClientTls = crate::tls::ClientTls;
 
     fn admin_address(admin: &SocketAddr) -> Address {
         Address::Tcp(*admin)
     }
 
     fn cert_files(tls: &Self::ServerTls) -> &[crate::tls::CertFiles] {
+        &tls.files
+    }
+
+    fn upstream_tls(tls: &Self::ClientTls) -> &crate::tls::UpstreamTlsFiles {
         &tls.files
     }
 }

@@ -140,6 +140,22 @@ impl<S: Stage> fmt::Display for Config<S> {
             writeln!(f, "fail_threshold = {}", upstream.fail_threshold)?;
             let backoff = format_duration(upstream.fail_backoff);
             writeln!(f, "fail_backoff = \"{backoff}\"")?;
+            if let Some(tls) = &upstream.tls {
+                let t = S::upstream_tls(tls);
+                let mut keys = Vec::new();
+                if let Some(ca) = &t.ca {
+                    keys.push(format!("ca = {}", quoted(&ca.display().to_string())));
+                }
+                if let Some(name) = &t.server_name {
+                    keys.push(format!("server_name = {}", quoted(name)));
+                }
+                keys.push(format!("verify = {}", t.verify));
+                if let Some(c) = &t.client {
+                    keys.push(format!("cert = {}", quoted(&c.cert.display().to_string())));
+                    keys.push(format!("key = {}", quoted(&c.key.display().to_string())));
+                }
+                writeln!(f, "tls = {{ {} }}", keys.join(", "))?;
+            }
             match &upstream.health_check {
                 Some(h) => writeln!(
                     f,

@@ -164,6 +164,18 @@ struct RawUpstream {
     fail_threshold: Option<u32>,
     fail_backoff: Option<RawDuration>,
     health_check: Option<RawHealthCheck>,
+    tls: Option<RawUpstreamTls>,
+}
+
+/// `[[upstream]] tls = { ca, server_name, verify, cert, key }` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    ca: Option<std::path::PathBuf>,
+    server_name: Option<String>,
+    verify: Option<bool>,
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
 }
 
 /// `health_check = { ... }` as written.
@@ -239,7 +251,8 @@ impl RawConfig {
         let upstreams = self
             .upstream
             .into_iter()
-            .map(|u| u.into_upstream(at))
+            .enumerate()
+            .map(|(i, u)| u.into_upstream(i, at, at.file().parent()))
             .collect::<Result<Vec<_>, _>>()?;
         let mysql_users = self
             .mysql_user
@@ -368,7 +381,38 @@ impl RawListener {
 // === impl RawUpstream ===
 
 impl RawUpstream {
-    fn into_upstream(self, at: &Locator) -> Result<Upstream<Unresolved>, ConfigError> {
+    /// `base`: the config file's directory, which relative certificate paths start from.
+    fn into_upstream(
+        self,
+        i: usize,
+        at: &Locator,
+        base: Option<&std::path::Path>,
+    ) -> Result<Upstream<Unresolved>, ConfigError> {
+        let path = |p: std::path::PathBuf| match base {
+            Some(base) if p.is_relative() => base.join(p),
+            _ => p,
+        };
+        let tls = match self.tls {
+            None => None,
+            Some(t) => Some(crate::tls::UpstreamTlsFiles {
+                ca: t.ca.map(path),
+                server_name: t.server_name,
+                verify: t.verify.unwrap_or(true),
+                client: match (t.cert, t.key) {
+                    (Some(cert), Some(key)) => Some(crate::tls::CertFiles {
+                        cert: path(cert),
+                        key: path(key),
+                    }),
+                    (None, None) => None,
+                    _ => {
+                        return Err(at.error(
+                            format!("upstream[{i}].tls"),
+                            "a client certificate needs both `cert` and `key`",
+                        ))
+                    }
+                },
+            }),
+        };
         let servers = self
             .servers
             .iter()
@@ -405,6 +449,7 @@ impl RawUpstream {
                 path: h.path.unwrap_or_else(|| "/healthz".to_string()),
                 interval: h.interval.map_or(DEFAULT_CHECK_INTERVAL, |d| d.0),
             }),
+            tls,
         })
     }
 }

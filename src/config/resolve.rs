@@ -83,7 +83,21 @@ impl Parsed {
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(with_servers(u, servers))
+                let tls = u
+                    .tls
+                    .as_ref()
+                    .map(|files| {
+                        let pairs: Vec<_> = u
+                            .servers
+                            .iter()
+                            .cloned()
+                            .zip(servers.iter().cloned())
+                            .collect();
+                        crate::tls::ClientTls::load(files.clone(), &pairs)
+                    })
+                    .transpose()
+                    .map_err(|message| at.error(format!("upstream[{i}].tls"), message))?;
+                Ok(with_servers(u, servers, tls))
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let mysql_users = written
@@ -252,7 +266,11 @@ fn with_listen(
 }
 
 /// `u` with its servers resolved; every other field as written.
-fn with_servers(u: &Upstream<Unresolved>, servers: Vec<Address>) -> Upstream<Resolved> {
+fn with_servers(
+    u: &Upstream<Unresolved>,
+    servers: Vec<Address>,
+    tls: Option<crate::tls::ClientTls>,
+) -> Upstream<Resolved> {
     Upstream {
         name: u.name.clone(),
         servers,
@@ -272,5 +290,6 @@ fn with_servers(u: &Upstream<Unresolved>, servers: Vec<Address>) -> Upstream<Res
         fail_threshold: u.fail_threshold,
         fail_backoff: u.fail_backoff,
         health_check: u.health_check.clone(),
+        tls,
     }
 }

@@ -979,3 +979,38 @@ fn listen_backlog_defaults_to_4096_and_is_printed() {
     assert_eq!(parsed.config.listeners[0].listen_backlog, 512);
     assert!(parsed.to_string().contains("listen_backlog = 512"));
 }
+
+#[test]
+fn upstream_tls_prints_as_written_and_parses_back() {
+    let text = format!(
+        "{MINIMAL}tls = {{ ca = \"/etc/waitless/ca.pem\", server_name = \"api.internal\", \
+         verify = false, cert = \"c.pem\", key = \"c.key\" }}\n"
+    );
+    let parsed = super::parse(&text, Path::new("/etc/waitless/test.toml")).unwrap();
+    let printed = parsed.to_string();
+    assert!(
+        printed.contains(
+            "tls = { ca = \"/etc/waitless/ca.pem\", server_name = \"api.internal\", \
+             verify = false, cert = \"/etc/waitless/c.pem\", key = \"/etc/waitless/c.key\" }"
+        ),
+        "{printed}"
+    );
+    let again = super::parse(&printed, Path::new("/etc/waitless/test.toml")).unwrap();
+    assert_eq!(again.to_string(), printed);
+}
+
+#[test]
+fn upstream_tls_errors_name_the_key_and_the_file() {
+    let half = error(&format!("{MINIMAL}tls = {{ cert = \"c.pem\" }}\n"));
+    assert!(
+        half.contains("upstream[0].tls") && half.contains("both"),
+        "{half}"
+    );
+    let missing = error(&format!(
+        "{MINIMAL}tls = {{ ca = \"/nonexistent/ca.pem\" }}\n"
+    ));
+    assert!(
+        missing.contains("upstream[0].tls") && missing.contains("/nonexistent/ca.pem"),
+        "{missing}"
+    );
+}

@@ -133,7 +133,7 @@ impl PoolConn for HttpConn {
     fn is_usable(&mut self) -> bool {
         // Anything readable on an idle connection (its EOF, or bytes nobody asked for) puts
         // it out of step; the readiness flag tells without a syscall in the common case.
-        self.buf.is_empty() && self.io.as_ref().is_some_and(ServerSocket::looks_quiet)
+        self.buf.is_empty() && self.io.as_mut().is_some_and(ServerSocket::looks_quiet)
     }
 }
 

@@ -197,7 +197,7 @@ impl ServerFacts {
 
 impl PoolConn for MysqlConn {
     fn is_usable(&mut self) -> bool {
-        !self.greeted_only && !self.io.has_buffered() && self.io.get_ref().is_quiet()
+        !self.greeted_only && !self.io.has_buffered() && self.io.get_mut().is_quiet()
     }
 }
 

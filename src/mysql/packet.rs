@@ -117,6 +117,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketIo<S> {
         &self.io
     }
 
+    /// The stream, for an idle check that may take in what arrived (TLS records).
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
+
     /// The stream back; buffered bytes are dropped.
     pub fn into_inner(self) -> S {
         self.io
