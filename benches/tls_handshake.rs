@@ -9,7 +9,6 @@
 //! builds ring in for this comparison.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +18,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 
+#[path = "../tests/common/certs.rs"]
+mod openssl;
 #[allow(dead_code)]
 #[path = "../tests/common/tempdir.rs"]
 mod tempdir;
@@ -81,69 +82,13 @@ fn run() -> Result<(), String> {
 
 /// A CA and, signed by it, a server certificate `bench.test` for each kind of key.
 fn make_certs(dir: &Path) -> Result<(), String> {
-    let openssl = |args: &[&str]| -> Result<(), String> {
-        let out = Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .map_err(|e| format!("openssl (apt-get install openssl): {e}"))?;
-        match out.status.success() {
-            true => Ok(()),
-            false => Err(format!(
-                "openssl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )),
-        }
+    let leaf = |file, ecdsa| openssl::Leaf {
+        file,
+        cn: "bench.test",
+        ecdsa,
+        san: "DNS:bench.test",
     };
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:bench.test\n")
-        .map_err(|e| e.to_string())?;
-    openssl(&[
-        "req",
-        "-x509",
-        "-nodes",
-        "-days",
-        "2",
-        "-newkey",
-        "rsa:2048",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-subj",
-        "/CN=bench CA",
-    ])?;
-    for (key, newkey) in [("rsa2048", "rsa:2048"), ("p256", "ec")] {
-        let (k, csr, pem) = (
-            format!("{key}.key"),
-            format!("{key}.csr"),
-            format!("{key}.pem"),
-        );
-        let mut req = vec!["req", "-new", "-nodes", "-newkey", newkey, "-keyout", &k];
-        if newkey == "ec" {
-            req.extend(["-pkeyopt", "ec_paramgen_curve:P-256"]);
-        }
-        req.extend(["-out", &csr, "-subj", "/CN=bench.test"]);
-        openssl(&req)?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-            "-out",
-            &pem,
-        ])?;
-    }
-    Ok(())
+    openssl::make(dir, &[leaf("rsa2048", false), leaf("p256", true)])
 }
 
 fn configs(

@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,64 +31,13 @@ struct Certs {
 impl Certs {
     fn make() -> Certs {
         let dir = TempDir::new("mysql-tls-certs");
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .current_dir(&dir.0)
-                .args(args)
-                .output()
-                .expect("openssl (Debian package openssl) must be installed");
-            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        let leaf = common::certs::Leaf {
+            file: "localhost",
+            cn: "localhost",
+            ecdsa: false,
+            san: "DNS:localhost,IP:127.0.0.1",
         };
-        openssl(&[
-            "req",
-            "-x509",
-            "-nodes",
-            "-days",
-            "2",
-            "-newkey",
-            "rsa:2048",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-subj",
-            "/CN=waitless test CA",
-        ]);
-        openssl(&[
-            "req",
-            "-new",
-            "-nodes",
-            "-newkey",
-            "rsa:2048",
-            "-keyout",
-            "localhost.key",
-            "-out",
-            "localhost.csr",
-            "-subj",
-            "/CN=localhost",
-        ]);
-        std::fs::write(
-            dir.0.join("localhost.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-        )
-        .unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "localhost.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "localhost.ext",
-            "-out",
-            "localhost.pem",
-        ]);
+        common::certs::make(&dir.0, &[leaf]).unwrap_or_else(|e| panic!("{e}"));
         Certs { dir }
     }
 

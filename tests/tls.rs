@@ -24,63 +24,21 @@ struct Certs {
 impl Certs {
     fn make() -> Certs {
         let dir = TempDir::new("tls-certs");
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .current_dir(&dir.0)
-                .args(args)
-                .output()
-                .expect("openssl (Debian package openssl) must be installed");
-            assert!(out.status.success(), "openssl {args:?}: {out:?}");
-        };
-        openssl(&[
-            "req",
-            "-x509",
-            "-nodes",
-            "-days",
-            "2",
-            "-newkey",
-            "rsa:2048",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-subj",
-            "/CN=waitless test CA",
-        ]);
-        for (name, key, san) in [
-            ("localhost", "rsa:2048", "DNS:localhost,IP:127.0.0.1"),
-            ("b.test", "ec", "DNS:b.test"),
-        ] {
-            let (key_file, csr) = (format!("{name}.key"), format!("{name}.csr"));
-            let mut req = vec![
-                "req", "-new", "-nodes", "-newkey", key, "-keyout", &key_file,
-            ];
-            if key == "ec" {
-                req.extend(["-pkeyopt", "ec_paramgen_curve:P-256"]);
-            }
-            let subject = format!("/CN={name}");
-            req.extend(["-out", &csr, "-subj", &subject]);
-            openssl(&req);
-            let ext = format!("{name}.ext");
-            std::fs::write(dir.0.join(&ext), format!("subjectAltName={san}\n")).unwrap();
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-                "-out",
-                &format!("{name}.pem"),
-            ]);
-        }
+        let leaves = [
+            common::certs::Leaf {
+                file: "localhost",
+                cn: "localhost",
+                ecdsa: false,
+                san: "DNS:localhost,IP:127.0.0.1",
+            },
+            common::certs::Leaf {
+                file: "b.test",
+                cn: "b.test",
+                ecdsa: true,
+                san: "DNS:b.test",
+            },
+        ];
+        common::certs::make(&dir.0, &leaves).unwrap_or_else(|e| panic!("{e}"));
         Certs { dir }
     }
 

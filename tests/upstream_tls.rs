@@ -18,64 +18,13 @@ use tokio::net::TcpStream;
 /// with the openssl CLI.
 fn make_certs() -> TempDir {
     let dir = TempDir::new("upstream-tls-certs");
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .current_dir(&dir.0)
-            .args(args)
-            .output()
-            .expect("openssl (Debian package openssl) must be installed");
-        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    let leaf = common::certs::Leaf {
+        file: "server",
+        cn: "localhost",
+        ecdsa: false,
+        san: "DNS:localhost,IP:127.0.0.1",
     };
-    openssl(&[
-        "req",
-        "-x509",
-        "-nodes",
-        "-days",
-        "2",
-        "-newkey",
-        "rsa:2048",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-subj",
-        "/CN=waitless test CA",
-    ]);
-    openssl(&[
-        "req",
-        "-new",
-        "-nodes",
-        "-newkey",
-        "rsa:2048",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    std::fs::write(
-        dir.0.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-        "-out",
-        "server.pem",
-    ]);
+    common::certs::make(&dir.0, &[leaf]).unwrap_or_else(|e| panic!("{e}"));
     dir
 }
 

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod certs;
 pub mod http1;
 pub mod mysql;
 pub mod nginx;
