@@ -16,13 +16,13 @@ use std::future::Future;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::close::{CloseCtl, ServerSocket, Tracked};
 use crate::config::{self, Address};
-use crate::pool::{Busy, Lease, PoolConn, Pooled, Server, Upstream};
+use crate::pool::{Busy, Counted, Lease, PoolConn, Pooled, Room, Server, Upstream};
 
 /// What a protocol does on a fresh server socket before the pool may lend it.
 pub trait Handshake<C>: Sync {
@@ -138,13 +138,16 @@ where
             return Ok(Lease::new(pooled, server, up));
         }
         // Boxed: opening is rare, and its future would size every request's.
-        let opening = Box::pin(open(
-            up,
-            server,
-            handshake,
-            up.cfg.connect_timeout,
-            listener,
-        ));
+        let opening = Box::pin(async {
+            let idle = reuse != Reuse::Never;
+            match server.room(&up.cfg, idle, up.cfg.connect_timeout).await {
+                Ok(Room::Idle(pooled)) => Ok(pooled),
+                Ok(Room::Open(counted)) => {
+                    open_counted(up, server, handshake, counted, listener).await
+                }
+                Err(Busy) => Err(OpenError::Busy),
+            }
+        });
         match opening.await {
             Ok(pooled) => return Ok(Lease::new(pooled, server, up)),
             Err(e) => last = Some((server.label.clone(), e)),
@@ -156,15 +159,30 @@ where
     })
 }
 
-/// Opens a connection to `server` and makes it the protocol's: waits up to `wait` for room
-/// under `max_connections` (zero: only if there is room now), then connects and shakes
-/// hands within `connect_timeout`. Counts it as opened, the time it took (`connect_duration`),
-/// and its failure against the server's health; a server that refuses the handshake stays up.
+/// Opens a connection to `server` if there is room under `max_connections` now, and makes
+/// it the protocol's (see `open_counted`).
 pub async fn open<C, H>(
     up: &Upstream<C>,
     server: &Server<C>,
     handshake: &H,
-    wait: Duration,
+    listener: &str,
+) -> Result<Pooled<C>, OpenError<H::Refusal>>
+where
+    C: PoolConn,
+    H: Handshake<C>,
+{
+    let counted = server.admit_now().map_err(|Busy| OpenError::Busy)?;
+    open_counted(up, server, handshake, counted, listener).await
+}
+
+/// Connects to `server` in the room `counted` holds and shakes hands within
+/// `connect_timeout`. Counts it as opened, the time it took (`connect_duration`), and its
+/// failure against the server's health; a server that refuses the handshake stays up.
+async fn open_counted<C, H>(
+    up: &Upstream<C>,
+    server: &Server<C>,
+    handshake: &H,
+    counted: Counted,
     listener: &str,
 ) -> Result<Pooled<C>, OpenError<H::Refusal>>
 where
@@ -172,7 +190,6 @@ where
     H: Handshake<C>,
 {
     let cfg = &up.cfg;
-    let counted = server.admit(wait).await.map_err(|Busy| OpenError::Busy)?;
     let ctl = CloseCtl::new();
     // After the permit: waiting for room under max_connections is not the server's time.
     let started = Instant::now();

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::admin::histogram::Histogram;
@@ -89,6 +89,11 @@ pub struct Server<C> {
     open: Arc<AtomicUsize>,
     /// Bounds open connections when `max_connections` > 0.
     limit: Option<Arc<Semaphore>>,
+    /// Requests waiting for room under `max_connections` (`room`), and what wakes them when
+    /// a connection goes back idle: at the limit, connections are given back far more often
+    /// than closed.
+    waiting: AtomicUsize,
+    returned: Notify,
     /// Counters for metrics.
     pub stats: ServerStats,
     /// Up or down, from failures seen and active checks.
@@ -161,6 +166,15 @@ pub struct ServerInfo<'a> {
     pub ledger: &'a SideLedger,
 }
 
+/// A request counted among those waiting in `Server::room` until it is dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Counts one connection of a server as open for as long as it lives, so a worker can tell
 /// whether opening one of its own stays within `pool_size`.
 #[derive(Debug)]
@@ -169,6 +183,14 @@ struct OpenSlot(Arc<AtomicUsize>);
 /// All connections of a server are in use and `max_connections` did not free up in time.
 #[derive(Debug)]
 pub struct Busy;
+
+/// What waiting under `max_connections` gives: room to open one more, or an idle
+/// connection given back meanwhile.
+#[derive(Debug)]
+pub enum Room<C> {
+    Open(Counted),
+    Idle(Pooled<C>),
+}
 
 // === impl Pooled ===
 
@@ -328,7 +350,13 @@ impl<C: PoolConn> Server<C> {
             None => {
                 self.idle_total.fetch_sub(1, Ordering::AcqRel);
                 pooled.ctl.retire(Reason::PoolFull);
+                return;
             }
+        }
+        // SeqCst against `room`'s count: a waiter either is counted here or, having
+        // counted itself after this load, finds the connection when it looks.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.returned.notify_one();
         }
     }
 
@@ -348,23 +376,43 @@ impl<C: PoolConn> Server<C> {
         })
     }
 
-    /// Room for one more connection, held by it for as long as it is open: a
-    /// `max_connections` permit, waited for up to `wait` (zero: only if one is free now),
-    /// and its place in the open count.
-    pub async fn admit(&self, wait: Duration) -> Result<Counted, Busy> {
-        let permit = match &self.limit {
-            Some(limit) if !wait.is_zero() => {
-                match tokio::time::timeout(wait, limit.clone().acquire_owned()).await {
-                    Ok(Ok(permit)) => Some(permit),
-                    _ => return Err(Busy),
+    /// Room for one more connection (see `admit_now`), waited for up to `wait` when
+    /// `max_connections` are open: until one closes, or, with `idle`, until one is given
+    /// back idle, which is then taken instead.
+    pub async fn room(
+        &self,
+        cfg: &config::Upstream,
+        idle: bool,
+        wait: Duration,
+    ) -> Result<Room<C>, Busy> {
+        let limit = match &self.limit {
+            Some(limit) if !wait.is_zero() => limit,
+            _ => return self.admit_now().map(Room::Open),
+        };
+        let deadline = Instant::now() + wait;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
+        loop {
+            // Registered before looking, so a connection given back meanwhile wakes us.
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if idle {
+                if let Some(pooled) = self.take_idle(cfg) {
+                    return Ok(Room::Idle(pooled));
                 }
             }
-            _ => return self.admit_now(),
-        };
-        Ok(Counted {
-            _permit: permit,
-            _slot: self.open_slot(),
-        })
+            tokio::select! {
+                permit = limit.clone().acquire_owned() => {
+                    return permit.map_err(|_| Busy).map(|p| Room::Open(Counted {
+                        _permit: Some(p),
+                        _slot: self.open_slot(),
+                    }));
+                }
+                () = &mut returned => {}
+                () = tokio::time::sleep_until(deadline) => return Err(Busy),
+            }
+        }
     }
 
     /// As `admit`, only if there is room now.
@@ -477,6 +525,8 @@ impl<C: PoolConn> Upstream<C> {
                     open: Arc::default(),
                     limit: (cfg.max_connections > 0)
                         .then(|| Arc::new(Semaphore::new(cfg.max_connections))),
+                    waiting: AtomicUsize::new(0),
+                    returned: Notify::new(),
                     stats: ServerStats::default(),
                     health: Health::default(),
                     weight: cfg.weights.get(i).copied().unwrap_or(1).max(1),

@@ -296,8 +296,7 @@ async fn keep_preconnected(up: Weak<TcpUpstream>, taken: Arc<Notify>, listener: 
                 }
                 // Within max_connections: a preconnected connection holds its permit.
                 while server.idle_count() < up.cfg.preconnect {
-                    match connector::open(&up, server, &HANDSHAKE, Duration::ZERO, &listener).await
-                    {
+                    match connector::open(&up, server, &HANDSHAKE, &listener).await {
                         Ok(pooled) => server.put(&up.cfg, pooled),
                         Err(e) => {
                             tracing::debug!(server = %server.label, error = %e, "preconnect failed");

@@ -28,6 +28,30 @@ async fn short_clients_reuse_at_most_pool_size_backend_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_beyond_max_connections_wait_for_a_pooled_connection_to_come_back() {
+    // More clients at once than max_connections: each waits for a connection given back to
+    // the pool, not only for one to close (pooled ones never close under this load).
+    let backend = Backend::start(BackendMode::Echo).await;
+    let bounds = "pool_size = 2\nmax_connections = 2\nconnect_timeout = \"2s\"";
+    let proxy = Waitless::start(&[backend.addr], "", bounds).await;
+
+    let failed = short_load(proxy.addr(), 1000, 16).await;
+    assert_eq!(
+        failed, 0,
+        "clients failed waiting for room under max_connections"
+    );
+    let accepts = backend.accepts();
+    assert!(
+        accepts <= 2,
+        "backend accepted {accepts} connections, max_connections is 2"
+    );
+    assert_eq!(
+        backend.requests.load(std::sync::atomic::Ordering::SeqCst),
+        1000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_keeps_no_time_wait_after_short_clients() {
     // Direct: the server closes first on every Connection: close request.
     let direct = Backend::start(BackendMode::Echo).await;

@@ -163,7 +163,7 @@ impl MysqlUpstream {
                 continue;
             };
             let greeting = backend::Greeting { facts };
-            match connector::open(&self.pool, server, &greeting, Duration::ZERO, listener).await {
+            match connector::open(&self.pool, server, &greeting, listener).await {
                 Ok(pooled) => {
                     if let Some(profile) = facts.profile() {
                         return Ok(Picked {
@@ -270,7 +270,7 @@ impl MysqlUpstream {
                 continue;
             }
             waiting.fetch_sub(1, Ordering::AcqRel);
-            match connector::open(&self.pool, server, &login_as, Duration::ZERO, listener).await {
+            match connector::open(&self.pool, server, &login_as, listener).await {
                 Ok(pooled) => return Ok(Lease::new(pooled, server, &self.pool)),
                 Err(OpenError::Refused(err)) => return Err(Checkout::Server(err)),
                 Err(OpenError::Io(e)) => {
