@@ -149,7 +149,23 @@ impl MysqlUpstream {
         if order.is_empty() {
             return Err("no server is up".into());
         }
-        for &index in &order {
+        // Sessions that arrive together before any greeting is known open one connection
+        // each; past max_connections they wait for one of those greetings instead.
+        let deadline = Instant::now() + self.cfg().connect_timeout;
+        loop {
+            match self.pick_in(&order, listener).await {
+                Err(None) if Instant::now() < deadline => tokio::time::sleep(RECHECK).await,
+                Err(None) => return Err("max_connections open, no greeting known yet".into()),
+                Err(Some(e)) => return Err(e),
+                Ok(picked) => return Ok(picked),
+            }
+        }
+    }
+
+    /// One look for `pick` over the servers in `order`; Err(None) when one was at
+    /// max_connections and no greeting is known.
+    async fn pick_in(&self, order: &[usize], listener: &str) -> Result<Picked, Option<String>> {
+        for &index in order {
             if let Some(profile) = self.facts.get(index).and_then(ServerFacts::profile) {
                 return Ok(Picked {
                     index,
@@ -159,7 +175,8 @@ impl MysqlUpstream {
             }
         }
         let mut last = String::from("no servers");
-        for &index in &order {
+        let mut busy = false;
+        for &index in order {
             let (Some(server), Some(facts)) = (self.pool.servers.get(index), self.facts.get(index))
             else {
                 continue;
@@ -180,10 +197,16 @@ impl MysqlUpstream {
                     last = format!("{}: {why}", server.label);
                 }
                 Err(OpenError::Io(e)) => last = format!("{}: {e}", server.label),
-                Err(OpenError::Busy) => last = format!("{}: max_connections open", server.label),
+                Err(OpenError::Busy) => {
+                    busy = true;
+                    last = format!("{}: max_connections open", server.label);
+                }
             }
         }
-        Err(last)
+        if busy && self.facts.iter().all(|f| f.profile().is_none()) {
+            return Err(None);
+        }
+        Err(Some(last))
     }
 
     /// The index of `server` among this upstream's (where its facts are kept).
