@@ -273,23 +273,6 @@ impl<S: Stage> Config<S> {
                     "tls applies to TCP servers; a unix socket's server is on this host",
                 ));
             }
-            if upstream
-                .health_check
-                .as_ref()
-                .is_some_and(|h| h.kind == super::CheckKind::Http)
-            {
-                return Err(at.error(
-                    key("health_check"),
-                    "an http health check over tls is not available yet (use kind = \"tcp\")",
-                ));
-            }
-            if upstream.proxy_protocol != ProxyProtocol::Off {
-                return Err(at.error(
-                    key("proxy_protocol"),
-                    "proxy_protocol with tls is not available yet (the header would go \
-                     inside TLS)",
-                ));
-            }
         }
         for (j, server) in upstream.servers.iter().enumerate() {
             if server.is_systemd() {

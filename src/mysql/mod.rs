@@ -216,9 +216,11 @@ impl MysqlUpstream {
             key: &login.key,
             db,
         };
-        if let Some(mut pooled) = greeted {
-            return match pooled.conn.log_in(&login_as, cfg.connect_timeout).await {
-                Ok(()) => Ok(Lease::new(pooled, server, &self.pool)),
+        if let Some(pooled) = greeted {
+            let by = std::time::Instant::now() + cfg.connect_timeout;
+            let at = connector::Opening::of(&self.pool, server, by);
+            return match pooled.remade(|conn| conn.log_in(&login_as, &at)).await {
+                Ok(pooled) => Ok(Lease::new(pooled, server, &self.pool)),
                 Err(BackendError::Server(err)) => Err(Checkout::Server(err)),
                 Err(BackendError::Io(e)) => {
                     connector::failed(cfg, server, &e, listener);
