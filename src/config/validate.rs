@@ -164,16 +164,6 @@ impl<S: Stage> Config<S> {
                 ),
             ));
         }
-        if up.tls.is_some() && listener.protocol == Protocol::Mysql {
-            let j = self.upstreams.iter().position(|u| u.name == up.name);
-            return Err(at.error(
-                j.map_or_else(|| key("upstream"), |j| format!("upstream[{j}].tls")),
-                format!(
-                    "TLS to the servers of mysql listener `{}` is not available yet (http and                      tcp have it)",
-                    listener.name
-                ),
-            ));
-        }
         if listener.accept_proxy_protocol && listener.listen.is_unix() {
             return Err(at.error(
                 key("accept_proxy_protocol"),
