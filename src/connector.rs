@@ -145,10 +145,12 @@ impl<'a> Opening<'a> {
         &self,
         plain: Tracked<TcpStream>,
     ) -> io::Result<Tracked<Tls<TcpStream>>> {
-        let (Some(tls), Some(name)) = (
-            self.cfg.tls.as_ref(),
-            self.cfg.tls.as_ref().and_then(|t| t.name_of(self.addr)),
-        ) else {
+        let named = self
+            .cfg
+            .tls
+            .as_ref()
+            .and_then(|t| Some((t, t.name_of(self.addr)?)));
+        let Some((tls, name)) = named else {
             return Err(io::Error::other(format!(
                 "no TLS name for server {} (config out of step)",
                 self.label
