@@ -295,8 +295,13 @@ async fn http_health_checks_go_over_tls_marking_a_failing_server_down_and_a_pass
         format!("127.0.0.1:{}", nginx.port),
         format!("127.0.0.1:{down}"),
     );
-    // A check in plain text to nginx's TLS port would get its 400 and mark it down too.
-    for (path, nginx_state) in [("/healthz", "up"), ("/missing", "down")] {
+    // A check in plain text to nginx's TLS port would get its 400 and mark it down too; one
+    // that took any certificate would pass for a name nginx's does not carry.
+    for (name, path, nginx_state) in [
+        ("localhost", "/healthz", "up"),
+        ("localhost", "/missing", "down"),
+        ("api.internal", "/named", "down"),
+    ] {
         let (port, admin) = (free_port(), free_port());
         let text = format!(
             "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
@@ -304,7 +309,7 @@ async fn http_health_checks_go_over_tls_marking_a_failing_server_down_and_a_pass
              [[upstream]]\nname = \"api\"\nservers = [\"{https}\", \"{gone}\"]\n{}\n\
              fail_threshold = 1\nfail_backoff = \"60s\"\n\
              health_check = {{ kind = \"http\", path = \"{path}\", interval = \"100ms\" }}\n",
-            tls_key(&certs.0, "localhost")
+            tls_key(&certs.0, name)
         );
         let proxy = Waitless::launch(&text, port, admin).await;
         let want = vec![
@@ -319,22 +324,33 @@ async fn http_health_checks_go_over_tls_marking_a_failing_server_down_and_a_pass
                 .count()
                 >= n
         };
+        // A certificate that fails verification ends the check before any request.
+        let requests = if name == "localhost" { 5 } else { 0 };
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut seen = states(&proxy.stats().await);
-        while (seen != want || !checks_seen(5)) && Instant::now() < deadline {
+        while (seen != want || !checks_seen(requests)) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
             seen = states(&proxy.stats().await);
         }
-        assert_eq!(seen, want, "checks of {path}");
+        assert_eq!(seen, want, "checks of {path} as {name}");
         assert!(
-            checks_seen(5),
+            checks_seen(requests),
             "nginx answered the checks of {path} over TLS"
         );
         let stats = proxy.stats().await;
-        assert!(
-            stats["upstreams"][0]["tls"]["handshakes"].as_u64() >= Some(5),
-            "each check is a TLS handshake, counted as the upstream's: {stats}"
-        );
+        let tls = &stats["upstreams"][0]["tls"];
+        if name == "localhost" {
+            assert!(
+                tls["handshakes"].as_u64() >= Some(5),
+                "each check is a TLS handshake, counted as the upstream's: {stats}"
+            );
+        } else {
+            assert!(
+                tls["errors"]["certificate"].as_u64() >= Some(1),
+                "the check's failed verification is counted: {stats}"
+            );
+            assert!(!checks_seen(1), "no check request reached nginx");
+        }
     }
 }
 
