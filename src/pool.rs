@@ -209,6 +209,35 @@ impl<C> Pooled<C> {
         }
     }
 
+    /// The same connection, its handle remade by `remake` (MySQL's login of a connection that
+    /// was only greeted, which may put TLS under it); on failure it is closed, its place
+    /// under `max_connections` given back.
+    pub async fn remade<F, Fut, E>(self, remake: F) -> Result<Pooled<C>, E>
+    where
+        F: FnOnce(C) -> Fut,
+        Fut: std::future::Future<Output = Result<C, E>>,
+    {
+        let Pooled {
+            conn,
+            ctl,
+            born,
+            uses,
+            since,
+            home,
+            _counted,
+        } = self;
+        let conn = remake(conn).await?;
+        Ok(Pooled {
+            conn,
+            ctl,
+            born,
+            uses,
+            since,
+            home,
+            _counted,
+        })
+    }
+
     /// True when the connection carried a request before.
     pub fn is_reused(&self) -> bool {
         self.uses > 0
@@ -676,7 +705,7 @@ fn spawn_checks<C: PoolConn>(up: Weak<Upstream<C>>, hc: HealthCheck) {
             tick.tick().await;
             let Some(up) = up.upgrade() else { return };
             for server in &up.servers {
-                match health::check(&server.addr, &hc, &up.cfg, &server.ledger).await {
+                match health::check(&server.addr, &hc, &up.cfg, &server.ledger, &up.tls).await {
                     Ok(()) => {
                         if !server.health.is_up() {
                             tracing::info!(upstream = %up.cfg.name, server = %server.label,

@@ -159,6 +159,26 @@ impl TcpRelay {
                     return;
                 };
                 return match io {
+                    // With a PROXY header the connector left TLS for now: the header goes in
+                    // clear, then the handshake (HAProxy's `send-proxy` with `ssl`; what
+                    // nginx's `listen ... ssl proxy_protocol` expects).
+                    ServerSocket::Tcp(io) if up.cfg.tls.is_some() => {
+                        let by = std::time::Instant::now() + up.cfg.connect_timeout;
+                        let at = connector::Opening::of(up, &lease.server, by);
+                        match clear_then_tls(io, &header, &at).await {
+                            Ok(io) => {
+                                self.run(&mut client, io, &[], policy)
+                                    .await
+                                    .finish(client, linger)
+                                    .await
+                            }
+                            Err(e) => {
+                                connector::failed(&up.cfg, &lease.server, &e, &self.cfg.name);
+                                self.stats.errors_connect.fetch_add(1, Ordering::Relaxed);
+                                client.finish_client(Ending::Refused).await
+                            }
+                        }
+                    }
                     ServerSocket::Tcp(io) => {
                         self.run(&mut client, io, &header, policy)
                             .await
@@ -281,6 +301,27 @@ impl<U: Socket> Outcome<U> {
                 .finish_upstream(Ending::Over(Reason::Done), linger),
         );
     }
+}
+
+/// Writes the PROXY `header` on a plain connection, then makes the upstream's TLS handshake.
+async fn clear_then_tls(
+    mut plain: Tracked<tokio::net::TcpStream>,
+    header: &[u8],
+    at: &connector::Opening<'_>,
+) -> io::Result<Tracked<crate::tls::Tls<tokio::net::TcpStream>>> {
+    let by = tokio::time::Instant::from_std(at.deadline);
+    match tokio::time::timeout_at(by, plain.write_all(header)).await {
+        Ok(written) => written.map_err(|e| {
+            io::Error::new(e.kind(), format!("writing the PROXY header failed: {e}"))
+        })?,
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the PROXY header was not taken within connect_timeout",
+            ))
+        }
+    }
+    at.start_tls(plain).await
 }
 
 /// Keeps `preconnect` fresh connections open to each TCP server of the upstream, until the

@@ -164,16 +164,6 @@ impl<S: Stage> Config<S> {
                 ),
             ));
         }
-        if up.tls.is_some() && listener.protocol == Protocol::Mysql {
-            let j = self.upstreams.iter().position(|u| u.name == up.name);
-            return Err(at.error(
-                j.map_or_else(|| key("upstream"), |j| format!("upstream[{j}].tls")),
-                format!(
-                    "TLS to the servers of mysql listener `{}` is not available yet (http and                      tcp have it)",
-                    listener.name
-                ),
-            ));
-        }
         if listener.accept_proxy_protocol && listener.listen.is_unix() {
             return Err(at.error(
                 key("accept_proxy_protocol"),
@@ -271,23 +261,6 @@ impl<S: Stage> Config<S> {
                 return Err(at.error(
                     format!("upstream[{i}].servers[{j}]"),
                     "tls applies to TCP servers; a unix socket's server is on this host",
-                ));
-            }
-            if upstream
-                .health_check
-                .as_ref()
-                .is_some_and(|h| h.kind == super::CheckKind::Http)
-            {
-                return Err(at.error(
-                    key("health_check"),
-                    "an http health check over tls is not available yet (use kind = \"tcp\")",
-                ));
-            }
-            if upstream.proxy_protocol != ProxyProtocol::Off {
-                return Err(at.error(
-                    key("proxy_protocol"),
-                    "proxy_protocol with tls is not available yet (the header would go \
-                     inside TLS)",
                 ));
             }
         }

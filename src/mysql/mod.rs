@@ -108,6 +108,8 @@ const ER_CON_COUNT_ERROR: u16 = 1040;
 /// CR_CONN_HOST_ERROR: "Can't connect to MySQL server", for an upstream with no server up.
 const CR_CONN_HOST_ERROR: u16 = 2003;
 const ER_UNKNOWN_COM_ERROR: u16 = 1047;
+/// ER_BAD_DB_ERROR: unknown database, the client's mistake.
+const ER_BAD_DB_ERROR: u16 = 1049;
 /// ER_UNKNOWN_ERROR: the catch-all for "waitless could not reach the server".
 const ER_UNKNOWN_ERROR: u16 = 1105;
 
@@ -216,9 +218,11 @@ impl MysqlUpstream {
             key: &login.key,
             db,
         };
-        if let Some(mut pooled) = greeted {
-            return match pooled.conn.log_in(&login_as, cfg.connect_timeout).await {
-                Ok(()) => Ok(Lease::new(pooled, server, &self.pool)),
+        if let Some(pooled) = greeted {
+            let by = std::time::Instant::now() + cfg.connect_timeout;
+            let at = connector::Opening::of(&self.pool, server, by);
+            return match pooled.remade(|conn| conn.log_in(&login_as, &at)).await {
+                Ok(pooled) => Ok(Lease::new(pooled, server, &self.pool)),
                 Err(BackendError::Server(err)) => Err(Checkout::Server(err)),
                 Err(BackendError::Io(e)) => {
                     connector::failed(cfg, server, &e, listener);
@@ -642,7 +646,19 @@ impl MysqlListener {
                 let err = err_payload(ER_CON_COUNT_ERROR, b"08004", "Too many connections");
                 return answer(client, login.seq, &err).await;
             }
-            Err(Checkout::Server(err)) => return answer(client, login.seq, &err).await,
+            Err(Checkout::Server(err)) => {
+                // The client passed waitless's own check: a server that refuses the account
+                // (its password, REQUIRE SSL, a host rule) is out of step with the config.
+                if backend::err_code(&err) != Some(ER_BAD_DB_ERROR) {
+                    let server = up.pool.servers.get(picked.index);
+                    tracing::warn!(listener = %self.cfg.name, upstream = %up.cfg().name,
+                        server = server.map_or("", |s| s.label.as_str()),
+                        user = %login.user.user, tls = up.cfg().tls.is_some(),
+                        error = %packet::describe_err(&err, CapabilityFlags::CLIENT_PROTOCOL_41),
+                        "the mysql server refused waitless's login");
+                }
+                return answer(client, login.seq, &err).await;
+            }
             Err(Checkout::Failed(e)) => {
                 self.stats.errors_connect.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(listener = %self.cfg.name, upstream = %up.cfg().name, error = %e,
