@@ -135,18 +135,18 @@ where
             Reuse::Never => None,
         };
         if let Some(pooled) = idle {
-            return Ok(Lease::new(pooled, server, up));
+            return Ok(Lease::new(pooled, &server, up));
         }
         // Boxed: opening is rare, and its future would size every request's.
         let opening = Box::pin(open(
             up,
-            server,
+            &server,
             handshake,
             up.cfg.connect_timeout,
             listener,
         ));
         match opening.await {
-            Ok(pooled) => return Ok(Lease::new(pooled, server, up)),
+            Ok(pooled) => return Ok(Lease::new(pooled, &server, up)),
             Err(e) => last = Some((server.label.clone(), e)),
         }
     }
@@ -239,7 +239,12 @@ pub async fn dial<C>(
                 Some(tls) => {
                     server.stats.opened.fetch_add(1, Ordering::Relaxed);
                     let within = cfg.connect_timeout.saturating_sub(started.elapsed());
-                    let name = tls.name_of(&server.addr).ok_or_else(|| {
+                    // A name's addresses are all that name's (SNI and verification).
+                    let name = match &server.name {
+                        Some(name) => tls.name_for_host(&name.host),
+                        None => tls.name_of(&server.addr),
+                    };
+                    let name = name.ok_or_else(|| {
                         io::Error::other("no TLS name for this server (config out of step)")
                     })?;
                     return match crate::tls::connect(tls, name, s, within, &up.tls).await {
