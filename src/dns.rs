@@ -265,6 +265,9 @@ async fn follow<C: PoolConn + std::fmt::Debug>(
         let found = lookup(&resolver, &name.host, name.port).await;
         // Not held across the sleep or the lookup: a replaced upstream is let go at once.
         let Some(up) = up.upgrade() else { return };
+        if up.is_drained() {
+            return;
+        }
         match found {
             Ok((addrs, ttl)) => {
                 name.ok.fetch_add(1, Ordering::Relaxed);

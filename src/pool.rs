@@ -155,6 +155,8 @@ pub struct Upstream<C> {
     ledger: Arc<Ledger>,
     /// Idle lists per server (one per worker).
     workers: usize,
+    /// Drained (shutdown, or replaced by a reload): its names are no longer followed.
+    drained: AtomicBool,
 }
 
 /// How long a server that left DNS stays listed once its last connection closed: longer
@@ -523,6 +525,7 @@ impl<C: PoolConn> Upstream<C> {
             gone: Mutex::new(Vec::new()),
             ledger: ledger.clone(),
             workers,
+            drained: AtomicBool::new(false),
         });
         spawn_reaper(Arc::downgrade(&up), reap_interval(cfg.idle_timeout));
         if let Some(hc) = &cfg.health_check {
@@ -565,6 +568,11 @@ impl<C: PoolConn> Upstream<C> {
             return;
         };
         let mut gone = lock(&self.gone);
+        // A replaced pool that clients still hold gets no new servers: nothing would drain
+        // them.
+        if self.is_drained() {
+            return;
+        }
         let old = self.servers();
         let mut servers = Vec::new();
         let mut left = Vec::new();
@@ -615,6 +623,11 @@ impl<C: PoolConn> Upstream<C> {
             s.drain();
             gone.push((s, now));
         }
+    }
+
+    /// Whether it was drained: shut down, or replaced by a reload.
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
     }
 
     /// Forgets servers that left DNS once their last connection closed `GONE_LISTED` ago.
@@ -724,10 +737,14 @@ impl<C: PoolConn + std::fmt::Debug> UpstreamInfo for Upstream<C> {
     }
 
     fn drain(&self) {
-        for server in &self.servers().servers {
+        // Under the lock `follow` takes: no server is added after this.
+        let gone = lock(&self.gone);
+        self.drained.store(true, Ordering::Relaxed);
+        for (server, _) in gone.iter() {
             server.drain();
         }
-        for (server, _) in lock(&self.gone).iter() {
+        drop(gone);
+        for server in &self.servers().servers {
             server.drain();
         }
     }

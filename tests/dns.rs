@@ -5,7 +5,7 @@
 mod common;
 
 use std::convert::Infallible;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -373,7 +373,6 @@ async fn a_changed_record_moves_traffic_and_an_outage_keeps_the_last_addresses()
         served.load(Ordering::SeqCst),
         &errors[..errors.len().min(5)]
     );
-    let _ = IpAddr::V4(one);
 }
 
 /// `waitless check` prints every address a server name resolves to.
