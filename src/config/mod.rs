@@ -169,7 +169,8 @@ pub struct Admin<S: Stage = Resolved> {
 /// Where a listener accepts or a server is reached, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
-    /// `HOST:PORT` or `[V6]:PORT`, resolved once at load time.
+    /// `HOST:PORT` or `[V6]:PORT`, resolved at load time (a server name: its first address;
+    /// the others are in the upstream's `names`).
     Tcp(SocketAddr),
     /// `unix:/path`.
     Unix(PathBuf),
@@ -183,7 +184,7 @@ pub enum Address {
 pub enum Endpoint {
     /// An IP literal and port: nothing to look up.
     Ip(SocketAddr),
-    /// A host name and port, looked up by the resolve step (the first address is kept).
+    /// A host name and port, looked up by the resolve step.
     Name {
         /// The host as written.
         host: String,

@@ -45,7 +45,8 @@ pub struct Checking;
 // === impl Parsed ===
 
 impl Parsed {
-    /// Looks every host name up (the first address is kept) and reads every `password_env`,
+    /// Looks every host name up (a listener keeps the first address, an upstream server all of
+    /// them, in `names`) and reads every `password_env`,
     /// then checks again what resolving may have changed (two names, one address). Each error
     /// names the key and its line. `self` stays as written, to be resolved again later.
     pub fn resolve(&self, with: &impl Resolve) -> Result<Config, ConfigError> {
