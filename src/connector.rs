@@ -57,6 +57,8 @@ pub struct Opening<'a> {
     pub addr: &'a Address,
     /// Its label (`host:port`), for errors.
     pub label: &'a str,
+    /// The host it was found by when it follows DNS: its TLS name, whichever address answers.
+    pub host: Option<&'a str>,
     /// When the connect and its handshakes must be done by (`connect_timeout`).
     pub deadline: Instant,
 }
@@ -128,6 +130,7 @@ impl<'a> Opening<'a> {
             stats: &up.tls,
             addr: &server.addr,
             label: &server.label,
+            host: server.name.as_deref().map(|n| n.host.as_str()),
             deadline,
         }
     }
@@ -145,11 +148,13 @@ impl<'a> Opening<'a> {
         &self,
         plain: Tracked<TcpStream>,
     ) -> io::Result<Tracked<Tls<TcpStream>>> {
-        let named = self
-            .cfg
-            .tls
-            .as_ref()
-            .and_then(|t| Some((t, t.name_of(self.addr)?)));
+        let named = self.cfg.tls.as_ref().and_then(|t| {
+            let name = match self.host {
+                Some(host) => t.name_for_host(host),
+                None => t.name_of(self.addr),
+            };
+            Some((t, name?))
+        });
         let Some((tls, name)) = named else {
             return Err(io::Error::other(format!(
                 "no TLS name for server {} (config out of step)",
@@ -229,7 +234,7 @@ where
             Reuse::Never => None,
         };
         if let Some(pooled) = idle {
-            return Ok(Lease::new(pooled, server, up));
+            return Ok(Lease::new(pooled, &server, up));
         }
         // Boxed: opening is rare, and its future would size every request's.
         let opening = Box::pin(async {
@@ -237,13 +242,13 @@ where
             match server.room(&up.cfg, idle, up.cfg.connect_timeout).await {
                 Ok(Room::Idle(pooled)) => Ok(pooled),
                 Ok(Room::Open(counted)) => {
-                    open_counted(up, server, handshake, counted, listener).await
+                    open_counted(up, &server, handshake, counted, listener).await
                 }
                 Err(Busy) => Err(OpenError::Busy),
             }
         });
         match opening.await {
-            Ok(pooled) => return Ok(Lease::new(pooled, server, up)),
+            Ok(pooled) => return Ok(Lease::new(pooled, &server, up)),
             Err(e) => last = Some((server.label.clone(), e)),
         }
     }

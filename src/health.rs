@@ -68,7 +68,8 @@ impl Health {
     }
 }
 
-/// Runs one active check of `addr`, a server of the upstream `up`, within its
+/// Runs one active check of `addr`, a server of the upstream `up` (found by `host` when it
+/// follows DNS), within its
 /// `connect_timeout`; over TLS when the upstream has `tls`, verified as its connections are
 /// (a handshake counted in `tls`), so that a TLS server is checked as it is used. The probe
 /// connection is closed as the close policy decides for a check (with RST, so checking a
@@ -76,6 +77,7 @@ impl Health {
 /// server's `ledger`.
 pub async fn check(
     addr: &Address,
+    host: Option<&str>,
     hc: &HealthCheck,
     up: &config::Upstream,
     ledger: &Arc<SideLedger>,
@@ -96,6 +98,7 @@ pub async fn check(
                     stats: tls,
                     addr,
                     label: &label,
+                    host,
                     deadline,
                 };
                 probe_tracked(at.start_tls(s).await?, hc, &label).await

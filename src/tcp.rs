@@ -331,7 +331,7 @@ async fn keep_preconnected(up: Weak<TcpUpstream>, taken: Arc<Notify>, listener: 
     loop {
         {
             let Some(up) = up.upgrade() else { return };
-            for server in &up.servers {
+            for server in &up.servers().servers {
                 if !matches!(server.addr, Address::Tcp(_)) || !server.health.is_up() {
                     continue;
                 }

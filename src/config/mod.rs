@@ -60,6 +60,31 @@ pub struct Config<S: Stage = Resolved> {
     pub mysql_users: Vec<MysqlUser<S>>,
     /// `[log]`.
     pub log: Log,
+    /// `[resolver]`: how server names are looked up again while running.
+    pub resolver: Resolver,
+}
+
+/// `[resolver]`: the DNS servers and the floor under record TTLs that every upstream's
+/// names are followed with (see `crate::dns`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolver {
+    /// `nameservers`: asked over UDP, and TCP for a truncated answer; empty: the system's
+    /// `/etc/resolv.conf` (its nameservers, search domains and options).
+    pub nameservers: Vec<SocketAddr>,
+    /// `min_interval`: a name is not looked up more often than this, whatever its TTL (a TTL
+    /// of 0 would otherwise be a lookup loop).
+    pub min_interval: Duration,
+}
+
+/// A server written as a host name, and what it resolved to when the config was loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    /// The host as written.
+    pub host: String,
+    /// The port as written.
+    pub port: u16,
+    /// Every address of the answer (IPv4 when it has any, else IPv6), sorted.
+    pub addrs: Vec<SocketAddr>,
 }
 
 /// How far a config has been carried: the types of the parts that the resolve step fills in.
@@ -144,7 +169,8 @@ pub struct Admin<S: Stage = Resolved> {
 /// Where a listener accepts or a server is reached, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
-    /// `HOST:PORT` or `[V6]:PORT`, resolved once at load time.
+    /// `HOST:PORT` or `[V6]:PORT`, resolved at load time (a server name: its first address;
+    /// the others are in the upstream's `names`).
     Tcp(SocketAddr),
     /// `unix:/path`.
     Unix(PathBuf),
@@ -158,7 +184,7 @@ pub enum Address {
 pub enum Endpoint {
     /// An IP literal and port: nothing to look up.
     Ip(SocketAddr),
-    /// A host name and port, looked up by the resolve step (the first address is kept).
+    /// A host name and port, looked up by the resolve step.
     Name {
         /// The host as written.
         host: String,
@@ -306,6 +332,15 @@ pub struct Upstream<S: Stage = Resolved> {
     pub health_check: Option<HealthCheck>,
     /// TLS to the servers: as written, then loaded (once resolved).
     pub tls: Option<S::ClientTls>,
+    /// The longest time between lookups of a server name (a record's shorter TTL comes
+    /// first); None (`"off"`): names are resolved when the config is loaded, only.
+    pub resolve_interval: Option<Duration>,
+    /// The `[resolver]` it follows its names with: a change of it is a change of the
+    /// upstream (a reload gives it a new pool).
+    pub resolver: Resolver,
+    /// Per server, in `servers` order: the name it was written as and its addresses. Filled
+    /// by the resolve step; empty before it.
+    pub names: Vec<Option<Named>>,
 }
 
 /// `[[mysql_user]]`: an account that clients of mysql listeners log in as and that waitless

@@ -12,8 +12,8 @@ use super::locate::Locator;
 use super::units::{parse_duration, parse_endpoint, parse_mode, Keyword};
 use super::{
     Admin, Balance, CheckKind, ClientTimeWait, Config, ConfigError, Endpoint, HealthCheck,
-    LingerFallback, Listener, Log, MysqlUser, Protocol, ProxyProtocol, Unresolved, Upstream,
-    UpstreamTimeWait,
+    LingerFallback, Listener, Log, MysqlUser, Protocol, ProxyProtocol, Resolver, Unresolved,
+    Upstream, UpstreamTimeWait,
 };
 
 // Defaults live here, once, so the parser, the printer and config/waitless.toml cannot disagree.
@@ -47,6 +47,11 @@ const DEFAULT_FAIL_THRESHOLD: u32 = 3;
 const DEFAULT_FAIL_BACKOFF: Duration = Duration::from_secs(10);
 /// `health_check.interval` when absent.
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// `resolve_interval` when absent: a moved server is followed within half a minute even when
+/// its record says to keep it for an hour.
+pub(super) const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+/// `[resolver] min_interval` when absent.
+pub(super) const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The file as written, before defaults and cross-checks.
 #[derive(Deserialize)]
@@ -68,6 +73,17 @@ struct RawConfig {
     mysql_user: Vec<RawMysqlUser>,
     /// `[log]`.
     log: Option<RawLog>,
+    /// `[resolver]`.
+    resolver: Option<RawResolver>,
+}
+
+/// `[resolver]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResolver {
+    /// `nameservers`: `IP:PORT` each.
+    nameservers: Option<Vec<toml::Spanned<String>>>,
+    min_interval: Option<RawDuration>,
 }
 
 /// `[log]` as written.
@@ -165,7 +181,12 @@ struct RawUpstream {
     fail_backoff: Option<RawDuration>,
     health_check: Option<RawHealthCheck>,
     tls: Option<RawUpstreamTls>,
+    /// A duration, or `"off"`.
+    resolve_interval: Option<RawInterval>,
 }
+
+/// A duration, or `"off"` for none.
+struct RawInterval(Option<Duration>);
 
 /// `[[upstream]] tls = { ca, server_name, verify, cert, key }` as written.
 #[derive(Deserialize)]
@@ -248,11 +269,18 @@ impl RawConfig {
             }
             None => Admin::<Unresolved>::default(),
         };
+        let resolver = match self.resolver {
+            Some(r) => r.into_resolver(at)?,
+            None => Resolver {
+                nameservers: Vec::new(),
+                min_interval: DEFAULT_MIN_INTERVAL,
+            },
+        };
         let upstreams = self
             .upstream
             .into_iter()
             .enumerate()
-            .map(|(i, u)| u.into_upstream(i, at, at.file().parent()))
+            .map(|(i, u)| u.into_upstream(i, at, at.file().parent(), &resolver))
             .collect::<Result<Vec<_>, _>>()?;
         let mysql_users = self
             .mysql_user
@@ -276,6 +304,42 @@ impl RawConfig {
             upstreams,
             mysql_users,
             log,
+            resolver,
+        })
+    }
+}
+
+// === impl RawResolver ===
+
+impl RawResolver {
+    fn into_resolver(self, at: &Locator) -> Result<Resolver, ConfigError> {
+        let nameservers = self
+            .nameservers
+            .unwrap_or_default()
+            .iter()
+            .map(|ns| {
+                ns.get_ref().parse::<SocketAddr>().map_err(|_| {
+                    at.error_at(
+                        ns.span(),
+                        format!(
+                            "nameserver `{}` is not IP:PORT (e.g. \"127.0.0.1:53\"); a \
+                             nameserver cannot be a name",
+                            ns.get_ref()
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let min_interval = self.min_interval.map_or(DEFAULT_MIN_INTERVAL, |d| d.0);
+        if min_interval.is_zero() {
+            return Err(at.error(
+                "resolver.min_interval",
+                "must be more than 0: a record with a TTL of 0 would be looked up in a loop",
+            ));
+        }
+        Ok(Resolver {
+            nameservers,
+            min_interval,
         })
     }
 }
@@ -387,6 +451,7 @@ impl RawUpstream {
         i: usize,
         at: &Locator,
         base: Option<&std::path::Path>,
+        resolver: &Resolver,
     ) -> Result<Upstream<Unresolved>, ConfigError> {
         let path = |p: std::path::PathBuf| match base {
             Some(base) if p.is_relative() => base.join(p),
@@ -450,6 +515,11 @@ impl RawUpstream {
                 interval: h.interval.map_or(DEFAULT_CHECK_INTERVAL, |d| d.0),
             }),
             tls,
+            resolve_interval: self
+                .resolve_interval
+                .map_or(Some(DEFAULT_RESOLVE_INTERVAL), |r| r.0),
+            resolver: resolver.clone(),
+            names: Vec::new(),
         })
     }
 }
@@ -486,6 +556,45 @@ impl Visitor<'_> for DurationVisitor {
         u64::try_from(secs)
             .map(|secs| RawDuration(Duration::from_secs(secs)))
             .map_err(|_| E::custom(format!("invalid duration `{secs}`: must not be negative")))
+    }
+}
+
+impl<'de> Deserialize<'de> for RawInterval {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(IntervalVisitor)
+    }
+}
+
+/// As [`DurationVisitor`], and `"off"`.
+struct IntervalVisitor;
+
+impl Visitor<'_> for IntervalVisitor {
+    type Value = RawInterval;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration such as \"30s\", whole seconds, or \"off\"")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<RawInterval, E> {
+        match text {
+            "off" => Ok(RawInterval(None)),
+            _ => match DurationVisitor.visit_str::<E>(text)? {
+                RawDuration(d) if d.is_zero() => Err(E::custom(
+                    "must be more than 0 (\"off\" resolves names at load only)",
+                )),
+                RawDuration(d) => Ok(RawInterval(Some(d))),
+            },
+        }
+    }
+
+    fn visit_u64<E: de::Error>(self, secs: u64) -> Result<RawInterval, E> {
+        self.visit_str(&format!("{secs}s"))
+    }
+
+    fn visit_i64<E: de::Error>(self, secs: i64) -> Result<RawInterval, E> {
+        DurationVisitor
+            .visit_i64::<E>(secs)
+            .and_then(|_| self.visit_str(&format!("{secs}s")))
     }
 }
 
