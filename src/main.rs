@@ -52,6 +52,19 @@ enum Command {
         #[arg(long)]
         token: Option<String>,
     },
+    /// Replace a running waitless by the binary it was started from (installed anew, say)
+    /// without losing a connection, as SIGUSR2 does: the new process gets the listening
+    /// sockets and, once it accepts, the old one drains and exits. Prints the outcome; fails,
+    /// and the old process keeps serving, when the new one cannot start (a bad config).
+    Upgrade {
+        /// The admin listener (default: `[admin] listen` of the config, else 127.0.0.1:9901).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// The admin token (default: `[admin] token` or `token_env` of the config, when
+        /// `--admin` is not given).
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Show where TIME_WAIT lands: short connections sent directly to an embedded backend,
     /// then through an embedded waitless under each client-side policy. Needs nothing else.
     Demo {
@@ -79,6 +92,8 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Before any file is opened: takes the sockets an upgrade passed, notes this binary.
+    waitless::upgrade::init();
 
     let command = cli.command.unwrap_or(Command::Run);
     match command {
@@ -91,6 +106,10 @@ fn main() -> ExitCode {
             admin: Some(addr),
             token,
         } => return reload(addr, token.as_deref()),
+        Command::Upgrade {
+            admin: Some(addr),
+            token,
+        } => return upgrade(addr, token.as_deref()),
         _ => {}
     }
     // `check` runs as ExecStartPre, which systemd passes no sockets to.
@@ -102,6 +121,8 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("waitless: config error: {e}");
+            // Started by an upgrade: the old process reports it and serves on.
+            waitless::upgrade::fail(&format!("config error: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -118,6 +139,10 @@ fn main() -> ExitCode {
             admin_of(&config),
             token.as_deref().or(config.admin.token.as_deref()),
         ),
+        Command::Upgrade { token, .. } => upgrade(
+            admin_of(&config),
+            token.as_deref().or(config.admin.token.as_deref()),
+        ),
         Command::Run | Command::Demo { .. } => run(config),
     }
 }
@@ -130,8 +155,17 @@ fn admin_of(config: &Config) -> SocketAddr {
 }
 
 fn reload(admin: SocketAddr, token: Option<&str>) -> ExitCode {
+    post(admin, "/reload", token)
+}
+
+fn upgrade(admin: SocketAddr, token: Option<&str>) -> ExitCode {
+    post(admin, "/upgrade", token)
+}
+
+/// POST `path` with the token; the body goes to stdout on 200, else to stderr as a failure.
+fn post(admin: SocketAddr, path: &str, token: Option<&str>) -> ExitCode {
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n"));
-    match admin_request(admin, "POST", "/reload", auth.as_deref().unwrap_or("")) {
+    match admin_request(admin, "POST", path, auth.as_deref().unwrap_or("")) {
         Ok((200, body)) => {
             print!("{body}");
             ExitCode::SUCCESS
@@ -197,7 +231,8 @@ fn admin_request(
     headers: &str,
 ) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
-    let timeout = Duration::from_secs(30);
+    // Past the longest answer: an upgrade waits up to READY_TIMEOUT for the new process.
+    let timeout = waitless::upgrade::READY_TIMEOUT + Duration::from_secs(10);
     let mut s = std::net::TcpStream::connect_timeout(&admin, timeout).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
@@ -228,6 +263,7 @@ fn run(config: Config) -> ExitCode {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("waitless: {e}");
+                waitless::upgrade::fail(&e.to_string());
                 return ExitCode::FAILURE;
             }
         };
@@ -238,18 +274,46 @@ fn run(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        // Every listener is bound and its accept loop started: systemd may send traffic.
-        waitless::systemd::ready("serving");
-        while let Signal::Reload = signals.next().await {
-            match proxy.reload() {
-                Ok(()) => tracing::info!("configuration reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "reload refused; the running configuration stays");
-                    // SIGHUP still reopens the access log, as logrotate expects.
-                    waitless::access::reopen();
+        // Every listener is bound and its accept loop started: systemd may send traffic, and
+        // the process this one replaces may stop accepting.
+        if waitless::upgrade::upgraded() {
+            waitless::systemd::ready_as_main("serving; upgraded");
+            waitless::upgrade::ready();
+            tracing::info!("upgrade: serving; the old process drains");
+        } else {
+            waitless::systemd::ready("serving");
+        }
+        loop {
+            let signal = tokio::select! {
+                s = signals.next() => s,
+                // POST /upgrade handed the sockets over.
+                _ = proxy.handed_over() => break,
+            };
+            match signal {
+                Signal::Reload => match proxy.reload() {
+                    Ok(()) => tracing::info!("configuration reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload refused; the running configuration stays");
+                        // SIGHUP still reopens the access log, as logrotate expects.
+                        waitless::access::reopen();
+                    }
+                },
+                Signal::Upgrade => {
+                    let p = proxy.clone();
+                    match tokio::task::spawn_blocking(move || p.upgrade()).await {
+                        Ok(Ok(pid)) => {
+                            tracing::info!(pid, "upgrade: the new process serves; draining");
+                        }
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "upgrade failed; this process keeps serving");
+                        }
+                        Err(e) => tracing::error!(error = %e, "upgrade failed"),
+                    }
                 }
+                Signal::Stop => break,
             }
         }
+        let handed_over = waitless::upgrade::handed_over();
         let drain_timeout = proxy
             .current()
             .config
@@ -259,9 +323,18 @@ fn run(config: Config) -> ExitCode {
             ?drain_timeout,
             "draining: no new connections; waiting for those in flight"
         );
-        waitless::systemd::stopping();
+        // After an upgrade the service goes on: STOPPING=1 (accepted from any process with
+        // NotifyAccess=all) would tell systemd it ends.
+        if !handed_over {
+            waitless::systemd::stopping();
+        }
         tokio::select! {
-            _ = proxy.shutdown(drain_timeout) => {
+            _ = async {
+                proxy.shutdown(drain_timeout).await;
+                if handed_over {
+                    proxy.admin_finished(Duration::from_secs(1)).await;
+                }
+            } => {
                 tracing::info!("drained; exiting");
                 ExitCode::SUCCESS
             }
@@ -279,6 +352,8 @@ enum Signal {
     Reload,
     /// SIGTERM or SIGINT: drain and exit.
     Stop,
+    /// SIGUSR2: hand the sockets to a new binary, then drain and exit.
+    Upgrade,
 }
 
 /// The signals waitless acts on.
@@ -286,6 +361,7 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -295,6 +371,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
@@ -303,6 +380,7 @@ impl Signals {
             _ = self.term.recv() => Signal::Stop,
             _ = self.int.recv() => Signal::Stop,
             _ = self.hup.recv() => Signal::Reload,
+            _ = self.usr2.recv() => Signal::Upgrade,
         }
     }
 

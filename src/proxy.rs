@@ -12,8 +12,8 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -49,6 +49,16 @@ pub struct Proxy {
     workers: Workers,
     /// Reloads taken and refused, for /stats and /metrics.
     reloads: Reloads,
+    /// The admin listener's upgrade key and a second descriptor of its socket, to hand over.
+    admin_handover: Option<(String, OwnedFd)>,
+    /// Stops the admin accept loop once a new process took its socket over.
+    admin_stop: CancellationToken,
+    /// Admin connection tasks, so an upgraded process answers the upgrade before it exits.
+    admin_tasks: TaskTracker,
+    /// An upgrade is under way: a second one, and reloads, are refused meanwhile.
+    upgrading: AtomicBool,
+    /// Cancelled once a new process took the sockets over: this one drains and exits.
+    handed: CancellationToken,
 }
 
 /// One config's listeners and pools.
@@ -93,6 +103,18 @@ struct Slot {
     addr: Option<SocketAddr>,
     /// Second descriptors of its TCP sockets, to apply a reloaded `defer_accept`.
     tcp: Vec<OwnedFd>,
+    /// Second descriptors of every socket, to hand to a new binary on upgrade.
+    handover: Vec<OwnedFd>,
+}
+
+/// A listener's sockets bound (or handed over) by a reload, not yet accepted on.
+struct Fresh {
+    /// One share per worker.
+    socks: Vec<Listening>,
+    /// For `Slot::tcp`.
+    tcp: Vec<OwnedFd>,
+    /// For `Slot::handover`.
+    handover: Vec<OwnedFd>,
 }
 
 /// How long a load balancer may take to send its PROXY header.
@@ -117,11 +139,20 @@ impl Proxy {
     pub async fn start(config: Config, workers: Workers) -> Result<Arc<Proxy>, StartError> {
         let admin_sock = match config.admin.listen {
             Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
+                admin_socket(addr)
                     .await
                     .map_err(|e| StartError(format!("admin: cannot listen on {addr}: {e}")))?,
             ),
             None => None,
+        };
+        let admin_handover = match (&admin_sock, config.admin.listen) {
+            (Some(sock), Some(addr)) => Some((
+                admin_key(addr),
+                sock.as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| StartError(format!("admin: {e}")))?,
+            )),
+            _ => None,
         };
         let proxy = Arc::new(Proxy {
             ledger: Arc::new(Ledger::default()),
@@ -132,8 +163,15 @@ impl Proxy {
             tasks: TaskTracker::new(),
             workers,
             reloads: Reloads::default(),
+            admin_handover,
+            admin_stop: CancellationToken::new(),
+            admin_tasks: TaskTracker::new(),
+            upgrading: AtomicBool::new(false),
+            handed: CancellationToken::new(),
         });
         proxy.apply(config)?;
+        // Sockets an upgrade handed over that this config has no listener for.
+        crate::upgrade::close_unclaimed();
         for l in &proxy.current().listeners {
             let at = l
                 .addr
@@ -142,7 +180,12 @@ impl Proxy {
         }
         if let Some(sock) = admin_sock {
             let control: Arc<dyn Control> = proxy.clone();
-            tokio::spawn(admin::serve(sock, control));
+            tokio::spawn(admin::serve(
+                sock,
+                control,
+                proxy.admin_stop.clone(),
+                proxy.admin_tasks.clone(),
+            ));
         }
         Ok(proxy)
     }
@@ -160,7 +203,13 @@ impl Proxy {
     /// (SIGHUP and POST /reload alike), and each outcome is counted.
     pub fn reload(&self) -> Result<(), String> {
         crate::systemd::reloading();
-        let result = self.reload_file();
+        let result = if self.upgrading.load(Ordering::Relaxed) {
+            Err("an upgrade is under way; reload after it".into())
+        } else if self.handed.is_cancelled() {
+            Err("a new process took over; this one is draining".into())
+        } else {
+            self.reload_file()
+        };
         let counter = match &result {
             Ok(()) => &self.reloads.taken,
             Err(_) => &self.reloads.refused,
@@ -185,6 +234,61 @@ impl Proxy {
         self.apply(config).map_err(|e| e.0)
     }
 
+    /// Starts the new binary and hands it every listening socket (`upgrade`); once it accepts,
+    /// this process must stop accepting and drain (`handed_over` ends). Its pid, or why not:
+    /// then this process serves on as before. Blocks: call it off the runtime threads.
+    pub fn upgrade(&self) -> Result<u32, String> {
+        if self.handed.is_cancelled() {
+            return Err("a new process took over already; this one is draining".into());
+        }
+        if self.stop.is_cancelled() {
+            return Err("draining: nothing left to hand over".into());
+        }
+        if self.upgrading.swap(true, Ordering::AcqRel) {
+            return Err("an upgrade is already under way".into());
+        }
+        let result = self.hand_over();
+        if result.is_ok() {
+            // The new process accepts on the admin socket too; this one answers only the
+            // connections it has.
+            self.admin_stop.cancel();
+            self.handed.cancel();
+        }
+        self.upgrading.store(false, Ordering::Release);
+        result
+    }
+
+    fn hand_over(&self) -> Result<u32, String> {
+        let dup = |key: &str, fd: &OwnedFd| {
+            fd.try_clone()
+                .map(|fd| (key.to_string(), fd))
+                .map_err(|e| format!("{key}: {e}"))
+        };
+        let mut sockets = Vec::new();
+        if let Some((key, fd)) = &self.admin_handover {
+            sockets.push(dup(key, fd)?);
+        }
+        for slot in self.slots.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            for fd in &slot.handover {
+                sockets.push(dup(&slot.key, fd)?);
+            }
+        }
+        crate::upgrade::hand_over(sockets)
+    }
+
+    /// Ends once a new process took the sockets over (`upgrade`, from SIGUSR2 or POST
+    /// /upgrade).
+    pub async fn handed_over(&self) {
+        self.handed.cancelled().await
+    }
+
+    /// Waits up to `timeout` for the admin connections this process still has: the one
+    /// that asked for an upgrade gets its answer before the process exits.
+    pub async fn admin_finished(&self, timeout: Duration) {
+        self.admin_tasks.close();
+        let _ = tokio::time::timeout(timeout, self.admin_tasks.wait()).await;
+    }
+
     /// Stops accepting, lets connections in flight finish up to `timeout`, then closes every
     /// pooled connection (ledger reason `drain`).
     pub async fn shutdown(&self, timeout: Duration) {
@@ -198,6 +302,7 @@ impl Proxy {
             .iter_mut()
         {
             slot.tcp.clear();
+            slot.handover.clear();
         }
         self.tasks.close();
         if tokio::time::timeout(timeout, self.tasks.wait())
@@ -226,7 +331,7 @@ impl Proxy {
         let mut pools = Pools::default();
 
         // Sockets first: a listener that cannot bind refuses the whole config.
-        let mut fresh: Vec<Option<(Vec<Listening>, Vec<OwnedFd>)>> = Vec::new();
+        let mut fresh: Vec<Option<Fresh>> = Vec::new();
         for l in &config.listeners {
             let key = slot_key(l);
             if slots
@@ -237,11 +342,21 @@ impl Proxy {
                 continue;
             }
             let n = self.workers.count();
-            let bound = Listening::bind(&l.listen, l.mode, l.defer_accept, l.listen_backlog, n)
-                .and_then(|s| {
-                    let tcp = s.tcp_handles()?;
-                    Ok((s.split(n)?, tcp))
-                });
+            // Sockets an upgrade handed over first: the same sockets, with their queues.
+            let bound = match crate::upgrade::take(&key) {
+                Some(fds) => {
+                    Listening::inherited(fds, &l.listen, l.defer_accept, l.listen_backlog, n)
+                }
+                None => Listening::bind(&l.listen, l.mode, l.defer_accept, l.listen_backlog, n),
+            }
+            .and_then(|s| {
+                let (tcp, all) = (s.tcp_handles()?, s.handles()?);
+                Ok(Fresh {
+                    socks: s.split(n)?,
+                    tcp,
+                    handover: all,
+                })
+            });
             let socks = bound.map_err(|e| {
                 StartError(format!(
                     "listener {}: cannot listen on {}: {e}",
@@ -317,7 +432,11 @@ impl Proxy {
                     slot.stats = stats.clone();
                     slot.addr
                 }
-                Some((socks, tcp)) => {
+                Some(Fresh {
+                    socks,
+                    tcp,
+                    handover,
+                }) => {
                     let addr = socks.first().and_then(Listening::local_addr);
                     let opts = AcceptOpts {
                         name: l.name.clone().into(),
@@ -337,6 +456,7 @@ impl Proxy {
                         stats: stats.clone(),
                         addr,
                         tcp,
+                        handover,
                     });
                     addr
                 }
@@ -398,6 +518,10 @@ impl Control for Proxy {
     fn reload(&self) -> Result<(), String> {
         Proxy::reload(self)
     }
+
+    fn upgrade(&self) -> Result<u32, String> {
+        Proxy::upgrade(self)
+    }
 }
 
 // === impl Generation ===
@@ -414,6 +538,23 @@ fn slot_key(l: &config::Listener) -> String {
     match &l.listen {
         config::Address::Tcp(a) if a.port() == 0 => format!("{}#{}", a, l.name),
         other => other.to_string(),
+    }
+}
+
+/// The admin listener's key among the sockets an upgrade hands over.
+fn admin_key(addr: SocketAddr) -> String {
+    format!("admin@{addr}")
+}
+
+/// The admin socket: the one an upgrade handed over for this address, else bound.
+async fn admin_socket(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    match crate::upgrade::take(&admin_key(addr)).and_then(|fds| fds.into_iter().next()) {
+        Some(fd) => {
+            let sock = std::net::TcpListener::from(fd);
+            sock.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(sock)
+        }
+        None => tokio::net::TcpListener::bind(addr).await,
     }
 }
 
