@@ -1,0 +1,274 @@
+//! Binary upgrade without loss: `waitless upgrade` starts the binary again with the
+//! listening sockets handed over, under load from short and keep-alive clients; a bad
+//! config at upgrade leaves the old process serving.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::http1::{read_response, ResponseHead};
+use common::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// The size of each response body, checked byte for byte.
+const BODY: usize = 4000;
+
+/// What the clients saw.
+#[derive(Default)]
+struct Tally {
+    /// Whole 200 responses with the right body.
+    ok: AtomicUsize,
+    /// Connects refused or reset, reads and writes that failed, on a fresh connection.
+    errors: AtomicUsize,
+    /// Responses that were not 200, or whose body was short or wrong.
+    bad: AtomicUsize,
+    /// Idle keep-alive connections the draining process closed before a request was read
+    /// (the request is then sent again on a new connection, as HTTP clients do).
+    retried: AtomicUsize,
+}
+
+fn config(port: u16, admin: u16, backend: SocketAddr) -> String {
+    format!(
+        "workers = 2\ndrain_timeout = \"5s\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+         [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"web\"\n\n\
+         [[upstream]]\nname = \"web\"\nservers = [\"{backend}\"]\n"
+    )
+}
+
+/// Runs `waitless upgrade` (or another admin command) against the admin port.
+fn admin_command(command: &str, admin: u16) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_waitless"))
+        .args([command, "--admin", &format!("127.0.0.1:{admin}")])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run waitless")
+}
+
+/// One request on `s`; Ok(true) when the response was whole and right.
+async fn exchange(s: &mut TcpStream, close: bool, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    let conn = if close { "close" } else { "keep-alive" };
+    s.write_all(
+        format!("GET /bytes/{BODY} HTTP/1.1\r\nHost: t\r\nConnection: {conn}\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let (status, _) = read_response(s, buf).await?;
+    let whole = ResponseHead::parse(buf)
+        .and_then(Result::ok)
+        .is_some_and(|h| buf.get(h.len..) == Some(&pattern(BODY)[..]));
+    Ok(status == 200 && whole)
+}
+
+/// New connection per request until `stop`.
+async fn short_client(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    let mut buf = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let result = match TcpStream::connect(addr).await {
+            Ok(mut s) => exchange(&mut s, true, &mut buf).await,
+            Err(e) => Err(e),
+        };
+        count(result, &tally);
+    }
+}
+
+/// One connection reused for request after request until `stop`; a reused connection the
+/// server closed while idle is replaced, and its request sent again.
+async fn keepalive_client(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    let mut buf = Vec::new();
+    let mut conn: Option<TcpStream> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let reused = conn.is_some();
+        let mut s = match conn.take() {
+            Some(s) => s,
+            None => match TcpStream::connect(addr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    count(Err(e), &tally);
+                    continue;
+                }
+            },
+        };
+        match exchange(&mut s, false, &mut buf).await {
+            // Closed before any byte of the answer: the server ended the idle connection.
+            Err(_) if reused && buf.is_empty() => {
+                tally.retried.fetch_add(1, Ordering::Relaxed);
+            }
+            result => {
+                let ok = matches!(result, Ok(true));
+                count(result, &tally);
+                let closing = ResponseHead::parse(&buf)
+                    .and_then(Result::ok)
+                    .is_some_and(|h| h.close);
+                if ok && !closing {
+                    conn = Some(s);
+                }
+            }
+        }
+    }
+}
+
+fn count(result: std::io::Result<bool>, tally: &Tally) {
+    let counter = match result {
+        Ok(true) => &tally.ok,
+        Ok(false) => &tally.bad,
+        Err(_) => &tally.errors,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Waits up to `within` for `child` to exit; its status.
+fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the old process did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends SIGTERM to `pid` (a process our child started, so not ours to wait for).
+fn terminate(pid: u32) {
+    // SAFETY: kill(2) on a pid we were told of.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_under_load_loses_no_connection_and_no_response_and_the_old_process_exits_0() {
+    let backend = Backend::start(BackendMode::Echo).await;
+    let (port, admin) = (free_port(), free_port());
+    let (mut old, log) =
+        Waitless::launch_logged(&config(port, admin, backend.addr), port, admin, "info").await;
+    let old_pid = old.child.id();
+    let addr = old.addr();
+
+    let (stop, tally) = (Arc::new(AtomicBool::new(false)), Arc::new(Tally::default()));
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(tokio::spawn(short_client(
+            addr,
+            stop.clone(),
+            tally.clone(),
+        )));
+    }
+    for _ in 0..3 {
+        clients.push(tokio::spawn(keepalive_client(
+            addr,
+            stop.clone(),
+            tally.clone(),
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = tally.ok.load(Ordering::Relaxed);
+    let out = tokio::task::spawn_blocking(move || admin_command("upgrade", admin))
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "upgrade failed: {said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_pid: u32 = said
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {said:?}"));
+    assert_ne!(new_pid, old_pid, "the new process is another process");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+
+    let status = tokio::task::spawn_blocking(move || {
+        let status = wait_exit(&mut old.child, Duration::from_secs(10));
+        (status, old)
+    })
+    .await
+    .unwrap();
+    let (status, old) = status;
+    let (ok, errors, bad, retried) = (
+        tally.ok.load(Ordering::Relaxed),
+        tally.errors.load(Ordering::Relaxed),
+        tally.bad.load(Ordering::Relaxed),
+        tally.retried.load(Ordering::Relaxed),
+    );
+    println!(
+        "upgrade under load: {ok} whole responses ({before} before the upgrade), {errors} \
+         connection errors, {bad} bad responses, {retried} idle keep-alive connections \
+         closed by the old process and replaced"
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(errors, 0, "connection errors; log:\n{text}");
+    assert_eq!(bad, 0, "responses not 200 or not whole");
+    assert!(ok > before && before > 0, "served before and after");
+    assert!(status.success(), "the old process exits 0: {status}");
+
+    // The new process serves on its own, on the same port and admin port.
+    let (code, body) = get(addr, &format!("/bytes/{BODY}"), false).await.unwrap();
+    assert_eq!((code, body.len()), (200, BODY));
+    let stats = old.stats().await;
+    assert!(
+        stats.is_object(),
+        "the admin listener answers from the new process"
+    );
+    assert!(
+        std::path::Path::new(&format!("/proc/{new_pid}")).exists(),
+        "the new process runs"
+    );
+    terminate(new_pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_config_at_upgrade_fails_the_command_with_its_message_and_the_old_process_serves_on()
+{
+    let backend = Backend::start(BackendMode::Echo).await;
+    let (port, admin) = (free_port(), free_port());
+    let text = config(port, admin, backend.addr);
+    let (mut proxy, log) = Waitless::launch_logged(&text, port, admin, "info").await;
+    std::fs::write(
+        proxy.dir.0.join("waitless.toml"),
+        format!("{text}bogus = 1\n"),
+    )
+    .unwrap();
+
+    let out = tokio::task::spawn_blocking(move || admin_command("upgrade", admin))
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the upgrade command fails");
+    assert!(
+        said.contains("keeps serving") && said.contains("config error") && said.contains("bogus"),
+        "it says why: {said}"
+    );
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "the old process runs"
+    );
+    let (code, body) = get(proxy.addr(), &format!("/bytes/{BODY}"), false)
+        .await
+        .unwrap();
+    assert_eq!((code, body.len()), (200, BODY), "and serves");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("upgrade failed") && logged.contains("bogus"),
+        "the old process logs the failure: {logged}"
+    );
+
+    // SIGUSR2 with the same bad config: the same outcome, logged.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(proxy.child.id() as libc::pid_t, libc::SIGUSR2) };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(proxy.child.try_wait().unwrap().is_none());
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(logged.matches("upgrade failed").count(), 2, "{logged}");
+    let (code, _) = get(proxy.addr(), "/bytes/10", false).await.unwrap();
+    assert_eq!(code, 200);
+}
