@@ -1,6 +1,5 @@
 //! The `waitless` binary: a thin command line over the library.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use waitless::admin::stats::Snapshot;
-use waitless::config::Config;
+use waitless::config::{Address, Config};
 use waitless::proxy::{self, Proxy};
 
 /// waitless: a connection-pooling HTTP proxy that decides which side closes first, so
@@ -37,16 +36,18 @@ enum Command {
     /// Print the ledger of closes beside the kernel's socket census, per side, from a
     /// running waitless's admin listener.
     Stats {
-        /// The admin listener (default: `[admin] listen` of the config, else 127.0.0.1:9901).
-        #[arg(long)]
-        admin: Option<SocketAddr>,
+        /// The admin listener, `HOST:PORT` or `unix:/path` (default: `[admin] listen` of the
+        /// config, else 127.0.0.1:9901).
+        #[arg(long, value_parser = admin_address)]
+        admin: Option<Address>,
     },
     /// Tell a running waitless to re-read its config file (as SIGHUP does); prints whether
     /// the new config was taken or refused, and why.
     Reload {
-        /// The admin listener (default: `[admin] listen` of the config, else 127.0.0.1:9901).
-        #[arg(long)]
-        admin: Option<SocketAddr>,
+        /// The admin listener, `HOST:PORT` or `unix:/path` (default: `[admin] listen` of the
+        /// config, else 127.0.0.1:9901).
+        #[arg(long, value_parser = admin_address)]
+        admin: Option<Address>,
         /// The admin token (default: `[admin] token` or `token_env` of the config, when
         /// `--admin` is not given).
         #[arg(long)]
@@ -57,9 +58,10 @@ enum Command {
     /// sockets and, once it accepts, the old one drains and exits. Prints the outcome; fails,
     /// and the old process keeps serving, when the new one cannot start (a bad config).
     Upgrade {
-        /// The admin listener (default: `[admin] listen` of the config, else 127.0.0.1:9901).
-        #[arg(long)]
-        admin: Option<SocketAddr>,
+        /// The admin listener, `HOST:PORT` or `unix:/path` (default: `[admin] listen` of the
+        /// config, else 127.0.0.1:9901).
+        #[arg(long, value_parser = admin_address)]
+        admin: Option<Address>,
         /// The admin token (default: `[admin] token` or `token_env` of the config, when
         /// `--admin` is not given).
         #[arg(long)]
@@ -147,25 +149,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn admin_of(config: &Config) -> SocketAddr {
+fn admin_of(config: &Config) -> Address {
     config
         .admin
         .listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)))
+        .clone()
+        .unwrap_or_else(|| Address::Tcp(([127, 0, 0, 1], 9901).into()))
 }
 
-fn reload(admin: SocketAddr, token: Option<&str>) -> ExitCode {
+/// `--admin`: an IP address and port, or `unix:/path`.
+fn admin_address(text: &str) -> Result<Address, String> {
+    match text.strip_prefix("unix:") {
+        Some(path) => Ok(Address::Unix(path.into())),
+        None => text
+            .parse()
+            .map(Address::Tcp)
+            .map_err(|e| format!("`{text}` is neither IP:PORT nor unix:/path: {e}")),
+    }
+}
+
+fn reload(admin: Address, token: Option<&str>) -> ExitCode {
     post(admin, "/reload", token)
 }
 
-fn upgrade(admin: SocketAddr, token: Option<&str>) -> ExitCode {
+fn upgrade(admin: Address, token: Option<&str>) -> ExitCode {
     post(admin, "/upgrade", token)
 }
 
 /// POST `path` with the token; the body goes to stdout on 200, else to stderr as a failure.
-fn post(admin: SocketAddr, path: &str, token: Option<&str>) -> ExitCode {
+fn post(admin: Address, path: &str, token: Option<&str>) -> ExitCode {
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n"));
-    match admin_request(admin, "POST", path, auth.as_deref().unwrap_or("")) {
+    match admin_request(&admin, "POST", path, auth.as_deref().unwrap_or("")) {
         Ok((200, body)) => {
             print!("{body}");
             ExitCode::SUCCESS
@@ -201,8 +215,8 @@ fn demo(requests: usize, concurrency: usize) -> ExitCode {
     }
 }
 
-fn stats(admin: SocketAddr) -> ExitCode {
-    match fetch_stats(admin) {
+fn stats(admin: Address) -> ExitCode {
+    match fetch_stats(&admin) {
         Ok(v) => {
             print!("{}", waitless::admin::report::render(&v));
             ExitCode::SUCCESS
@@ -215,7 +229,7 @@ fn stats(admin: SocketAddr) -> ExitCode {
 }
 
 /// GET /stats from the admin listener.
-fn fetch_stats(admin: SocketAddr) -> Result<Snapshot, String> {
+fn fetch_stats(admin: &Address) -> Result<Snapshot, String> {
     match admin_request(admin, "GET", "/stats", "")? {
         (200, body) => serde_json::from_str(&body).map_err(|e| e.to_string()),
         (status, body) => Err(format!("{status}: {body}")),
@@ -225,7 +239,7 @@ fn fetch_stats(admin: SocketAddr) -> Result<Snapshot, String> {
 /// One plain HTTP/1.0 request to the admin listener, which closes after the response.
 /// `headers`: extra header lines, each ending in CRLF.
 fn admin_request(
-    admin: SocketAddr,
+    admin: &Address,
     method: &str,
     path: &str,
     headers: &str,
@@ -233,13 +247,24 @@ fn admin_request(
     use std::io::{Read, Write};
     // Past the longest answer: an upgrade waits up to READY_TIMEOUT for the new process.
     let timeout = waitless::upgrade::READY_TIMEOUT + Duration::from_secs(10);
-    let mut s = std::net::TcpStream::connect_timeout(&admin, timeout).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: waitless\r\n{headers}\r\n").as_bytes())
-        .map_err(|e| e.to_string())?;
+    let request = format!("{method} {path} HTTP/1.0\r\nHost: waitless\r\n{headers}\r\n");
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let e = |e: std::io::Error| e.to_string();
+    match admin {
+        Address::Tcp(at) => {
+            let mut s = std::net::TcpStream::connect_timeout(at, timeout).map_err(e)?;
+            s.set_read_timeout(Some(timeout)).map_err(e)?;
+            s.write_all(request.as_bytes()).map_err(e)?;
+            s.read_to_end(&mut raw).map_err(e)?;
+        }
+        Address::Unix(path) => {
+            let mut s = std::os::unix::net::UnixStream::connect(path).map_err(e)?;
+            s.set_read_timeout(Some(timeout)).map_err(e)?;
+            s.write_all(request.as_bytes()).map_err(e)?;
+            s.read_to_end(&mut raw).map_err(e)?;
+        }
+        Address::Systemd(_) => return Err("the admin listener is never a systemd socket".into()),
+    }
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed response")?;
     let status = head

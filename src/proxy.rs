@@ -24,7 +24,7 @@ use crate::admin::{self, Control, Inputs, ReloadCounts};
 use crate::close::{Ledger, SideId};
 use crate::config::{self, Config, Protocol};
 use crate::frontend::{self, Context, Parts, Pools, Swap};
-use crate::listener::{set_defer_accept, AcceptOpts, ListenerStats, Listening};
+use crate::listener::{set_defer_accept, AcceptOpts, Bound, ListenerStats, Listening};
 use crate::pool::UpstreamInfo;
 use crate::workers::Workers;
 
@@ -117,6 +117,9 @@ struct Fresh {
     handover: Vec<OwnedFd>,
 }
 
+/// The admin listener's backlog (tokio's default for the TCP one).
+const ADMIN_BACKLOG: u32 = 1024;
+
 /// How long a load balancer may take to send its PROXY header.
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -137,26 +140,18 @@ impl Proxy {
     /// tokio runtime (the admin listener and pool tasks run on it). Every socket is bound
     /// before anything is served, so a bad address fails start-up as a whole.
     pub async fn start(config: Config, workers: Workers) -> Result<Arc<Proxy>, StartError> {
-        let admin_sock = match config.admin.listen {
-            Some(addr) => Some(
-                admin_socket(addr)
+        let (admin_sock, admin_handover) = match &config.admin.listen {
+            Some(addr) => {
+                let (sock, dup) = admin_socket(addr, config.admin.unix_mode())
                     .await
-                    .map_err(|e| StartError(format!("admin: cannot listen on {addr}: {e}")))?,
-            ),
-            None => None,
-        };
-        let admin_handover = match (&admin_sock, config.admin.listen) {
-            (Some(sock), Some(addr)) => Some((
-                admin_key(addr),
-                sock.as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| StartError(format!("admin: {e}")))?,
-            )),
-            _ => None,
+                    .map_err(|e| StartError(format!("admin: cannot listen on {addr}: {e}")))?;
+                (Some(sock), Some((admin_key(addr), dup)))
+            }
+            None => (None, None),
         };
         let proxy = Arc::new(Proxy {
             ledger: Arc::new(Ledger::default()),
-            admin_addr: admin_sock.as_ref().and_then(|s| s.local_addr().ok()),
+            admin_addr: admin_sock.as_ref().and_then(admin::Listener::local_addr),
             current: RwLock::new(Arc::new(Generation::default())),
             slots: Mutex::new(Vec::new()),
             stop: CancellationToken::new(),
@@ -542,19 +537,39 @@ fn slot_key(l: &config::Listener) -> String {
 }
 
 /// The admin listener's key among the sockets an upgrade hands over.
-fn admin_key(addr: SocketAddr) -> String {
+fn admin_key(addr: &config::Address) -> String {
     format!("admin@{addr}")
 }
 
-/// The admin socket: the one an upgrade handed over for this address, else bound.
-async fn admin_socket(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
-    match crate::upgrade::take(&admin_key(addr)).and_then(|fds| fds.into_iter().next()) {
-        Some(fd) => {
-            let sock = std::net::TcpListener::from(fd);
-            sock.set_nonblocking(true)?;
-            tokio::net::TcpListener::from_std(sock)
+/// The admin socket (the one an upgrade handed over for this address, else bound; a unix
+/// one given `mode`), and a second descriptor of it to hand over in turn.
+async fn admin_socket(addr: &config::Address, mode: u32) -> io::Result<(admin::Listener, OwnedFd)> {
+    let inherited = crate::upgrade::take(&admin_key(addr)).and_then(|fds| fds.into_iter().next());
+    match addr {
+        config::Address::Tcp(at) => {
+            let sock = match inherited {
+                Some(fd) => {
+                    let sock = std::net::TcpListener::from(fd);
+                    sock.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(sock)?
+                }
+                None => tokio::net::TcpListener::bind(at).await?,
+            };
+            let dup = sock.as_fd().try_clone_to_owned()?;
+            Ok((admin::Listener::Tcp(sock), dup))
         }
-        None => tokio::net::TcpListener::bind(addr).await,
+        _ => {
+            let sock = match inherited {
+                Some(fd) => Listening::inherited(vec![fd], addr, false, ADMIN_BACKLOG, 1)?,
+                None => Listening::bind(addr, Some(mode), false, ADMIN_BACKLOG, 1)?,
+            };
+            let dup = sock
+                .handles()?
+                .into_iter()
+                .next()
+                .ok_or_else(|| io::Error::other("no admin socket"))?;
+            Ok((admin::Listener::Unix(Bound::register(sock)?), dup))
+        }
     }
 }
 

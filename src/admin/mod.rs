@@ -81,38 +81,75 @@ pub struct ListenerInfo {
     pub ledger: Arc<SideLedger>,
 }
 
+/// The admin listener's socket.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    /// `unix:/path`: its file is removed with it, as a unix listener's.
+    Unix(crate::listener::Bound),
+}
+
+impl Listener {
+    /// The TCP address bound; None for a unix socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(_) => None,
+        }
+    }
+}
+
 /// Serves the admin endpoints until `stop` (a new process took the socket over), each
 /// connection a task of `tasks`.
 pub async fn serve(
-    sock: TcpListener,
+    sock: Listener,
     proxy: Arc<dyn Control>,
     stop: CancellationToken,
     tasks: TaskTracker,
 ) {
     loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = sock.accept() => a,
-        };
-        let (stream, _) = match accepted {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
         let proxy = proxy.clone();
-        tasks.spawn(async move {
-            let svc = service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(route(req, proxy).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
+        match &sock {
+            Listener::Tcp(l) => {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = l.accept() => a,
+                };
+                match accepted {
+                    Ok((stream, _)) => {
+                        tasks.spawn(connection(stream, proxy));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            Listener::Unix(l) => {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = l.accept("admin") => a,
+                };
+                if let crate::listener::Accepted::Unix(stream) = accepted {
+                    tasks.spawn(connection(stream, proxy));
+                }
+            }
+        }
     }
+}
+
+/// Serves one admin connection.
+async fn connection<S>(stream: S, proxy: Arc<dyn Control>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(route(req, proxy).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 async fn route(req: Request<Incoming>, proxy: Arc<dyn Control>) -> Response<Full<Bytes>> {
