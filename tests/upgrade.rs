@@ -43,8 +43,14 @@ fn config(port: u16, admin: u16, backend: SocketAddr) -> String {
 
 /// Runs `waitless upgrade` (or another admin command) against the admin port.
 fn admin_command(command: &str, admin: u16) -> Output {
+    admin_command_with(command, admin, &[])
+}
+
+/// As `admin_command`, with more arguments.
+fn admin_command_with(command: &str, admin: u16, more: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_waitless"))
         .args([command, "--admin", &format!("127.0.0.1:{admin}")])
+        .args(more)
         .stdin(Stdio::null())
         .output()
         .expect("run waitless")
@@ -231,7 +237,8 @@ async fn a_bad_config_at_upgrade_fails_the_command_with_its_message_and_the_old_
 {
     let backend = Backend::start(BackendMode::Echo).await;
     let (port, admin) = (free_port(), free_port());
-    let text = config(port, admin, backend.addr);
+    let text =
+        config(port, admin, backend.addr).replace("[admin]\n", "[admin]\ntoken = \"t0ken\"\n");
     let (mut proxy, log) = Waitless::launch_logged(&text, port, admin, "info").await;
     std::fs::write(
         proxy.dir.0.join("waitless.toml"),
@@ -239,9 +246,15 @@ async fn a_bad_config_at_upgrade_fails_the_command_with_its_message_and_the_old_
     )
     .unwrap();
 
-    let out = tokio::task::spawn_blocking(move || admin_command("upgrade", admin))
-        .await
-        .unwrap();
+    // POST /upgrade takes the admin token, as POST /reload does.
+    let out = admin_command("upgrade", admin);
+    assert!(!out.status.success(), "no token, no upgrade");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Bearer"));
+    let out = tokio::task::spawn_blocking(move || {
+        admin_command_with("upgrade", admin, &["--token", "t0ken"])
+    })
+    .await
+    .unwrap();
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "the upgrade command fails");
     assert!(
@@ -271,4 +284,99 @@ async fn a_bad_config_at_upgrade_fails_the_command_with_its_message_and_the_old_
     assert_eq!(logged.matches("upgrade failed").count(), 2, "{logged}");
     let (code, _) = get(proxy.addr(), "/bytes/10", false).await.unwrap();
     assert_eq!(code, 200);
+}
+
+/// Runs `waitless COMMAND -c CONFIG` (the admin address comes from the config).
+fn config_command(command: &str, config: &std::path::Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_waitless"))
+        .args([command, "-c"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run waitless")
+}
+
+/// Waits until something accepts on the unix socket at `path`.
+async fn wait_unix(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::UnixStream::connect(path).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing accepts on {path:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_listener_on_a_unix_socket_has_its_mode_and_serves_stats_reload_and_upgrade() {
+    use std::os::unix::fs::PermissionsExt;
+    let backend = Backend::start(BackendMode::Echo).await;
+    let port = free_port();
+    let dir = TempDir::new("upgrade-unix-admin");
+    let sock = dir.0.join("admin.sock");
+    let text = format!(
+        "[admin]\nlisten = \"unix:{}\"\nmode = \"0640\"\n\n\
+         [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"web\"\n\n\
+         [[upstream]]\nname = \"web\"\nservers = [\"{}\"]\n",
+        sock.display(),
+        backend.addr
+    );
+    let mut cmd = binary::command(&dir.0, &text, "error").unwrap();
+    let mut old = cmd.stdout(Stdio::null()).spawn().unwrap();
+    wait_unix(&sock).await;
+    let config = dir.0.join("waitless.toml");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o640, "the socket file has the configured mode");
+
+    let out = config_command("stats", &config);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("web"),
+        "stats: {table}"
+    );
+    let out = config_command("reload", &config);
+    assert!(
+        out.status.success(),
+        "reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_waitless"))
+        .args(["stats", "--admin", &format!("unix:{}", sock.display())])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stats --admin unix:");
+
+    // Upgraded over it: the file stays (the old process does not remove the socket it
+    // handed over) and the new process answers on it.
+    let out = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || config_command("upgrade", &config)
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "upgrade: {said}");
+    let new_pid: u32 = said
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut old, Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(status.success());
+    assert!(sock.exists(), "the socket file outlives the old process");
+    let out = config_command("stats", &config);
+    assert!(out.status.success(), "stats from the new process");
+    let (code, _) = get(SocketAddr::from(([127, 0, 0, 1], port)), "/bytes/10", false)
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    terminate(new_pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sock.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !sock.exists(),
+        "the new process removes the file when it exits"
+    );
 }
