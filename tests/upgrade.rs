@@ -380,3 +380,89 @@ async fn an_admin_listener_on_a_unix_socket_has_its_mode_and_serves_stats_reload
         "the new process removes the file when it exits"
     );
 }
+
+/// The next notification on `sock`, as text.
+async fn next(sock: &tokio::net::UnixDatagram) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut buf))
+        .await
+        .expect("a notification within 10 s")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_new_process_takes_the_passed_socket_and_says_it_is_the_main_pid() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let backend = Backend::start(BackendMode::Echo).await;
+    let admin = free_port();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let dir = TempDir::new("upgrade-systemd");
+    let notify_path = dir.0.join("notify.sock");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+         [[listener]]\nname = \"web\"\nlisten = \"systemd:web\"\nupstream = \"web\"\n\n\
+         [[upstream]]\nname = \"web\"\nservers = [\"{}\"]\n",
+        backend.addr
+    );
+    let inner = binary::command(&dir.0, &text, "error").unwrap();
+    // LISTEN_PID must be waitless's pid: the shell sets it to its own, then becomes waitless.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "web")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null());
+    let fd = tcp.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2).
+    unsafe {
+        cmd.pre_exec(move || {
+            let a = libc::fcntl(fd, libc::F_DUPFD, 10);
+            if a < 0 || libc::dup2(a, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut old = cmd.spawn().unwrap();
+    drop(tcp);
+    let first = next(&notify).await;
+    assert!(
+        first.contains("READY=1") && !first.contains("MAINPID"),
+        "{first}"
+    );
+
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(old.id() as libc::pid_t, libc::SIGUSR2) };
+    let second = next(&notify).await;
+    let new_pid: u32 = second
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("MAINPID in {second:?}"));
+    assert!(second.contains("READY=1"), "{second}");
+    assert_ne!(new_pid, old.id());
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut old, Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(status.success(), "the old process exits 0");
+    // The old process drained without STOPPING=1: the service goes on.
+    let mut buf = [0u8; 4096];
+    let after = tokio::time::timeout(Duration::from_millis(300), notify.recv(&mut buf)).await;
+    assert!(after.is_err(), "nothing more was sent: {after:?}");
+
+    let (code, body) = get(addr, "/bytes/100", false).await.unwrap();
+    assert_eq!(
+        (code, body.len()),
+        (200, 100),
+        "the new process serves the passed socket"
+    );
+    terminate(new_pid);
+}
