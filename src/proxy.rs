@@ -8,6 +8,9 @@
 //! their idle connections. Any error refuses the whole reload and leaves the running
 //! generation untouched.
 //!
+//! An upgrade (`upgrade`) hands every socket, the admin one's too, to a new process of the
+//! binary; once it accepts, this one drains as on SIGTERM.
+//!
 //! Nothing here names a protocol: `frontend` builds each listener's service and pool.
 
 use std::io;
