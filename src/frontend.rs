@@ -164,7 +164,12 @@ impl<F: Frontend> Service for Arc<F> {
         workers: &Workers,
     ) -> Box<dyn Swap> {
         let (tx, rx) = watch::channel(*self);
-        for (sock, worker) in socks.into_iter().zip(workers.handles()) {
+        let handles = workers.handles();
+        // Round-robin: sockets handed over by an upgrade may outnumber the workers.
+        for (i, sock) in socks.into_iter().enumerate() {
+            let Some(worker) = handles.get(i % handles.len().max(1)) else {
+                continue;
+            };
             let (svc, opts) = (rx.clone(), opts.clone());
             // Registered inside the worker's runtime: its socket belongs to that runtime.
             worker.spawn(async move {

@@ -31,6 +31,8 @@
 //! - `frontend`: each protocol as the composition root builds it (service and pool).
 //! - `proxy`: the running proxy: one config wired into listeners and pools, reloaded and
 //!   drained ("server" means only an upstream server).
+//! - `upgrade`: a new binary started with the listening sockets handed over, so that
+//!   nothing queued on them is lost.
 //! - `workers`: thread-per-core runtimes; listeners and pools are spread over them.
 //! - `alloc`: mimalloc as the global allocator, on its plain entry points.
 
@@ -66,4 +68,5 @@ pub mod proxy_protocol;
 pub mod systemd;
 pub mod tcp;
 pub mod tls;
+pub mod upgrade;
 pub mod workers;

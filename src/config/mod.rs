@@ -92,7 +92,8 @@ pub struct Named {
 pub trait Stage: fmt::Debug + Clone + PartialEq {
     /// A listen or server address: an [`Endpoint`] as written, an [`Address`] once resolved.
     type Address: fmt::Debug + fmt::Display + Clone + PartialEq + Eq + validate::Place;
-    /// The admin listener's address: an [`Endpoint`] as written, a `SocketAddr` once resolved.
+    /// The admin listener's address: an [`Endpoint`] as written, an [`Address`] (TCP or
+    /// unix) once resolved.
     type AdminAddress: fmt::Debug + fmt::Display + Clone + PartialEq + Eq;
     /// A mysql user's password: as written, `None` when it comes from `password_env`; once
     /// resolved, the password itself.
@@ -157,8 +158,12 @@ impl Default for Log {
 /// `[admin]`.
 #[derive(Debug, Clone)]
 pub struct Admin<S: Stage = Resolved> {
-    /// Where /metrics, /stats and /healthz are served; None disables the admin listener.
+    /// Where /metrics, /stats and /healthz are served (`HOST:PORT` or `unix:/path`); None
+    /// disables the admin listener.
     pub listen: Option<S::AdminAddress>,
+    /// `mode`: the file mode of a unix admin socket, as written; `unix_mode` gives the
+    /// one applied.
+    pub mode: Option<u32>,
     /// The bearer token that POST endpoints (/reload) require; None leaves them open.
     /// Once resolved, also the one read from `token_env`.
     pub token: Option<String>,
@@ -454,13 +459,13 @@ impl Stage for Unresolved {
 
 impl Stage for Resolved {
     type Address = Address;
-    type AdminAddress = SocketAddr;
+    type AdminAddress = Address;
     type Password = String;
     type ServerTls = crate::tls::ServerTls;
     type ClientTls = crate::tls::ClientTls;
 
-    fn admin_address(admin: &SocketAddr) -> Address {
-        Address::Tcp(*admin)
+    fn admin_address(admin: &Address) -> Address {
+        admin.clone()
     }
 
     fn cert_files(tls: &Self::ServerTls) -> &[crate::tls::CertFiles] {
@@ -495,10 +500,22 @@ impl<S: Stage> fmt::Debug for MysqlUser<S> {
 
 // === impl Admin ===
 
+/// A unix admin socket's mode when `mode` is absent: the admin listener reloads and
+/// upgrades, so only its owner may connect.
+pub const DEFAULT_ADMIN_MODE: u32 = 0o600;
+
+impl<S: Stage> Admin<S> {
+    /// The file mode a unix admin socket is given.
+    pub fn unix_mode(&self) -> u32 {
+        self.mode.unwrap_or(DEFAULT_ADMIN_MODE)
+    }
+}
+
 impl Default for Admin {
     fn default() -> Self {
         Admin {
-            listen: Some(raw::DEFAULT_ADMIN_LISTEN),
+            listen: Some(Address::Tcp(raw::DEFAULT_ADMIN_LISTEN)),
+            mode: None,
             token: None,
             token_env: None,
         }
@@ -509,6 +526,7 @@ impl Default for Admin<Unresolved> {
     fn default() -> Self {
         Admin {
             listen: Some(Endpoint::Ip(raw::DEFAULT_ADMIN_LISTEN)),
+            mode: None,
             token: None,
             token_env: None,
         }

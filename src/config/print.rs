@@ -26,6 +26,15 @@ impl<S: Stage> fmt::Display for Config<S> {
             Some(addr) => writeln!(f, "listen = {}", quoted(&addr.to_string()))?,
             None => writeln!(f, "listen = \"off\"")?,
         }
+        if self
+            .admin
+            .listen
+            .as_ref()
+            .map(S::admin_address)
+            .is_some_and(|a| a.is_unix())
+        {
+            writeln!(f, "mode = \"{:04o}\"", self.admin.unix_mode())?;
+        }
         // The token itself is never printed: `check` output ends up in logs.
         match (&self.admin.token_env, &self.admin.token) {
             (Some(var), _) => writeln!(f, "token_env = {}", quoted(var))?,

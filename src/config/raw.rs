@@ -102,6 +102,8 @@ struct RawLog {
 struct RawAdmin {
     /// `listen`; absent means the default address.
     listen: Option<RawAdminListen>,
+    /// `mode`: the file mode of a unix admin socket.
+    mode: Option<RawMode>,
     /// `token`: the bearer token write endpoints require.
     token: Option<String>,
     /// `token_env`: the variable the token is read from instead.
@@ -223,7 +225,7 @@ struct RawDuration(Duration);
 /// A listen address: `HOST:PORT`, `[V6]:PORT` or `unix:/path`.
 struct RawEndpoint(Endpoint);
 
-/// The admin address: `HOST:PORT`, or `""` / `"off"` for none.
+/// The admin address: `HOST:PORT`, `unix:/path`, or `""` / `"off"` for none.
 struct RawAdminListen(Option<Endpoint>);
 
 /// A unix socket file mode, written as an octal string.
@@ -263,6 +265,7 @@ impl RawConfig {
                         || Admin::<Unresolved>::default().listen,
                         |RawAdminListen(listen)| listen,
                     ),
+                    mode: a.mode.map(|m| m.0),
                     token: a.token,
                     token_env: a.token_env,
                 }
@@ -613,10 +616,10 @@ impl<'de> Deserialize<'de> for RawAdminListen {
         match text.as_str() {
             "" | "off" => Ok(RawAdminListen(None)),
             _ => match parse_endpoint(&text).map_err(de::Error::custom)? {
-                Endpoint::Unix(_) | Endpoint::Systemd(_) => Err(de::Error::custom(
-                    "the admin listener takes HOST:PORT, not a unix or systemd socket",
+                Endpoint::Systemd(_) => Err(de::Error::custom(
+                    "the admin listener takes HOST:PORT or unix:/path, not a systemd socket",
                 )),
-                tcp => Ok(RawAdminListen(Some(tcp))),
+                at => Ok(RawAdminListen(Some(at))),
             },
         }
     }

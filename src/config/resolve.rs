@@ -51,20 +51,19 @@ impl Parsed {
     /// names the key and its line. `self` stays as written, to be resolved again later.
     pub fn resolve(&self, with: &impl Resolve) -> Result<Config, ConfigError> {
         let (written, at) = (&self.config, &self.at);
-        let admin = match &written.admin.listen {
-            None => None,
-            Some(endpoint) => match lookup(endpoint, with) {
-                Ok(Address::Tcp(addr)) => Some(addr),
-                // The raw layer refuses a unix admin address; kept an error, not a panic.
-                Ok(Address::Unix(_) | Address::Systemd(_)) => {
-                    return Err(at.error(
+        let admin =
+            match &written.admin.listen {
+                None => None,
+                Some(endpoint) => match lookup(endpoint, with) {
+                    Ok(addr @ (Address::Tcp(_) | Address::Unix(_))) => Some(addr),
+                    // The raw layer refuses a systemd admin address; kept an error, not a panic.
+                    Ok(Address::Systemd(_)) => return Err(at.error(
                         "admin.listen",
-                        "the admin listener takes HOST:PORT, not a unix socket",
-                    ))
-                }
-                Err(message) => return Err(at.error("admin.listen", message)),
-            },
-        };
+                        "the admin listener takes HOST:PORT or unix:/path, not a systemd socket",
+                    )),
+                    Err(message) => return Err(at.error("admin.listen", message)),
+                },
+            };
         let listeners = written
             .listeners
             .iter()
@@ -143,6 +142,7 @@ impl Parsed {
             drain_timeout: written.drain_timeout,
             admin: Admin {
                 listen: admin,
+                mode: written.admin.mode,
                 token,
                 token_env: written.admin.token_env.clone(),
             },

@@ -91,7 +91,10 @@ fn full_config_sets_every_key() {
     let config = parse(FULL).unwrap();
     assert_eq!(config.source, Path::new("test.toml"));
     assert_eq!(config.workers, 4);
-    assert_eq!(config.admin.listen, Some("127.0.0.1:9911".parse().unwrap()));
+    assert_eq!(
+        config.admin.listen,
+        Some(Address::Tcp("127.0.0.1:9911".parse().unwrap()))
+    );
 
     let web = &config.listeners[0];
     assert_eq!(web.name, "web");
@@ -137,7 +140,10 @@ fn full_config_sets_every_key() {
 fn absent_keys_take_their_defaults() {
     let config = parse(MINIMAL).unwrap();
     assert_eq!(config.workers, 0);
-    assert_eq!(config.admin.listen, Some("127.0.0.1:9901".parse().unwrap()));
+    assert_eq!(
+        config.admin.listen,
+        Some(Address::Tcp("127.0.0.1:9901".parse().unwrap()))
+    );
     let listener = &config.listeners[0];
     assert_eq!(listener.protocol, Protocol::Http);
     assert_eq!(listener.time_wait, ClientTimeWait::Client);
@@ -936,7 +942,7 @@ fn a_systemd_socket_is_no_server_and_no_admin_address() {
     let e = error(&MINIMAL.replace("127.0.0.1:8081", "systemd:web"));
     assert!(e.contains("upstream[0].servers[0]"), "{e}");
     let e = error(&format!("[admin]\nlisten = \"systemd:admin\"\n{MINIMAL}"));
-    assert!(e.contains("not a unix or systemd socket"), "{e}");
+    assert!(e.contains("not a systemd socket"), "{e}");
     let e = error(&MINIMAL.replace("127.0.0.1:8080", "systemd:"));
     assert!(e.contains("FileDescriptorName="), "{e}");
 }
@@ -1115,4 +1121,35 @@ fn an_upstream_server_name_keeps_all_its_addresses_ipv4_first() {
     assert!(config
         .to_string()
         .contains("# servers[0] = \"web.invalid:8081\" resolves to 10.0.0.3:8081, 10.0.0.9:8081"));
+}
+
+#[test]
+fn the_admin_listener_takes_a_unix_socket_with_a_mode_owner_only_by_default() {
+    let config = parse(&format!(
+        "[admin]\nlisten = \"unix:/run/waitless/admin.sock\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(
+        config.admin.listen,
+        Some(Address::Unix("/run/waitless/admin.sock".into()))
+    );
+    assert_eq!(config.admin.unix_mode(), 0o600);
+    let text = config.to_string();
+    assert!(text.contains("mode = \"0600\""), "{text}");
+    let config = parse(&format!(
+        "[admin]\nlisten = \"unix:/run/w.sock\"\nmode = \"0660\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(config.admin.unix_mode(), 0o660);
+    let reparsed = parse(&config.to_string()).unwrap();
+    assert_eq!(reparsed.admin.unix_mode(), 0o660);
+
+    let e = error(&format!("[admin]\nmode = \"0660\"\n{MINIMAL}"));
+    assert!(e.contains("admin.mode") && e.contains("unix:/path"), "{e}");
+    let long = "x".repeat(120);
+    let e = error(&format!("[admin]\nlisten = \"unix:/{long}\"\n{MINIMAL}"));
+    assert!(
+        e.contains("admin.listen") && e.contains("shorter path"),
+        "{e}"
+    );
 }

@@ -85,7 +85,34 @@ impl<S: Stage> Config<S> {
         for i in 0..self.upstreams.len() {
             self.validate_upstream(i, at)?;
         }
+        self.validate_admin(at)?;
         self.validate_mysql(at)
+    }
+
+    /// `[admin]`: a unix socket path the kernel can bind, `mode` only with one.
+    fn validate_admin(&self, at: &Locator) -> Result<(), ConfigError> {
+        let listen = self.admin.listen.as_ref().map(S::admin_address);
+        if let Some(len) = listen
+            .as_ref()
+            .and_then(|a| a.unix_path())
+            .map(|p| p.as_os_str().len())
+            .filter(|len| *len > MAX_UNIX_PATH)
+        {
+            return Err(at.error(
+                "admin.listen",
+                format!(
+                    "the socket path is {len} bytes, and the kernel binds unix sockets of at most \
+                     {MAX_UNIX_PATH}: choose a shorter path"
+                ),
+            ));
+        }
+        if self.admin.mode.is_some() && !listen.as_ref().is_some_and(|a| a.is_unix()) {
+            return Err(at.error(
+                "admin.mode",
+                "mode applies only to a unix:/path admin listener; a TCP socket has no file mode",
+            ));
+        }
+        Ok(())
     }
 
     /// Listener `i`: its name, its address, its upstream and the options its protocol and
