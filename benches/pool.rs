@@ -37,9 +37,9 @@ fn upstream(idle: usize) -> (Arc<Upstream<Conn>>, Arc<Server<Conn>>) {
                 [[upstream]]\nname = \"web\"\nservers = [\"127.0.0.1:2\"]\npool_size = 64\n";
     let config = Config::parse(text, std::path::Path::new("<bench>")).expect("bench config");
     let cfg = config.upstream("web").expect("upstream web");
-    let ledger = Ledger::default();
-    let up = Upstream::<Conn>::new(cfg, &ledger, 1);
-    let server = up.servers[0].clone();
+    let ledger = Arc::new(Ledger::default());
+    let up = Upstream::<Conn>::new(cfg, &ledger, 1, false);
+    let server = up.servers().servers[0].clone();
     for _ in 0..idle {
         server.put(&up.cfg, fresh(&server));
     }

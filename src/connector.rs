@@ -8,7 +8,9 @@
 //! `connect_timeout`, the TLS handshake when the upstream has `tls` (one per pooled
 //! connection, resuming the upstream's earlier sessions), the server's counters and its
 //! health. A protocol supplies only what happens on a fresh socket before it can be lent
-//! (`Handshake`): nothing for tcp and http, the login for mysql.
+//! (`Handshake`): nothing for tcp and http, the login for mysql. Where something must go in
+//! clear before TLS (MySQL's greeting and SSLRequest, a PROXY header), the socket is left
+//! plain and the protocol starts TLS itself, through the same code (`Opening::start_tls`).
 
 use std::convert::Infallible;
 use std::fmt;
@@ -21,8 +23,9 @@ use std::time::Instant;
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::close::{CloseCtl, ServerSocket, Tracked};
-use crate::config::{self, Address};
+use crate::config::{self, Address, ProxyProtocol};
 use crate::pool::{Busy, Counted, Lease, PoolConn, Pooled, Room, Server, Upstream};
+use crate::tls::{Tls, TlsStats};
 
 /// What a protocol does on a fresh server socket before the pool may lend it.
 pub trait Handshake<C>: Sync {
@@ -30,12 +33,34 @@ pub trait Handshake<C>: Sync {
     /// up, only this connection is not.
     type Refusal: Send;
 
+    /// The protocol starts the upstream's TLS itself, after an exchange in clear (MySQL's
+    /// SSLRequest follows the server's greeting): `open` leaves the socket plain.
+    const STARTS_TLS: bool = false;
+
     /// Turns the socket into the protocol's connection; bounded by `connect_timeout` with
-    /// the connect.
+    /// the connect (`at.deadline`).
     fn greet(
         &self,
         io: ServerSocket,
+        at: &Opening<'_>,
     ) -> impl Future<Output = Result<C, OpenError<Self::Refusal>>> + Send;
+}
+
+/// A connection being opened to one server, as a protocol that starts TLS itself needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Opening<'a> {
+    /// The upstream's settings, its `tls` among them.
+    pub cfg: &'a config::Upstream,
+    /// The upstream's TLS counters.
+    pub stats: &'a TlsStats,
+    /// The server.
+    pub addr: &'a Address,
+    /// Its label (`host:port`), for errors.
+    pub label: &'a str,
+    /// The host it was found by when it follows DNS: its TLS name, whichever address answers.
+    pub host: Option<&'a str>,
+    /// When the connect and its handshakes must be done by (`connect_timeout`).
+    pub deadline: Instant,
 }
 
 /// The handshake of protocols that speak first on a plain socket (http, tcp).
@@ -89,8 +114,82 @@ where
     fn greet(
         &self,
         io: ServerSocket,
+        _at: &Opening<'_>,
     ) -> impl Future<Output = Result<C, OpenError<Infallible>>> + Send {
         std::future::ready(Ok((self.0)(io)))
+    }
+}
+
+// === impl Opening ===
+
+impl<'a> Opening<'a> {
+    /// `server` of `up`, to be connected to by `deadline`.
+    pub fn of<C>(up: &'a Upstream<C>, server: &'a Server<C>, deadline: Instant) -> Opening<'a> {
+        Opening {
+            cfg: &up.cfg,
+            stats: &up.tls,
+            addr: &server.addr,
+            label: &server.label,
+            host: server.name.as_deref().map(|n| n.host.as_str()),
+            deadline,
+        }
+    }
+
+    /// The upstream has `tls`: connections to its servers speak TLS.
+    pub fn wants_tls(&self) -> bool {
+        self.cfg.tls.is_some()
+    }
+
+    /// The upstream's TLS handshake on `plain`, a TCP connection to the server, by the
+    /// deadline, resuming an earlier session of the upstream's when the server allows. A
+    /// failed handshake's connection is closed by the policy and written in the ledger like
+    /// any other; the error says why.
+    pub async fn start_tls(
+        &self,
+        plain: Tracked<TcpStream>,
+    ) -> io::Result<Tracked<Tls<TcpStream>>> {
+        let named = self.cfg.tls.as_ref().and_then(|t| {
+            let name = match self.host {
+                Some(host) => t.name_for_host(host),
+                None => t.name_of(self.addr),
+            };
+            Some((t, name?))
+        });
+        let Some((tls, name)) = named else {
+            return Err(io::Error::other(format!(
+                "no TLS name for server {} (config out of step)",
+                self.label
+            )));
+        };
+        let within = self.deadline.saturating_duration_since(Instant::now());
+        let layered = plain
+            .wrap(|s| async move {
+                crate::tls::connect(tls, name, s, within, self.stats)
+                    .await
+                    .map_err(|(kind, e, s)| ((kind, e), s))
+            })
+            .await;
+        match layered {
+            Ok(tls) => Ok(tls),
+            // Dropped: closed by the policy and recorded.
+            Err(((kind, e), _plain)) => Err(io::Error::new(
+                e.kind(),
+                format!("TLS handshake failed ({}): {e}", kind.as_str()),
+            )),
+        }
+    }
+
+    /// As `start_tls`, on a server socket that must be plain TCP.
+    pub async fn start_tls_on(&self, io: ServerSocket) -> io::Result<ServerSocket> {
+        match io {
+            ServerSocket::Tcp(plain) => {
+                Ok(ServerSocket::Tls(Box::new(self.start_tls(plain).await?)))
+            }
+            _ => Err(io::Error::other(format!(
+                "TLS to server {} is started on a plain TCP connection only",
+                self.label
+            ))),
+        }
     }
 }
 
@@ -135,7 +234,7 @@ where
             Reuse::Never => None,
         };
         if let Some(pooled) = idle {
-            return Ok(Lease::new(pooled, server, up));
+            return Ok(Lease::new(pooled, &server, up));
         }
         // Boxed: opening is rare, and its future would size every request's.
         let opening = Box::pin(async {
@@ -143,13 +242,13 @@ where
             match server.room(&up.cfg, idle, up.cfg.connect_timeout).await {
                 Ok(Room::Idle(pooled)) => Ok(pooled),
                 Ok(Room::Open(counted)) => {
-                    open_counted(up, server, handshake, counted, listener).await
+                    open_counted(up, &server, handshake, counted, listener).await
                 }
                 Err(Busy) => Err(OpenError::Busy),
             }
         });
         match opening.await {
-            Ok(pooled) => return Ok(Lease::new(pooled, server, up)),
+            Ok(pooled) => return Ok(Lease::new(pooled, &server, up)),
             Err(e) => last = Some((server.label.clone(), e)),
         }
     }
@@ -193,9 +292,13 @@ where
     let ctl = CloseCtl::new();
     // After the permit: waiting for room under max_connections is not the server's time.
     let started = Instant::now();
+    let at = Opening::of(up, server, started + cfg.connect_timeout);
+    // TLS at once, unless something goes in clear first: the protocol's exchange, or the
+    // PROXY header a tcp relay writes for its client.
+    let tls_now = !H::STARTS_TLS && cfg.proxy_protocol == ProxyProtocol::Off;
     let opening = async {
-        let io = dial(up, server, &ctl, started).await?;
-        handshake.greet(io).await
+        let io = dial(up, server, &ctl, &at, tls_now).await?;
+        handshake.greet(io, &at).await
     };
     let opened = match tokio::time::timeout(cfg.connect_timeout, opening).await {
         Ok(r) => r,
@@ -237,13 +340,14 @@ pub fn failed<C>(
 
 /// Connects a socket to `server` (TCP without Nagle's delay: requests go out whole), closed
 /// by the upstream's policy for the reason `ctl` is given, and counts it as opened; with
-/// `tls`, makes the handshake by the `connect_timeout` counted from `started`. Otherwise not
-/// bounded in time: `open` bounds it with the protocol's handshake.
+/// `tls` and `tls_now`, makes the handshake by `at.deadline`. Otherwise not bounded in time:
+/// `open` bounds it with the protocol's handshake.
 pub async fn dial<C>(
     up: &Upstream<C>,
     server: &Server<C>,
     ctl: &Arc<CloseCtl>,
-    started: Instant,
+    at: &Opening<'_>,
+    tls_now: bool,
 ) -> io::Result<ServerSocket> {
     let cfg = &up.cfg;
     let (ledger, policy) = (server.ledger.clone(), cfg.time_wait);
@@ -251,32 +355,7 @@ pub async fn dial<C>(
         Address::Tcp(addr) => {
             let s = TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;
-            match &cfg.tls {
-                None => ServerSocket::Tcp(Tracked::upstream(s, ledger, policy, ctl.clone())),
-                Some(tls) => {
-                    server.stats.opened.fetch_add(1, Ordering::Relaxed);
-                    let within = cfg.connect_timeout.saturating_sub(started.elapsed());
-                    let name = tls.name_of(&server.addr).ok_or_else(|| {
-                        io::Error::other("no TLS name for this server (config out of step)")
-                    })?;
-                    return match crate::tls::connect(tls, name, s, within, &up.tls).await {
-                        Ok(s) => Ok(ServerSocket::Tls(Box::new(Tracked::upstream(
-                            s,
-                            ledger,
-                            policy,
-                            ctl.clone(),
-                        )))),
-                        Err((kind, e, s)) => {
-                            // Closed by the policy and written in the ledger like any other.
-                            drop(Tracked::upstream(s, ledger, policy, ctl.clone()));
-                            Err(io::Error::new(
-                                e.kind(),
-                                format!("TLS handshake failed ({}): {e}", kind.as_str()),
-                            ))
-                        }
-                    };
-                }
-            }
+            ServerSocket::Tcp(Tracked::upstream(s, ledger, policy, ctl.clone()))
         }
         Address::Unix(path) => {
             let s = UnixStream::connect(path).await?;
@@ -290,5 +369,8 @@ pub async fn dial<C>(
         }
     };
     server.stats.opened.fetch_add(1, Ordering::Relaxed);
-    Ok(io)
+    match tls_now && at.wants_tls() {
+        true => at.start_tls_on(io).await,
+        false => Ok(io),
+    }
 }

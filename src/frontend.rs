@@ -28,7 +28,7 @@ pub trait Frontend: Serve + Debug + Sized {
     type Pool: Debug + Send + Sync + 'static;
 
     /// Builds the pool of `cfg`, with idle lists for `workers` workers.
-    fn pool(cfg: &config::Upstream, ledger: &Ledger, workers: usize) -> Arc<Self::Pool>;
+    fn pool(cfg: &config::Upstream, ledger: &Arc<Ledger>, workers: usize) -> Arc<Self::Pool>;
 
     /// The settings `pool` was built from: a reload keeps a pool whose settings are unchanged.
     fn pool_cfg(pool: &Self::Pool) -> &config::Upstream;
@@ -61,7 +61,7 @@ pub struct Context<'a> {
     /// The running generation's pools, some of which the new one keeps.
     pub old: &'a Pools,
     /// Where new pools register their servers' sides.
-    pub ledger: &'a Ledger,
+    pub ledger: &'a Arc<Ledger>,
     /// The workers new pools keep idle lists for.
     pub workers: &'a Workers,
 }
@@ -164,7 +164,12 @@ impl<F: Frontend> Service for Arc<F> {
         workers: &Workers,
     ) -> Box<dyn Swap> {
         let (tx, rx) = watch::channel(*self);
-        for (sock, worker) in socks.into_iter().zip(workers.handles()) {
+        let handles = workers.handles();
+        // Round-robin: sockets handed over by an upgrade may outnumber the workers.
+        for (i, sock) in socks.into_iter().enumerate() {
+            let Some(worker) = handles.get(i % handles.len().max(1)) else {
+                continue;
+            };
             let (svc, opts) = (rx.clone(), opts.clone());
             // Registered inside the worker's runtime: its socket belongs to that runtime.
             worker.spawn(async move {
@@ -202,8 +207,8 @@ impl<F: Frontend> Swap for watch::Sender<Arc<F>> {
 impl Frontend for HttpListener {
     type Pool = HttpUpstream;
 
-    fn pool(cfg: &config::Upstream, ledger: &Ledger, workers: usize) -> Arc<HttpUpstream> {
-        HttpUpstream::new(cfg, ledger, workers)
+    fn pool(cfg: &config::Upstream, ledger: &Arc<Ledger>, workers: usize) -> Arc<HttpUpstream> {
+        HttpUpstream::new(cfg, ledger, workers, true)
     }
 
     fn pool_cfg(pool: &HttpUpstream) -> &config::Upstream {
@@ -228,8 +233,8 @@ impl Frontend for HttpListener {
 impl Frontend for TcpRelay {
     type Pool = TcpUpstream;
 
-    fn pool(cfg: &config::Upstream, ledger: &Ledger, workers: usize) -> Arc<TcpUpstream> {
-        TcpUpstream::new(cfg, ledger, workers)
+    fn pool(cfg: &config::Upstream, ledger: &Arc<Ledger>, workers: usize) -> Arc<TcpUpstream> {
+        TcpUpstream::new(cfg, ledger, workers, true)
     }
 
     fn pool_cfg(pool: &TcpUpstream) -> &config::Upstream {
@@ -248,7 +253,7 @@ impl Frontend for TcpRelay {
 impl Frontend for MysqlListener {
     type Pool = MysqlUpstream;
 
-    fn pool(cfg: &config::Upstream, ledger: &Ledger, workers: usize) -> Arc<MysqlUpstream> {
+    fn pool(cfg: &config::Upstream, ledger: &Arc<Ledger>, workers: usize) -> Arc<MysqlUpstream> {
         MysqlUpstream::new(cfg, ledger, workers)
     }
 

@@ -15,6 +15,8 @@ use tokio::time::Instant;
 
 use crate::close::{CloseCtl, Ending, SideLedger, Socket, Tracked};
 use crate::config::{self, Address, CheckKind, HealthCheck};
+use crate::connector::Opening;
+use crate::tls::TlsStats;
 
 /// One server's health, lock-free: read on every request.
 #[derive(Debug, Default)]
@@ -66,25 +68,45 @@ impl Health {
     }
 }
 
-/// Runs one active check of `addr`, a server of the upstream `up`, within its
-/// `connect_timeout`. The probe connection is closed as the close policy decides for a check
-/// (with RST, so checking a server every few seconds leaves no TIME_WAIT on either side) and
-/// recorded in the server's `ledger`.
+/// Runs one active check of `addr`, a server of the upstream `up` (found by `host` when it
+/// follows DNS), within its
+/// `connect_timeout`; over TLS when the upstream has `tls`, verified as its connections are
+/// (a handshake counted in `tls`), so that a TLS server is checked as it is used. The probe
+/// connection is closed as the close policy decides for a check (with RST, so checking a
+/// server every few seconds leaves no TIME_WAIT on either side) and recorded in the
+/// server's `ledger`.
 pub async fn check(
     addr: &Address,
+    host: Option<&str>,
     hc: &HealthCheck,
     up: &config::Upstream,
     ledger: &Arc<SideLedger>,
+    tls: &TlsStats,
 ) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + up.connect_timeout;
     let run = async {
         match addr {
             Address::Tcp(sa) => {
+                let label = sa.to_string();
                 let s = TcpStream::connect(sa).await?;
-                probe_tracked(s, hc, &sa.to_string(), up, ledger).await
+                let s = Tracked::upstream(s, ledger.clone(), up.time_wait, CloseCtl::new());
+                if up.tls.is_none() {
+                    return probe_tracked(s, hc, &label).await;
+                }
+                let at = Opening {
+                    cfg: up,
+                    stats: tls,
+                    addr,
+                    label: &label,
+                    host,
+                    deadline,
+                };
+                probe_tracked(at.start_tls(s).await?, hc, &label).await
             }
             Address::Unix(path) => {
                 let s = UnixStream::connect(path).await?;
-                probe_tracked(s, hc, "localhost", up, ledger).await
+                let s = Tracked::upstream(s, ledger.clone(), up.time_wait, CloseCtl::new());
+                probe_tracked(s, hc, "localhost").await
             }
             // Validation keeps systemd sockets out of server lists.
             Address::Systemd(name) => Err(io::Error::other(format!(
@@ -100,13 +122,10 @@ pub async fn check(
 
 /// Probes over a tracked connection, then closes it as a check's.
 async fn probe_tracked<S: Socket>(
-    s: S,
+    mut s: Tracked<S>,
     hc: &HealthCheck,
     host: &str,
-    up: &config::Upstream,
-    ledger: &Arc<SideLedger>,
 ) -> io::Result<()> {
-    let mut s = Tracked::upstream(s, ledger.clone(), up.time_wait, CloseCtl::new());
     let result = probe(&mut s, hc, host).await;
     s.finish_upstream(Ending::Checked, Duration::ZERO).await;
     result

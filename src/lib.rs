@@ -15,6 +15,8 @@
 //!   lends an idle connection or opens one (permit, connect, handshake, health), as a lease.
 //! - `pool`: per-server pools of persistent upstream connections, protocol-neutral, with
 //!   balancing (weighted round-robin, least connections).
+//! - `dns`: server names that follow DNS: looked up again at their TTL, the upstream's
+//!   server list changed as a reload of that list would.
 //! - `health`: servers marked down by failures or active checks, skipped for a back-off.
 //! - `http`: the HTTP/1.1 relay: hyper's connection-level server for clients; upstream, its
 //!   own HTTP/1.1 exchange for bodyless requests and hyper's client for those with a body.
@@ -29,6 +31,8 @@
 //! - `frontend`: each protocol as the composition root builds it (service and pool).
 //! - `proxy`: the running proxy: one config wired into listeners and pools, reloaded and
 //!   drained ("server" means only an upstream server).
+//! - `upgrade`: a new binary started with the listening sockets handed over, so that
+//!   nothing queued on them is lost.
 //! - `workers`: thread-per-core runtimes; listeners and pools are spread over them.
 //! - `alloc`: mimalloc as the global allocator, on its plain entry points.
 
@@ -51,6 +55,7 @@ pub mod close;
 pub mod config;
 pub mod connector;
 pub mod demo;
+pub mod dns;
 pub mod eager;
 pub mod frontend;
 pub mod health;
@@ -63,4 +68,5 @@ pub mod proxy_protocol;
 pub mod systemd;
 pub mod tcp;
 pub mod tls;
+pub mod upgrade;
 pub mod workers;

@@ -167,6 +167,71 @@ impl Listening {
         }
     }
 
+    /// Sockets handed over by the process this one replaces (`upgrade`), for `workers`
+    /// workers: TCP ones are the old SO_REUSEPORT group as it was (a worker may accept on
+    /// several, or on a second descriptor of one, when the worker count changed), a unix one
+    /// keeps its file (never unlinked and bound again, which would lose its queue) and is
+    /// removed by this process when it ends. The listener's options are set anew.
+    pub fn inherited(
+        fds: Vec<OwnedFd>,
+        addr: &Address,
+        defer_accept: bool,
+        backlog: u32,
+        workers: usize,
+    ) -> io::Result<Listening> {
+        let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
+        let socks: Vec<RawSocket> = fds.into_iter().map(RawSocket::from).collect();
+        let mut tcp = Vec::with_capacity(socks.len().max(workers));
+        let mut unix = None;
+        for sock in socks {
+            if sock.r#type()? != Type::STREAM || !sock.is_listener()? {
+                return Err(io::Error::other(
+                    "the socket handed over is not a listening stream socket",
+                ));
+            }
+            sock.set_nonblocking(true)?;
+            // listen(2) again only changes the backlog; the queue stays.
+            sock.listen(backlog)?;
+            if sock.local_addr()?.as_socket().is_some() {
+                sock.set_tcp_nodelay(true)?;
+                set_defer_accept(&sock, defer_accept)?;
+                tcp.push(std::net::TcpListener::from(sock));
+            } else if unix.is_none() {
+                unix = Some(std::os::unix::net::UnixListener::from(sock));
+            }
+        }
+        if let Some(l) = unix {
+            let path = match addr {
+                Address::Unix(path) => path.clone(),
+                _ => PathBuf::new(),
+            };
+            return Ok(Listening::Unix(l, path));
+        }
+        let given = tcp.len();
+        for i in given..workers {
+            let Some(sock) = tcp.get(i % given.max(1)) else {
+                break;
+            };
+            let clone = sock.try_clone()?;
+            tcp.push(clone);
+        }
+        if tcp.is_empty() {
+            return Err(io::Error::other("no socket was handed over"));
+        }
+        Ok(Listening::Tcp(tcp))
+    }
+
+    /// Second descriptors of every socket, to hand to a new binary (`upgrade`).
+    pub fn handles(&self) -> io::Result<Vec<OwnedFd>> {
+        match self {
+            Listening::Tcp(socks) => socks
+                .iter()
+                .map(|s| s.as_fd().try_clone_to_owned())
+                .collect(),
+            Listening::Unix(l, _) => Ok(vec![l.as_fd().try_clone_to_owned()?]),
+        }
+    }
+
     /// Second descriptors of the TCP sockets, through which a reload changes their options.
     pub fn tcp_handles(&self) -> io::Result<Vec<OwnedFd>> {
         match self {
@@ -533,7 +598,11 @@ impl Drop for ActiveGuard {
 
 impl Drop for Bound {
     fn drop(&mut self) {
+        // Once handed over, the file names the new process's socket.
         if let Bound::Unix(_, Some(path)) = self {
+            if crate::upgrade::handed_over() {
+                return;
+            }
             let _ = std::fs::remove_file(path);
         }
     }

@@ -1,6 +1,5 @@
 //! The `waitless` binary: a thin command line over the library.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use waitless::admin::stats::Snapshot;
-use waitless::config::Config;
+use waitless::config::{Address, Config};
 use waitless::proxy::{self, Proxy};
 
 /// waitless: a connection-pooling HTTP proxy that decides which side closes first, so
@@ -37,16 +36,32 @@ enum Command {
     /// Print the ledger of closes beside the kernel's socket census, per side, from a
     /// running waitless's admin listener.
     Stats {
-        /// The admin listener (default: `[admin] listen` of the config, else 127.0.0.1:9901).
-        #[arg(long)]
-        admin: Option<SocketAddr>,
+        /// The admin listener, `HOST:PORT` or `unix:/path` (default: `[admin] listen` of the
+        /// config, else 127.0.0.1:9901).
+        #[arg(long, value_parser = admin_address)]
+        admin: Option<Address>,
     },
     /// Tell a running waitless to re-read its config file (as SIGHUP does); prints whether
     /// the new config was taken or refused, and why.
     Reload {
-        /// The admin listener (default: `[admin] listen` of the config, else 127.0.0.1:9901).
+        /// The admin listener, `HOST:PORT` or `unix:/path` (default: `[admin] listen` of the
+        /// config, else 127.0.0.1:9901).
+        #[arg(long, value_parser = admin_address)]
+        admin: Option<Address>,
+        /// The admin token (default: `[admin] token` or `token_env` of the config, when
+        /// `--admin` is not given).
         #[arg(long)]
-        admin: Option<SocketAddr>,
+        token: Option<String>,
+    },
+    /// Replace a running waitless by the binary it was started from (installed anew, say)
+    /// without losing a connection, as SIGUSR2 does: the new process gets the listening
+    /// sockets and, once it accepts, the old one drains and exits. Prints the outcome; fails,
+    /// and the old process keeps serving, when the new one cannot start (a bad config).
+    Upgrade {
+        /// The admin listener, `HOST:PORT` or `unix:/path` (default: `[admin] listen` of the
+        /// config, else 127.0.0.1:9901).
+        #[arg(long, value_parser = admin_address)]
+        admin: Option<Address>,
         /// The admin token (default: `[admin] token` or `token_env` of the config, when
         /// `--admin` is not given).
         #[arg(long)]
@@ -79,6 +94,8 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Before any file is opened: takes the sockets an upgrade passed, notes this binary.
+    waitless::upgrade::init();
 
     let command = cli.command.unwrap_or(Command::Run);
     match command {
@@ -91,6 +108,10 @@ fn main() -> ExitCode {
             admin: Some(addr),
             token,
         } => return reload(addr, token.as_deref()),
+        Command::Upgrade {
+            admin: Some(addr),
+            token,
+        } => return upgrade(addr, token.as_deref()),
         _ => {}
     }
     // `check` runs as ExecStartPre, which systemd passes no sockets to.
@@ -102,6 +123,8 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("waitless: config error: {e}");
+            // Started by an upgrade: the old process reports it and serves on.
+            waitless::upgrade::fail(&format!("config error: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -118,20 +141,45 @@ fn main() -> ExitCode {
             admin_of(&config),
             token.as_deref().or(config.admin.token.as_deref()),
         ),
+        Command::Upgrade { token, .. } => upgrade(
+            admin_of(&config),
+            token.as_deref().or(config.admin.token.as_deref()),
+        ),
         Command::Run | Command::Demo { .. } => run(config),
     }
 }
 
-fn admin_of(config: &Config) -> SocketAddr {
+fn admin_of(config: &Config) -> Address {
     config
         .admin
         .listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)))
+        .clone()
+        .unwrap_or_else(|| Address::Tcp(([127, 0, 0, 1], 9901).into()))
 }
 
-fn reload(admin: SocketAddr, token: Option<&str>) -> ExitCode {
+/// `--admin`: an IP address and port, or `unix:/path`.
+fn admin_address(text: &str) -> Result<Address, String> {
+    match text.strip_prefix("unix:") {
+        Some(path) => Ok(Address::Unix(path.into())),
+        None => text
+            .parse()
+            .map(Address::Tcp)
+            .map_err(|e| format!("`{text}` is neither IP:PORT nor unix:/path: {e}")),
+    }
+}
+
+fn reload(admin: Address, token: Option<&str>) -> ExitCode {
+    post(admin, "/reload", token)
+}
+
+fn upgrade(admin: Address, token: Option<&str>) -> ExitCode {
+    post(admin, "/upgrade", token)
+}
+
+/// POST `path` with the token; the body goes to stdout on 200, else to stderr as a failure.
+fn post(admin: Address, path: &str, token: Option<&str>) -> ExitCode {
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n"));
-    match admin_request(admin, "POST", "/reload", auth.as_deref().unwrap_or("")) {
+    match admin_request(&admin, "POST", path, auth.as_deref().unwrap_or("")) {
         Ok((200, body)) => {
             print!("{body}");
             ExitCode::SUCCESS
@@ -167,8 +215,8 @@ fn demo(requests: usize, concurrency: usize) -> ExitCode {
     }
 }
 
-fn stats(admin: SocketAddr) -> ExitCode {
-    match fetch_stats(admin) {
+fn stats(admin: Address) -> ExitCode {
+    match fetch_stats(&admin) {
         Ok(v) => {
             print!("{}", waitless::admin::report::render(&v));
             ExitCode::SUCCESS
@@ -181,7 +229,7 @@ fn stats(admin: SocketAddr) -> ExitCode {
 }
 
 /// GET /stats from the admin listener.
-fn fetch_stats(admin: SocketAddr) -> Result<Snapshot, String> {
+fn fetch_stats(admin: &Address) -> Result<Snapshot, String> {
     match admin_request(admin, "GET", "/stats", "")? {
         (200, body) => serde_json::from_str(&body).map_err(|e| e.to_string()),
         (status, body) => Err(format!("{status}: {body}")),
@@ -191,20 +239,32 @@ fn fetch_stats(admin: SocketAddr) -> Result<Snapshot, String> {
 /// One plain HTTP/1.0 request to the admin listener, which closes after the response.
 /// `headers`: extra header lines, each ending in CRLF.
 fn admin_request(
-    admin: SocketAddr,
+    admin: &Address,
     method: &str,
     path: &str,
     headers: &str,
 ) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
-    let timeout = Duration::from_secs(30);
-    let mut s = std::net::TcpStream::connect_timeout(&admin, timeout).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: waitless\r\n{headers}\r\n").as_bytes())
-        .map_err(|e| e.to_string())?;
+    // Past the longest answer: an upgrade waits up to READY_TIMEOUT for the new process.
+    let timeout = waitless::upgrade::READY_TIMEOUT + Duration::from_secs(10);
+    let request = format!("{method} {path} HTTP/1.0\r\nHost: waitless\r\n{headers}\r\n");
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let e = |e: std::io::Error| e.to_string();
+    match admin {
+        Address::Tcp(at) => {
+            let mut s = std::net::TcpStream::connect_timeout(at, timeout).map_err(e)?;
+            s.set_read_timeout(Some(timeout)).map_err(e)?;
+            s.write_all(request.as_bytes()).map_err(e)?;
+            s.read_to_end(&mut raw).map_err(e)?;
+        }
+        Address::Unix(path) => {
+            let mut s = std::os::unix::net::UnixStream::connect(path).map_err(e)?;
+            s.set_read_timeout(Some(timeout)).map_err(e)?;
+            s.write_all(request.as_bytes()).map_err(e)?;
+            s.read_to_end(&mut raw).map_err(e)?;
+        }
+        Address::Systemd(_) => return Err("the admin listener is never a systemd socket".into()),
+    }
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed response")?;
     let status = head
@@ -228,6 +288,7 @@ fn run(config: Config) -> ExitCode {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("waitless: {e}");
+                waitless::upgrade::fail(&e.to_string());
                 return ExitCode::FAILURE;
             }
         };
@@ -238,18 +299,46 @@ fn run(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        // Every listener is bound and its accept loop started: systemd may send traffic.
-        waitless::systemd::ready("serving");
-        while let Signal::Reload = signals.next().await {
-            match proxy.reload() {
-                Ok(()) => tracing::info!("configuration reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "reload refused; the running configuration stays");
-                    // SIGHUP still reopens the access log, as logrotate expects.
-                    waitless::access::reopen();
+        // Every listener is bound and its accept loop started: systemd may send traffic, and
+        // the process this one replaces may stop accepting.
+        if waitless::upgrade::upgraded() {
+            waitless::systemd::ready_as_main("serving; upgraded");
+            waitless::upgrade::ready();
+            tracing::info!("upgrade: serving; the old process drains");
+        } else {
+            waitless::systemd::ready("serving");
+        }
+        loop {
+            let signal = tokio::select! {
+                s = signals.next() => s,
+                // POST /upgrade handed the sockets over.
+                _ = proxy.handed_over() => break,
+            };
+            match signal {
+                Signal::Reload => match proxy.reload() {
+                    Ok(()) => tracing::info!("configuration reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload refused; the running configuration stays");
+                        // SIGHUP still reopens the access log, as logrotate expects.
+                        waitless::access::reopen();
+                    }
+                },
+                Signal::Upgrade => {
+                    let p = proxy.clone();
+                    match tokio::task::spawn_blocking(move || p.upgrade()).await {
+                        Ok(Ok(pid)) => {
+                            tracing::info!(pid, "upgrade: the new process serves; draining");
+                        }
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "upgrade failed; this process keeps serving");
+                        }
+                        Err(e) => tracing::error!(error = %e, "upgrade failed"),
+                    }
                 }
+                Signal::Stop => break,
             }
         }
+        let handed_over = waitless::upgrade::handed_over();
         let drain_timeout = proxy
             .current()
             .config
@@ -259,9 +348,18 @@ fn run(config: Config) -> ExitCode {
             ?drain_timeout,
             "draining: no new connections; waiting for those in flight"
         );
-        waitless::systemd::stopping();
+        // After an upgrade the service goes on: STOPPING=1 (accepted from any process with
+        // NotifyAccess=all) would tell systemd it ends.
+        if !handed_over {
+            waitless::systemd::stopping();
+        }
         tokio::select! {
-            _ = proxy.shutdown(drain_timeout) => {
+            _ = async {
+                proxy.shutdown(drain_timeout).await;
+                if handed_over {
+                    proxy.admin_finished(Duration::from_secs(1)).await;
+                }
+            } => {
                 tracing::info!("drained; exiting");
                 ExitCode::SUCCESS
             }
@@ -279,6 +377,8 @@ enum Signal {
     Reload,
     /// SIGTERM or SIGINT: drain and exit.
     Stop,
+    /// SIGUSR2: hand the sockets to a new binary, then drain and exit.
+    Upgrade,
 }
 
 /// The signals waitless acts on.
@@ -286,6 +386,7 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -295,6 +396,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
@@ -303,6 +405,7 @@ impl Signals {
             _ = self.term.recv() => Signal::Stop,
             _ = self.int.recv() => Signal::Stop,
             _ = self.hup.recv() => Signal::Reload,
+            _ = self.usr2.recv() => Signal::Upgrade,
         }
     }
 

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -76,6 +77,10 @@ pub struct Server<C> {
     pub addr: Address,
     /// `host:port` or `unix:/path`, as shown in logs and metrics.
     pub label: String,
+    /// The index of the server it was written as in `servers` (a name gives several).
+    entry: usize,
+    /// The name it was written as (`host:port`), when it follows DNS; also its TLS name.
+    pub name: Option<Arc<crate::dns::Name>>,
     /// Its close ledger.
     pub ledger: Arc<SideLedger>,
     /// Idle connections per worker, most recently used last (LIFO keeps the hot few warm
@@ -94,14 +99,24 @@ pub struct Server<C> {
     /// than closed.
     waiting: AtomicUsize,
     returned: Notify,
-    /// Counters for metrics.
-    pub stats: ServerStats,
+    /// Counters for metrics (shared with the admin side's snapshots).
+    pub stats: Arc<ServerStats>,
     /// Up or down, from failures seen and active checks.
     pub health: Health,
     /// Its share of new connections (`weights`).
     pub weight: u32,
-    /// Drained (shutdown or replaced by a reload): connections given back are closed.
+    /// Drained (shutdown, replaced by a reload, or gone from DNS): connections given back
+    /// are closed.
     drained: AtomicBool,
+}
+
+/// The servers of an upstream at one moment, swapped whole when a name's addresses change.
+#[derive(Debug)]
+pub struct ServerSet<C> {
+    /// In config order, a name's addresses in its place, sorted.
+    pub servers: Vec<Arc<Server<C>>>,
+    /// Server indexes in weighted round-robin order (smooth, as nginx spreads them).
+    schedule: Vec<usize>,
 }
 
 /// Counters of one server.
@@ -130,22 +145,37 @@ pub struct ServerStats {
 pub struct Upstream<C> {
     /// Its configuration.
     pub cfg: config::Upstream,
-    /// Its servers, in config order.
-    pub servers: Vec<Arc<Server<C>>>,
-    /// Round-robin cursor into `schedule`.
+    /// Its servers now; a request loads them once.
+    servers: ArcSwap<ServerSet<C>>,
+    /// Round-robin cursor into the set's schedule.
     next: AtomicUsize,
-    /// Server indexes in weighted round-robin order (smooth, as nginx spreads them).
-    schedule: Vec<usize>,
     /// TLS handshakes with its servers, when it has `tls`.
     pub tls: crate::tls::TlsStats,
+    /// Its servers written as names, followed by DNS (none when not followed).
+    pub names: Vec<Arc<crate::dns::Name>>,
+    /// Servers whose address left DNS, drained: listed (state `gone`) until their last
+    /// connection is closed and `GONE_LISTED` has passed, so their closes are seen.
+    gone: Mutex<Vec<(Arc<Server<C>>, Instant)>>,
+    /// Where new servers' ledgers are registered.
+    ledger: Arc<Ledger>,
+    /// Idle lists per server (one per worker).
+    workers: usize,
+    /// Drained (shutdown, or replaced by a reload): its names are no longer followed.
+    drained: AtomicBool,
 }
+
+/// How long a server that left DNS stays listed once its last connection closed: longer
+/// than a Prometheus scrape interval, so its last closes are scraped.
+const GONE_LISTED: Duration = Duration::from_secs(60);
 
 /// What the admin side sees of an upstream, whatever its protocol.
 pub trait UpstreamInfo: Send + Sync + std::fmt::Debug {
     /// Its configuration.
     fn cfg(&self) -> &config::Upstream;
     /// Its servers.
-    fn server_infos(&self) -> Vec<ServerInfo<'_>>;
+    fn server_infos(&self) -> Vec<ServerInfo>;
+    /// Its names followed by DNS.
+    fn names(&self) -> &[Arc<crate::dns::Name>];
     /// Retires every idle connection (shutdown).
     fn drain(&self);
     /// Its TLS handshakes with the servers.
@@ -154,16 +184,19 @@ pub trait UpstreamInfo: Send + Sync + std::fmt::Debug {
 
 /// One server as the admin side sees it.
 #[derive(Debug)]
-pub struct ServerInfo<'a> {
-    pub addr: &'a Address,
-    pub label: &'a str,
+pub struct ServerInfo {
+    pub addr: Address,
+    pub label: String,
+    /// The name (`host:port`) it was found by, when it follows DNS.
+    pub name: Option<String>,
     pub idle: usize,
     /// Connections open now, idle or lent.
     pub open: usize,
+    /// `up`, `down`, or `gone` (its address left DNS; it finishes what it has).
     pub state: &'static str,
     pub weight: u32,
-    pub stats: &'a ServerStats,
-    pub ledger: &'a SideLedger,
+    pub stats: Arc<ServerStats>,
+    pub ledger: Arc<SideLedger>,
 }
 
 /// A request counted among those waiting in `Server::room` until it is dropped.
@@ -207,6 +240,35 @@ impl<C> Pooled<C> {
             home: workers::current(),
             _counted: Box::new(counted),
         }
+    }
+
+    /// The same connection, its handle remade by `remake` (MySQL's login of a connection that
+    /// was only greeted, which may put TLS under it); on failure it is closed, its place
+    /// under `max_connections` given back.
+    pub async fn remade<F, Fut, E>(self, remake: F) -> Result<Pooled<C>, E>
+    where
+        F: FnOnce(C) -> Fut,
+        Fut: std::future::Future<Output = Result<C, E>>,
+    {
+        let Pooled {
+            conn,
+            ctl,
+            born,
+            uses,
+            since,
+            home,
+            _counted,
+        } = self;
+        let conn = remake(conn).await?;
+        Ok(Pooled {
+            conn,
+            ctl,
+            born,
+            uses,
+            since,
+            home,
+            _counted,
+        })
     }
 
     /// True when the connection carried a request before.
@@ -499,75 +561,176 @@ impl Drop for OpenSlot {
 
 impl<C: PoolConn> Upstream<C> {
     /// Builds the pools of `cfg`, with idle lists for `workers` workers, and starts their
-    /// idle reaper.
-    pub fn new(cfg: &config::Upstream, ledger: &Ledger, workers: usize) -> Arc<Upstream<C>> {
-        let servers = cfg
-            .servers
-            .iter()
-            .enumerate()
-            .map(|(i, addr)| {
-                let label = address_label(addr);
-                Arc::new(Server {
-                    addr: addr.clone(),
-                    ledger: ledger.side(SideId::Server {
-                        upstream: cfg.name.clone(),
-                        server: label.clone(),
-                        addr: match addr {
-                            Address::Tcp(a) => Some(*a),
-                            Address::Unix(_) | Address::Systemd(_) => None,
-                        },
-                    }),
-                    label,
-                    idle: (0..workers.max(1))
-                        .map(|_| Mutex::new(Vec::new()))
-                        .collect(),
-                    idle_total: AtomicUsize::new(0),
-                    open: Arc::default(),
-                    limit: (cfg.max_connections > 0)
-                        .then(|| Arc::new(Semaphore::new(cfg.max_connections))),
-                    waiting: AtomicUsize::new(0),
-                    returned: Notify::new(),
-                    stats: ServerStats::default(),
-                    health: Health::default(),
-                    weight: cfg.weights.get(i).copied().unwrap_or(1).max(1),
-                    drained: AtomicBool::new(false),
-                })
-            })
-            .collect::<Vec<_>>();
+    /// idle reaper. With `follow`, its servers written as names follow DNS (`crate::dns`):
+    /// each address of a name is a server, with a pool of its own.
+    pub fn new(
+        cfg: &config::Upstream,
+        ledger: &Arc<Ledger>,
+        workers: usize,
+        follow: bool,
+    ) -> Arc<Upstream<C>>
+    where
+        C: std::fmt::Debug,
+    {
+        let names: Vec<Arc<crate::dns::Name>> = match cfg.resolve_interval {
+            Some(_) if follow => cfg
+                .names
+                .iter()
+                .enumerate()
+                .filter_map(|(j, n)| Some(Arc::new(crate::dns::Name::new(j, n.as_ref()?))))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut servers = Vec::new();
+        for (j, addr) in cfg.servers.iter().enumerate() {
+            match names.iter().find(|n| n.entry == j) {
+                Some(name) => {
+                    for a in name.addrs() {
+                        let at = Address::Tcp(a);
+                        servers.push(new_server(cfg, ledger, workers, &at, j, Some(name)));
+                    }
+                }
+                None => servers.push(new_server(cfg, ledger, workers, addr, j, None)),
+            }
+        }
         let up = Arc::new(Upstream {
             cfg: cfg.clone(),
-            schedule: smooth_schedule(&cfg.weights, servers.len()),
-            servers,
+            servers: ArcSwap::from_pointee(ServerSet::new(servers)),
             next: AtomicUsize::new(0),
             tls: crate::tls::TlsStats::default(),
+            names,
+            gone: Mutex::new(Vec::new()),
+            ledger: ledger.clone(),
+            workers,
+            drained: AtomicBool::new(false),
         });
         spawn_reaper(Arc::downgrade(&up), reap_interval(cfg.idle_timeout));
         if let Some(hc) = &cfg.health_check {
             spawn_checks(Arc::downgrade(&up), hc.clone());
         }
+        crate::dns::spawn_follow(&up);
         up
+    }
+
+    /// Its servers now. Hold the set only for as long as one request needs it: a DNS
+    /// change swaps in a new one.
+    pub fn servers(&self) -> Arc<ServerSet<C>> {
+        self.servers.load_full()
     }
 
     /// The servers that are up, in the order to try them for the next connection: the
     /// balance policy's pick first, the others after it for failover. Empty when every
     /// server is down.
-    pub fn rotation(&self) -> impl Iterator<Item = &Arc<Server<C>>> {
-        let n = self.servers.len();
+    pub fn rotation(&self) -> Rotation<C> {
+        let set = self.servers();
         let first = match self.cfg.balance {
             Balance::RoundRobin => {
                 let turn = self.next.fetch_add(1, Ordering::Relaxed);
-                self.schedule
-                    .get(turn % self.schedule.len().max(1))
+                set.schedule
+                    .get(turn % set.schedule.len().max(1))
                     .copied()
                     .unwrap_or(0)
             }
-            Balance::LeastConn => self.least_busy(),
+            Balance::LeastConn => set.least_busy(),
         };
-        (0..n)
-            .filter_map(move |i| self.servers.get((first + i) % n))
-            .filter(|s| s.health.is_up())
+        Rotation { set, first, i: 0 }
     }
 
+    /// Server `entry`'s name now resolves to `addrs`: as a reload of that one server's
+    /// addresses, those that stay keep their pools, new ones get new pools, and those that
+    /// left are drained (no new requests; idle connections retired by the close policy,
+    /// lent ones when they come back) and listed as `gone` until they are closed.
+    pub fn follow(&self, entry: usize, addrs: &[SocketAddr]) {
+        let Some(name) = self.names.iter().find(|n| n.entry == entry) else {
+            return;
+        };
+        let mut gone = lock(&self.gone);
+        // A replaced pool that clients still hold gets no new servers: nothing would drain
+        // them.
+        if self.is_drained() {
+            return;
+        }
+        let old = self.servers();
+        let mut servers = Vec::new();
+        let mut left = Vec::new();
+        for s in &old.servers {
+            // Other servers, and this name's addresses that stay, keep their pools.
+            let stays = s.entry != entry || tcp_addr(&s.addr).is_some_and(|a| addrs.contains(&a));
+            if stays {
+                servers.push(s.clone());
+            } else {
+                left.push(s.clone());
+            }
+        }
+        for a in addrs {
+            if servers
+                .iter()
+                .any(|s| s.entry == entry && tcp_addr(&s.addr) == Some(*a))
+            {
+                continue;
+            }
+            // An address that comes back takes its old server back, warm pool and all.
+            let back = gone
+                .iter()
+                .position(|(s, _)| s.entry == entry && tcp_addr(&s.addr) == Some(*a));
+            let server = match back {
+                Some(i) => {
+                    let (s, _) = gone.swap_remove(i);
+                    s.drained.store(false, Ordering::Relaxed);
+                    s
+                }
+                None => new_server(
+                    &self.cfg,
+                    &self.ledger,
+                    self.workers,
+                    &Address::Tcp(*a),
+                    entry,
+                    Some(name),
+                ),
+            };
+            servers.push(server);
+        }
+        // Config order, a name's addresses sorted in its place.
+        servers.sort_by_key(|s| (s.entry, tcp_addr(&s.addr)));
+        self.servers.store(Arc::new(ServerSet::new(servers)));
+        let now = Instant::now();
+        for s in left {
+            tracing::info!(upstream = %self.cfg.name, server = %s.label, name = %name.label,
+                "server left DNS: draining its pool");
+            s.drain();
+            gone.push((s, now));
+        }
+    }
+
+    /// Whether it was drained: shut down, or replaced by a reload.
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
+    }
+
+    /// Forgets servers that left DNS once their last connection closed `GONE_LISTED` ago.
+    pub fn prune_gone(&self) {
+        let now = Instant::now();
+        lock(&self.gone).retain_mut(|(s, since)| {
+            if s.open_now() > 0 {
+                *since = now;
+                return true;
+            }
+            now.duration_since(*since) < GONE_LISTED
+        });
+    }
+}
+
+impl<C> ServerSet<C> {
+    fn new(servers: Vec<Arc<Server<C>>>) -> ServerSet<C> {
+        let weights: Vec<u32> = servers.iter().map(|s| s.weight).collect();
+        ServerSet {
+            schedule: smooth_schedule(&weights, servers.len()),
+            servers,
+        }
+    }
+}
+
+impl<C: PoolConn> ServerSet<C> {
     /// The up server with the fewest connections in use per unit of weight.
     fn least_busy(&self) -> usize {
         let mut best = (u64::MAX, 0);
@@ -585,6 +748,36 @@ impl<C: PoolConn> Upstream<C> {
     }
 }
 
+/// The servers of one request, in the order to try them.
+#[derive(Debug)]
+pub struct Rotation<C> {
+    /// The set loaded for this request.
+    set: Arc<ServerSet<C>>,
+    /// Where the balance policy starts.
+    first: usize,
+    /// Servers looked at so far.
+    i: usize,
+}
+
+// === impl Rotation ===
+
+impl<C> Iterator for Rotation<C> {
+    type Item = Arc<Server<C>>;
+
+    fn next(&mut self) -> Option<Arc<Server<C>>> {
+        let n = self.set.servers.len();
+        while self.i < n {
+            let at = (self.first + self.i) % n;
+            self.i += 1;
+            match self.set.servers.get(at) {
+                Some(s) if s.health.is_up() => return Some(s.clone()),
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
 impl<C: PoolConn + std::fmt::Debug> UpstreamInfo for Upstream<C> {
     fn cfg(&self) -> &config::Upstream {
         &self.cfg
@@ -594,27 +787,81 @@ impl<C: PoolConn + std::fmt::Debug> UpstreamInfo for Upstream<C> {
         &self.tls
     }
 
-    fn server_infos(&self) -> Vec<ServerInfo<'_>> {
-        self.servers
+    fn server_infos(&self) -> Vec<ServerInfo> {
+        let info = |s: &Arc<Server<C>>, state: &'static str| ServerInfo {
+            addr: s.addr.clone(),
+            label: s.label.clone(),
+            name: s.name.as_ref().map(|n| n.label.clone()),
+            idle: s.idle_count(),
+            open: s.open_now(),
+            state,
+            weight: s.weight,
+            stats: s.stats.clone(),
+            ledger: s.ledger.clone(),
+        };
+        let mut infos: Vec<ServerInfo> = self
+            .servers()
+            .servers
             .iter()
-            .map(|s| ServerInfo {
-                addr: &s.addr,
-                label: &s.label,
-                idle: s.idle_count(),
-                open: s.open_now(),
-                state: s.health.state(),
-                weight: s.weight,
-                stats: &s.stats,
-                ledger: &s.ledger,
-            })
-            .collect()
+            .map(|s| info(s, s.health.state()))
+            .collect();
+        infos.extend(lock(&self.gone).iter().map(|(s, _)| info(s, "gone")));
+        infos
+    }
+
+    fn names(&self) -> &[Arc<crate::dns::Name>] {
+        &self.names
     }
 
     fn drain(&self) {
-        for server in &self.servers {
+        // Under the lock `follow` takes: no server is added after this.
+        let gone = lock(&self.gone);
+        self.drained.store(true, Ordering::Relaxed);
+        for (server, _) in gone.iter() {
+            server.drain();
+        }
+        drop(gone);
+        for server in &self.servers().servers {
             server.drain();
         }
     }
+}
+
+/// A server of `cfg` at `addr`, written as its server `entry` (and as `name`, when it
+/// follows DNS), with idle lists for `workers` workers. Its ledger is found again by its
+/// label, so an address that comes back keeps counting where it left off.
+fn new_server<C>(
+    cfg: &config::Upstream,
+    ledger: &Ledger,
+    workers: usize,
+    addr: &Address,
+    entry: usize,
+    name: Option<&Arc<crate::dns::Name>>,
+) -> Arc<Server<C>> {
+    let label = address_label(addr);
+    Arc::new(Server {
+        addr: addr.clone(),
+        ledger: ledger.side(SideId::Server {
+            upstream: cfg.name.clone(),
+            server: label.clone(),
+            addr: tcp_addr(addr),
+        }),
+        label,
+        entry,
+        name: name.cloned(),
+        idle: (0..workers.max(1))
+            .map(|_| Mutex::new(Vec::new()))
+            .collect(),
+        idle_total: AtomicUsize::new(0),
+        open: Arc::default(),
+        limit: (cfg.max_connections > 0).then(|| Arc::new(Semaphore::new(cfg.max_connections))),
+        waiting: AtomicUsize::new(0),
+        returned: Notify::new(),
+        stats: Arc::default(),
+        health: Health::default(),
+        weight: cfg.weights.get(entry).copied().unwrap_or(1).max(1),
+        drained: AtomicBool::new(false),
+    })
 }
 
 /// Locks an idle list; a panic elsewhere while it was held leaves it usable.
@@ -675,8 +922,10 @@ fn spawn_checks<C: PoolConn>(up: Weak<Upstream<C>>, hc: HealthCheck) {
         loop {
             tick.tick().await;
             let Some(up) = up.upgrade() else { return };
-            for server in &up.servers {
-                match health::check(&server.addr, &hc, &up.cfg, &server.ledger).await {
+            for server in &up.servers().servers {
+                let host = server.name.as_deref().map(|n| n.host.as_str());
+                match health::check(&server.addr, host, &hc, &up.cfg, &server.ledger, &up.tls).await
+                {
                     Ok(()) => {
                         if !server.health.is_up() {
                             tracing::info!(upstream = %up.cfg.name, server = %server.label,
@@ -711,7 +960,11 @@ fn spawn_reaper<C: PoolConn>(up: Weak<Upstream<C>>, every: Duration) {
             tick.tick().await;
             // The upstream is gone (reload removed it): the reaper goes with it.
             let Some(up) = up.upgrade() else { return };
-            for server in &up.servers {
+            for server in &up.servers().servers {
+                server.reap(&up.cfg);
+            }
+            // Those that left DNS: lent connections come back to them and are retired.
+            for (server, _) in lock(&up.gone).iter() {
                 server.reap(&up.cfg);
             }
         }

@@ -8,12 +8,15 @@
 //! their idle connections. Any error refuses the whole reload and leaves the running
 //! generation untouched.
 //!
+//! An upgrade (`upgrade`) hands every socket, the admin one's too, to a new process of the
+//! binary; once it accepts, this one drains as on SIGTERM.
+//!
 //! Nothing here names a protocol: `frontend` builds each listener's service and pool.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -24,7 +27,7 @@ use crate::admin::{self, Control, Inputs, ReloadCounts};
 use crate::close::{Ledger, SideId};
 use crate::config::{self, Config, Protocol};
 use crate::frontend::{self, Context, Parts, Pools, Swap};
-use crate::listener::{set_defer_accept, AcceptOpts, ListenerStats, Listening};
+use crate::listener::{set_defer_accept, AcceptOpts, Bound, ListenerStats, Listening};
 use crate::pool::UpstreamInfo;
 use crate::workers::Workers;
 
@@ -49,6 +52,16 @@ pub struct Proxy {
     workers: Workers,
     /// Reloads taken and refused, for /stats and /metrics.
     reloads: Reloads,
+    /// The admin listener's upgrade key and a second descriptor of its socket, to hand over.
+    admin_handover: Option<(String, OwnedFd)>,
+    /// Stops the admin accept loop once a new process took its socket over.
+    admin_stop: CancellationToken,
+    /// Admin connection tasks, so an upgraded process answers the upgrade before it exits.
+    admin_tasks: TaskTracker,
+    /// An upgrade is under way: a second one, and reloads, are refused meanwhile.
+    upgrading: AtomicBool,
+    /// Cancelled once a new process took the sockets over: this one drains and exits.
+    handed: CancellationToken,
 }
 
 /// One config's listeners and pools.
@@ -93,7 +106,22 @@ struct Slot {
     addr: Option<SocketAddr>,
     /// Second descriptors of its TCP sockets, to apply a reloaded `defer_accept`.
     tcp: Vec<OwnedFd>,
+    /// Second descriptors of every socket, to hand to a new binary on upgrade.
+    handover: Vec<OwnedFd>,
 }
+
+/// A listener's sockets bound (or handed over) by a reload, not yet accepted on.
+struct Fresh {
+    /// One share per worker.
+    socks: Vec<Listening>,
+    /// For `Slot::tcp`.
+    tcp: Vec<OwnedFd>,
+    /// For `Slot::handover`.
+    handover: Vec<OwnedFd>,
+}
+
+/// The admin listener's backlog (tokio's default for the TCP one).
+const ADMIN_BACKLOG: u32 = 1024;
 
 /// How long a load balancer may take to send its PROXY header.
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -115,25 +143,33 @@ impl Proxy {
     /// tokio runtime (the admin listener and pool tasks run on it). Every socket is bound
     /// before anything is served, so a bad address fails start-up as a whole.
     pub async fn start(config: Config, workers: Workers) -> Result<Arc<Proxy>, StartError> {
-        let admin_sock = match config.admin.listen {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
+        let (admin_sock, admin_handover) = match &config.admin.listen {
+            Some(addr) => {
+                let (sock, dup) = admin_socket(addr, config.admin.unix_mode())
                     .await
-                    .map_err(|e| StartError(format!("admin: cannot listen on {addr}: {e}")))?,
-            ),
-            None => None,
+                    .map_err(|e| StartError(format!("admin: cannot listen on {addr}: {e}")))?;
+                (Some(sock), Some((admin_key(addr), dup)))
+            }
+            None => (None, None),
         };
         let proxy = Arc::new(Proxy {
             ledger: Arc::new(Ledger::default()),
-            admin_addr: admin_sock.as_ref().and_then(|s| s.local_addr().ok()),
+            admin_addr: admin_sock.as_ref().and_then(admin::Listener::local_addr),
             current: RwLock::new(Arc::new(Generation::default())),
             slots: Mutex::new(Vec::new()),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             workers,
             reloads: Reloads::default(),
+            admin_handover,
+            admin_stop: CancellationToken::new(),
+            admin_tasks: TaskTracker::new(),
+            upgrading: AtomicBool::new(false),
+            handed: CancellationToken::new(),
         });
         proxy.apply(config)?;
+        // Sockets an upgrade handed over that this config has no listener for.
+        crate::upgrade::close_unclaimed();
         for l in &proxy.current().listeners {
             let at = l
                 .addr
@@ -142,7 +178,12 @@ impl Proxy {
         }
         if let Some(sock) = admin_sock {
             let control: Arc<dyn Control> = proxy.clone();
-            tokio::spawn(admin::serve(sock, control));
+            tokio::spawn(admin::serve(
+                sock,
+                control,
+                proxy.admin_stop.clone(),
+                proxy.admin_tasks.clone(),
+            ));
         }
         Ok(proxy)
     }
@@ -160,7 +201,13 @@ impl Proxy {
     /// (SIGHUP and POST /reload alike), and each outcome is counted.
     pub fn reload(&self) -> Result<(), String> {
         crate::systemd::reloading();
-        let result = self.reload_file();
+        let result = if self.upgrading.load(Ordering::Relaxed) {
+            Err("an upgrade is under way; reload after it".into())
+        } else if self.handed.is_cancelled() {
+            Err("a new process took over; this one is draining".into())
+        } else {
+            self.reload_file()
+        };
         let counter = match &result {
             Ok(()) => &self.reloads.taken,
             Err(_) => &self.reloads.refused,
@@ -185,6 +232,61 @@ impl Proxy {
         self.apply(config).map_err(|e| e.0)
     }
 
+    /// Starts the new binary and hands it every listening socket (`upgrade`); once it accepts,
+    /// this process must stop accepting and drain (`handed_over` ends). Its pid, or why not:
+    /// then this process serves on as before. Blocks: call it off the runtime threads.
+    pub fn upgrade(&self) -> Result<u32, String> {
+        if self.handed.is_cancelled() {
+            return Err("a new process took over already; this one is draining".into());
+        }
+        if self.stop.is_cancelled() {
+            return Err("draining: nothing left to hand over".into());
+        }
+        if self.upgrading.swap(true, Ordering::AcqRel) {
+            return Err("an upgrade is already under way".into());
+        }
+        let result = self.hand_over();
+        if result.is_ok() {
+            // The new process accepts on the admin socket too; this one answers only the
+            // connections it has.
+            self.admin_stop.cancel();
+            self.handed.cancel();
+        }
+        self.upgrading.store(false, Ordering::Release);
+        result
+    }
+
+    fn hand_over(&self) -> Result<u32, String> {
+        let dup = |key: &str, fd: &OwnedFd| {
+            fd.try_clone()
+                .map(|fd| (key.to_string(), fd))
+                .map_err(|e| format!("{key}: {e}"))
+        };
+        let mut sockets = Vec::new();
+        if let Some((key, fd)) = &self.admin_handover {
+            sockets.push(dup(key, fd)?);
+        }
+        for slot in self.slots.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            for fd in &slot.handover {
+                sockets.push(dup(&slot.key, fd)?);
+            }
+        }
+        crate::upgrade::hand_over(sockets)
+    }
+
+    /// Ends once a new process took the sockets over (`upgrade`, from SIGUSR2 or POST
+    /// /upgrade).
+    pub async fn handed_over(&self) {
+        self.handed.cancelled().await
+    }
+
+    /// Waits up to `timeout` for the admin connections this process still has: the one
+    /// that asked for an upgrade gets its answer before the process exits.
+    pub async fn admin_finished(&self, timeout: Duration) {
+        self.admin_tasks.close();
+        let _ = tokio::time::timeout(timeout, self.admin_tasks.wait()).await;
+    }
+
     /// Stops accepting, lets connections in flight finish up to `timeout`, then closes every
     /// pooled connection (ledger reason `drain`).
     pub async fn shutdown(&self, timeout: Duration) {
@@ -198,6 +300,7 @@ impl Proxy {
             .iter_mut()
         {
             slot.tcp.clear();
+            slot.handover.clear();
         }
         self.tasks.close();
         if tokio::time::timeout(timeout, self.tasks.wait())
@@ -226,7 +329,7 @@ impl Proxy {
         let mut pools = Pools::default();
 
         // Sockets first: a listener that cannot bind refuses the whole config.
-        let mut fresh: Vec<Option<(Vec<Listening>, Vec<OwnedFd>)>> = Vec::new();
+        let mut fresh: Vec<Option<Fresh>> = Vec::new();
         for l in &config.listeners {
             let key = slot_key(l);
             if slots
@@ -237,11 +340,21 @@ impl Proxy {
                 continue;
             }
             let n = self.workers.count();
-            let bound = Listening::bind(&l.listen, l.mode, l.defer_accept, l.listen_backlog, n)
-                .and_then(|s| {
-                    let tcp = s.tcp_handles()?;
-                    Ok((s.split(n)?, tcp))
-                });
+            // Sockets an upgrade handed over first: the same sockets, with their queues.
+            let bound = match crate::upgrade::take(&key) {
+                Some(fds) => {
+                    Listening::inherited(fds, &l.listen, l.defer_accept, l.listen_backlog, n)
+                }
+                None => Listening::bind(&l.listen, l.mode, l.defer_accept, l.listen_backlog, n),
+            }
+            .and_then(|s| {
+                let (tcp, all) = (s.tcp_handles()?, s.handles()?);
+                Ok(Fresh {
+                    socks: s.split(n)?,
+                    tcp,
+                    handover: all,
+                })
+            });
             let socks = bound.map_err(|e| {
                 StartError(format!(
                     "listener {}: cannot listen on {}: {e}",
@@ -317,7 +430,11 @@ impl Proxy {
                     slot.stats = stats.clone();
                     slot.addr
                 }
-                Some((socks, tcp)) => {
+                Some(Fresh {
+                    socks,
+                    tcp,
+                    handover,
+                }) => {
                     let addr = socks.first().and_then(Listening::local_addr);
                     let opts = AcceptOpts {
                         name: l.name.clone().into(),
@@ -337,6 +454,7 @@ impl Proxy {
                         stats: stats.clone(),
                         addr,
                         tcp,
+                        handover,
                     });
                     addr
                 }
@@ -398,6 +516,10 @@ impl Control for Proxy {
     fn reload(&self) -> Result<(), String> {
         Proxy::reload(self)
     }
+
+    fn upgrade(&self) -> Result<u32, String> {
+        Proxy::upgrade(self)
+    }
 }
 
 // === impl Generation ===
@@ -414,6 +536,43 @@ fn slot_key(l: &config::Listener) -> String {
     match &l.listen {
         config::Address::Tcp(a) if a.port() == 0 => format!("{}#{}", a, l.name),
         other => other.to_string(),
+    }
+}
+
+/// The admin listener's key among the sockets an upgrade hands over.
+fn admin_key(addr: &config::Address) -> String {
+    format!("admin@{addr}")
+}
+
+/// The admin socket (the one an upgrade handed over for this address, else bound; a unix
+/// one given `mode`), and a second descriptor of it to hand over in turn.
+async fn admin_socket(addr: &config::Address, mode: u32) -> io::Result<(admin::Listener, OwnedFd)> {
+    let inherited = crate::upgrade::take(&admin_key(addr)).and_then(|fds| fds.into_iter().next());
+    match addr {
+        config::Address::Tcp(at) => {
+            let sock = match inherited {
+                Some(fd) => {
+                    let sock = std::net::TcpListener::from(fd);
+                    sock.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(sock)?
+                }
+                None => tokio::net::TcpListener::bind(at).await?,
+            };
+            let dup = sock.as_fd().try_clone_to_owned()?;
+            Ok((admin::Listener::Tcp(sock), dup))
+        }
+        _ => {
+            let sock = match inherited {
+                Some(fd) => Listening::inherited(vec![fd], addr, false, ADMIN_BACKLOG, 1)?,
+                None => Listening::bind(addr, Some(mode), false, ADMIN_BACKLOG, 1)?,
+            };
+            let dup = sock
+                .handles()?
+                .into_iter()
+                .next()
+                .ok_or_else(|| io::Error::other("no admin socket"))?;
+            Ok((admin::Listener::Unix(Bound::register(sock)?), dup))
+        }
     }
 }
 

@@ -23,6 +23,16 @@ pub fn ready(status: &str) {
     notify(&format!("READY=1\nSTATUS={status}"));
 }
 
+/// As `ready`, from a process an upgrade started: systemd is told it is the main process
+/// now (MAINPID, taken from a process other than the main one with `NotifyAccess=all`), so
+/// that the old one's exit does not end the service.
+pub fn ready_as_main(status: &str) {
+    notify(&format!(
+        "MAINPID={}\nREADY=1\nSTATUS={status}",
+        std::process::id()
+    ));
+}
+
 /// Tells systemd a reload starts; `ready` says it ended (taken or refused).
 pub fn reloading() {
     notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
@@ -64,9 +74,10 @@ fn monotonic_usec() -> u64 {
     (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
 }
 
-/// Whether systemd passed a socket named `name`.
+/// Whether systemd passed a socket named `name`, or the process this one replaces handed
+/// over the one systemd passed it (`upgrade`).
 pub fn has(name: &str) -> bool {
-    passed().contains_key(name)
+    passed().contains_key(name) || crate::upgrade::has(&format!("systemd:{name}"))
 }
 
 /// A second descriptor of the socket named `name`: the original stays here, so that a

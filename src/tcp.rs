@@ -159,6 +159,26 @@ impl TcpRelay {
                     return;
                 };
                 return match io {
+                    // With a PROXY header the connector left TLS for now: the header goes in
+                    // clear, then the handshake (HAProxy's `send-proxy` with `ssl`; what
+                    // nginx's `listen ... ssl proxy_protocol` expects).
+                    ServerSocket::Tcp(io) if up.cfg.tls.is_some() => {
+                        let by = std::time::Instant::now() + up.cfg.connect_timeout;
+                        let at = connector::Opening::of(up, &lease.server, by);
+                        match clear_then_tls(io, &header, &at).await {
+                            Ok(io) => {
+                                self.run(&mut client, io, &[], policy)
+                                    .await
+                                    .finish(client, linger)
+                                    .await
+                            }
+                            Err(e) => {
+                                connector::failed(&up.cfg, &lease.server, &e, &self.cfg.name);
+                                self.stats.errors_connect.fetch_add(1, Ordering::Relaxed);
+                                client.finish_client(Ending::Refused).await
+                            }
+                        }
+                    }
                     ServerSocket::Tcp(io) => {
                         self.run(&mut client, io, &header, policy)
                             .await
@@ -283,6 +303,27 @@ impl<U: Socket> Outcome<U> {
     }
 }
 
+/// Writes the PROXY `header` on a plain connection, then makes the upstream's TLS handshake.
+async fn clear_then_tls(
+    mut plain: Tracked<tokio::net::TcpStream>,
+    header: &[u8],
+    at: &connector::Opening<'_>,
+) -> io::Result<Tracked<crate::tls::Tls<tokio::net::TcpStream>>> {
+    let by = tokio::time::Instant::from_std(at.deadline);
+    match tokio::time::timeout_at(by, plain.write_all(header)).await {
+        Ok(written) => written.map_err(|e| {
+            io::Error::new(e.kind(), format!("writing the PROXY header failed: {e}"))
+        })?,
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the PROXY header was not taken within connect_timeout",
+            ))
+        }
+    }
+    at.start_tls(plain).await
+}
+
 /// Keeps `preconnect` fresh connections open to each TCP server of the upstream, until the
 /// upstream is gone. Woken when one is taken; also looks every 100 ms, since the pool's reaper
 /// drops connections the servers closed.
@@ -290,7 +331,7 @@ async fn keep_preconnected(up: Weak<TcpUpstream>, taken: Arc<Notify>, listener: 
     loop {
         {
             let Some(up) = up.upgrade() else { return };
-            for server in &up.servers {
+            for server in &up.servers().servers {
                 if !matches!(server.addr, Address::Tcp(_)) || !server.health.is_up() {
                     continue;
                 }

@@ -273,6 +273,13 @@ impl ClientTls {
         })
     }
 
+    /// The name a server written as `host` is sent as SNI and verified by, whichever of its
+    /// addresses it is reached at.
+    pub fn name_for_host(&self, host: &str) -> Option<ServerName<'static>> {
+        let name = self.files.server_name.as_deref().unwrap_or(host);
+        ServerName::try_from(name.to_string()).ok()
+    }
+
     /// The name `addr` is sent as SNI and verified by.
     pub fn name_of(&self, addr: &crate::config::Address) -> Option<ServerName<'static>> {
         self.names

@@ -2,7 +2,9 @@
 //! CLIENT_SSL, takes the client's SSLRequest and TLS handshake, then its login and session
 //! over TLS, while a plain client still logs in on the same listener. Checked with the
 //! clients applications use (the stock `mariadb` client, PyMySQL, PHP mysqli), waitless's
-//! own TLS counters, and packets by hand for what a client would never send.
+//! own TLS counters, and packets by hand for what a client would never send. And waitless
+//! logs in to MariaDB over TLS (an upstream with `tls`): a server started with a certificate
+//! and an account that `REQUIRE SSL`, whose own `Ssl_cipher` shows the session's TLS.
 
 mod common;
 
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use common::mysql::*;
 use common::tempdir::TempDir;
+use mysql_async::prelude::Queryable;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,6 +46,20 @@ impl Certs {
 
     fn path(&self, file: &str) -> PathBuf {
         self.dir.0.join(file)
+    }
+
+    /// The server's options for its certificate (the same one as waitless's listener).
+    fn server_options(&self) -> Vec<String> {
+        vec![
+            format!("--ssl-cert={}", self.path("localhost.pem").display()),
+            format!("--ssl-key={}", self.path("localhost.key").display()),
+            format!("--ssl-ca={}", self.path("ca.pem").display()),
+        ]
+    }
+
+    /// `tls = ...` for the upstream: the test CA, the name as the server is written.
+    fn upstream_key(&self) -> String {
+        format!("tls = {{ ca = {:?} }}", self.path("ca.pem"))
     }
 
     /// `tls = ...` for the listener.
@@ -304,5 +321,123 @@ async fn garbage_or_silence_after_an_ssl_request_is_a_clean_close_counted_as_a_h
         caps & CLIENT_SSL,
         0,
         "CLIENT_SSL offered without tls: {caps:#x}"
+    );
+}
+
+/// `mariadb --ssl` to waitless, verifying its certificate, running `sql` in `appdb`.
+fn tls_cli(certs: &Certs, port: u16, sql: &str) -> (bool, String, String) {
+    let ssl_ca = format!("--ssl-ca={}", certs.path("ca.pem").display());
+    cli(
+        port,
+        &[
+            "--ssl",
+            &ssl_ca,
+            "--ssl-verify-server-cert",
+            "appdb",
+            "-e",
+            sql,
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waitless_logs_in_over_tls_to_a_server_that_requires_it_and_pools_the_tls_session() {
+    let certs = Certs::make();
+    let options = certs.server_options();
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    let db = MariaDb::start_with(&options).await;
+    db.root_sql(&format!("ALTER USER '{USER}'@'%' REQUIRE SSL;"));
+    let (proxy, _) = MysqlProxy::start_logged(
+        db.port,
+        &certs.listener_key(),
+        &certs.upstream_key(),
+        "warn",
+    )
+    .await;
+    // TLS on both sides: the client's to waitless (`status`), the server's session (its own
+    // Ssl_cipher, asked in the session waitless lends).
+    for round in 0..3 {
+        let (ok, out, err) = tls_cli(
+            &certs,
+            proxy.port,
+            "status; SHOW STATUS LIKE 'Ssl_cipher'; SELECT 40 + 2",
+        );
+        assert!(ok, "round {round}: mariadb --ssl through waitless: {err}");
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("SSL:") && l.contains("Cipher in use")),
+            "round {round}: the client to waitless is not over TLS: {out}"
+        );
+        let cipher = out
+            .lines()
+            .find_map(|l| l.strip_prefix("Ssl_cipher\t"))
+            .unwrap_or_else(|| panic!("round {round}: no Ssl_cipher: {out}"));
+        assert!(
+            !cipher.trim().is_empty(),
+            "round {round}: the server's session is not over TLS: {out}"
+        );
+        assert!(out.lines().any(|l| l.trim() == "42"), "{out}");
+    }
+    // A plain client of waitless still gets a TLS session with the server.
+    let mut c = connect(proxy.port, Some("appdb")).await;
+    let cipher: Option<(String, String)> = c
+        .query_first("SHOW STATUS LIKE 'Ssl_cipher'")
+        .await
+        .unwrap();
+    assert!(
+        cipher.is_some_and(|(_, v)| !v.is_empty()),
+        "a plain client's server session is over TLS"
+    );
+    c.disconnect().await.unwrap();
+    let stats = proxy.stats().await;
+    let up = &stats["upstreams"][0];
+    let handshakes = up["tls"]["handshakes"].as_u64();
+    assert_eq!(
+        handshakes,
+        up["servers"][0]["opened"].as_u64(),
+        "one handshake per server connection: {stats}"
+    );
+    // The mariadb client's sessions share one connection, mysql_async's (other
+    // capabilities) gets its own.
+    assert!(
+        handshakes <= Some(2),
+        "four sessions, at most two connections: {stats}"
+    );
+
+    // The same without upstream tls: the server refuses waitless's login, and the log says so.
+    let (plain, log) = MysqlProxy::start_logged(db.port, &certs.listener_key(), "", "warn").await;
+    let (ok, _, err) = tls_cli(&certs, plain.port, "SELECT 1");
+    assert!(!ok, "a REQUIRE SSL account logged in over plain text");
+    assert!(err.contains("Access denied"), "{err}");
+    common::settle().await;
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let line = logged
+        .lines()
+        .find(|l| l.contains("refused waitless's login"))
+        .unwrap_or_else(|| panic!("no log of the refused login:\n{logged}"));
+    assert!(
+        line.contains(&format!("127.0.0.1:{}", db.port))
+            && line.contains(USER)
+            && line.contains("Access denied"),
+        "the line names server, account and the server's words: {line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_offers_no_tls_is_an_error_naming_it_never_a_plain_login() {
+    let certs = Certs::make();
+    let db = MariaDb::start().await;
+    let (proxy, log) = MysqlProxy::start_logged(db.port, "", &certs.upstream_key(), "warn").await;
+    let (ok, _, err) = cli(proxy.port, &["appdb", "-e", "SELECT 1"]);
+    assert!(!ok, "logged in to a server without TLS");
+    assert!(err.contains("does not offer TLS"), "{err}");
+    common::settle().await;
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("does not offer TLS")
+                && l.contains(&format!("127.0.0.1:{}", db.port))),
+        "the log names the server:\n{logged}"
     );
 }

@@ -29,7 +29,8 @@ fn make_certs() -> TempDir {
 }
 
 /// nginx serving HTTPS on a private port with `certs`' server certificate, logging each
-/// request's connection serial number; None when nginx is not installed.
+/// request's connection serial number, path, PROXY protocol address and session reuse; 404
+/// for `/missing`, 200 for any other path; None when nginx is not installed.
 struct HttpsNginx {
     child: std::process::Child,
     port: u16,
@@ -38,16 +39,22 @@ struct HttpsNginx {
 
 impl HttpsNginx {
     async fn start(certs: &Path) -> Option<HttpsNginx> {
+        HttpsNginx::start_with(certs, "").await
+    }
+
+    /// As `start`, with `listen` options after `ssl` (`proxy_protocol`).
+    async fn start_with(certs: &Path, listen: &str) -> Option<HttpsNginx> {
         let bin = common::nginx::binary()?;
         let port = free_port();
         let dir = TempDir::new("nginx-https");
         let d = dir.0.display();
         let c = certs.display();
         let server = format!(
-            "  log_format conn '$connection $ssl_session_reused';\n\
-             server {{\n    listen 127.0.0.1:{port} ssl;\n\
+            "  log_format conn '$connection $request_uri $proxy_protocol_addr $ssl_session_reused';\n\
+             server {{\n    listen 127.0.0.1:{port} ssl{listen};\n\
              ssl_certificate {c}/server.pem;\n    ssl_certificate_key {c}/server.key;\n\
              keepalive_requests 100000;\n    access_log {d}/conn.log conn;\n\
+             location = /missing {{ return 404; }}\n\
              location / {{ return 200 \"hello over tls\\n\"; }}\n  }}\n"
         );
         let conf = common::nginx::config(&dir.0, "worker_processes 1;\n", 4096, &server);
@@ -90,7 +97,7 @@ impl HttpsNginx {
         self.log().iter().filter(|l| l.ends_with(" r")).count()
     }
 
-    /// Its log's lines: `$connection $ssl_session_reused`.
+    /// Its log's lines: `$connection $request_uri $proxy_protocol_addr $ssl_session_reused`.
     fn log(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.0.join("conn.log"))
             .unwrap_or_default()
@@ -259,6 +266,135 @@ async fn a_tcp_listener_relays_plain_http_to_an_https_backend_resuming_tls_sessi
     drop(proxy);
 }
 
+/// The health state /stats gives each server of the first upstream, by its address.
+fn states(stats: &serde_json::Value) -> Vec<(String, String)> {
+    stats["upstreams"][0]["servers"]
+        .as_array()
+        .map(|servers| {
+            servers
+                .iter()
+                .map(|s| {
+                    let field = |k: &str| s[k].as_str().unwrap_or("").to_string();
+                    (field("server"), field("state"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_health_checks_go_over_tls_marking_a_failing_server_down_and_a_passing_one_up() {
+    let certs = make_certs();
+    let Some(nginx) = HttpsNginx::start(&certs.0).await else {
+        eprintln!("skipped: nginx is not installed");
+        return;
+    };
+    // Nothing listens on `down`: its checks cannot connect.
+    let down = free_port();
+    let (https, gone) = (
+        format!("127.0.0.1:{}", nginx.port),
+        format!("127.0.0.1:{down}"),
+    );
+    // A check in plain text to nginx's TLS port would get its 400 and mark it down too; one
+    // that took any certificate would pass for a name nginx's does not carry.
+    for (name, path, nginx_state) in [
+        ("localhost", "/healthz", "up"),
+        ("localhost", "/missing", "down"),
+        ("api.internal", "/named", "down"),
+    ] {
+        let (port, admin) = (free_port(), free_port());
+        let text = format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+             [[listener]]\nname = \"front\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"api\"\n\n\
+             [[upstream]]\nname = \"api\"\nservers = [\"{https}\", \"{gone}\"]\n{}\n\
+             fail_threshold = 1\nfail_backoff = \"60s\"\n\
+             health_check = {{ kind = \"http\", path = \"{path}\", interval = \"100ms\" }}\n",
+            tls_key(&certs.0, name)
+        );
+        let proxy = Waitless::launch(&text, port, admin).await;
+        let want = vec![
+            (https.clone(), nginx_state.to_string()),
+            (gone.clone(), "down".to_string()),
+        ];
+        let checks_seen = |n: usize| {
+            nginx
+                .log()
+                .iter()
+                .filter(|l| l.contains(&format!(" {path} ")))
+                .count()
+                >= n
+        };
+        // A certificate that fails verification ends the check before any request.
+        let requests = if name == "localhost" { 5 } else { 0 };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = states(&proxy.stats().await);
+        while (seen != want || !checks_seen(requests)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            seen = states(&proxy.stats().await);
+        }
+        assert_eq!(seen, want, "checks of {path} as {name}");
+        assert!(
+            checks_seen(requests),
+            "nginx answered the checks of {path} over TLS"
+        );
+        let stats = proxy.stats().await;
+        let tls = &stats["upstreams"][0]["tls"];
+        if name == "localhost" {
+            assert!(
+                tls["handshakes"].as_u64() >= Some(5),
+                "each check is a TLS handshake, counted as the upstream's: {stats}"
+            );
+        } else {
+            assert!(
+                tls["errors"]["certificate"].as_u64() >= Some(1),
+                "the check's failed verification is counted: {stats}"
+            );
+            assert!(!checks_seen(1), "no check request reached nginx");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_header_goes_in_clear_before_the_tls_handshake() {
+    let certs = make_certs();
+    let Some(nginx) = HttpsNginx::start_with(&certs.0, " proxy_protocol").await else {
+        eprintln!("skipped: nginx is not installed");
+        return;
+    };
+    // v2 with preconnected connections too: they wait, plain, for their client's header.
+    for (version, extra) in [("v1", ""), ("v2", "preconnect = 2")] {
+        let (port, admin) = (free_port(), free_port());
+        let text = config(
+            port,
+            admin,
+            "tcp",
+            nginx.port,
+            &tls_key(&certs.0, "localhost"),
+            &format!("proxy_protocol = \"{version}\"\n{extra}"),
+        );
+        let proxy = Waitless::launch(&text, port, admin).await;
+        let before = nginx.log().len();
+        for _ in 0..5 {
+            let (status, body) = get(proxy.addr(), "/", true).await.expect("an answer");
+            assert_eq!(status, 200, "{version}");
+            assert_eq!(&body[..], b"hello over tls\n");
+        }
+        settle().await;
+        let lines = nginx.log();
+        let lines = lines.get(before..).unwrap_or_default();
+        assert_eq!(lines.len(), 5, "{version}: {lines:?}");
+        for line in lines {
+            let fields: Vec<&str> = line.split(' ').collect();
+            assert_eq!(
+                fields.get(2),
+                Some(&"127.0.0.1"),
+                "{version}: nginx read the client's address from the header: {line}"
+            );
+        }
+        drop(proxy);
+    }
+}
+
 #[test]
 fn check_names_a_missing_or_empty_ca_file() {
     let dir = TempDir::new("upstream-tls-check");
@@ -290,18 +426,24 @@ fn check_names_a_missing_or_empty_ca_file() {
 }
 
 #[test]
-fn check_refuses_upstream_tls_where_it_is_not_available_yet() {
+fn check_refuses_upstream_tls_to_a_unix_socket_server_and_accepts_it_elsewhere() {
     let dir = TempDir::new("upstream-tls-refused");
     let certs = make_certs();
     let ca = certs.0.join("ca.pem");
-    for (protocol, extra, says) in [
-        ("mysql", "", "mysql listener"),
-        ("http", "health_check = { kind = \"http\" }", "health check"),
-        ("tcp", "proxy_protocol = \"v1\"", "proxy_protocol"),
+    for (protocol, servers, extra, refused) in [
+        ("http", "\"unix:/run/api.sock\"", "", Some("unix socket")),
+        ("mysql", "\"127.0.0.1:2\"", "", None),
+        (
+            "http",
+            "\"127.0.0.1:2\"",
+            "health_check = { kind = \"http\" }",
+            None,
+        ),
+        ("tcp", "\"127.0.0.1:2\"", "proxy_protocol = \"v1\"", None),
     ] {
         let text = format!(
             "[[listener]]\nname = \"front\"\nlisten = \"127.0.0.1:1\"\nprotocol = \"{protocol}\"\n\
-             upstream = \"api\"\n\n[[upstream]]\nname = \"api\"\nservers = [\"127.0.0.1:2\"]\n\
+             upstream = \"api\"\n\n[[upstream]]\nname = \"api\"\nservers = [{servers}]\n\
              tls = {{ ca = {ca:?} }}\n{extra}\n\n\
              [[mysql_user]]\nuser = \"u\"\npassword = \"p\"\n"
         );
@@ -314,7 +456,12 @@ fn check_refuses_upstream_tls_where_it_is_not_available_yet() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{protocol} {extra}: check passed");
-        assert!(err.contains(says), "{protocol} {extra}: {err}");
+        match refused {
+            Some(says) => {
+                assert!(!out.status.success(), "{protocol} {servers}: check passed");
+                assert!(err.contains(says), "{protocol} {servers}: {err}");
+            }
+            None => assert!(out.status.success(), "{protocol} {extra}: {err}"),
+        }
     }
 }

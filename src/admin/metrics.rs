@@ -355,6 +355,29 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
         "Config reloads (SIGHUP or POST /reload), by whether the new config was taken or refused",
         reloads,
     );
+    let resolutions = Family::<Labels, Counter>::default();
+    let addresses = Family::<Labels, Gauge>::default();
+    for up in &snap.upstreams {
+        for n in &up.dns {
+            let who = || vec![("upstream", up.name.clone()), ("name", n.name.clone())];
+            for (result, count) in [("ok", n.ok), ("error", n.failed)] {
+                let mut labels = who();
+                labels.push(("result", result.to_string()));
+                resolutions.get_or_create(&labels).inc_by(count);
+            }
+            addresses.get_or_create(&who()).set(n.addrs.len() as i64);
+        }
+    }
+    reg.register(
+        "dns_resolutions",
+        "Lookups of server names that follow DNS, by result (on error the last addresses stay)",
+        resolutions,
+    );
+    reg.register(
+        "dns_addresses",
+        "Addresses a server name resolves to now (each one a server with its own pool)",
+        addresses,
+    );
     host(reg, sys);
     access_log(reg);
 

@@ -1,5 +1,5 @@
 //! The admin listener: `/` (the live dashboard), `/metrics` (Prometheus: the snapshot, the
-//! process, the host's TCP), `/stats` (JSON), `/healthz`, `/reload`.
+//! process, the host's TCP), `/stats` (JSON), `/healthz`, `/reload`, `/upgrade`.
 //!
 //! It sees the running proxy only through `Control`, which the composition root (`proxy`)
 //! implements: what a snapshot is taken from, and a reload.
@@ -22,6 +22,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::close::SideLedger;
 use crate::config;
@@ -36,6 +38,10 @@ pub trait Control: Send + Sync + 'static {
     /// Re-reads the config file and applies it; on any error, which it returns, the running
     /// config stays. Blocks (it reads the file): call it off the runtime threads.
     fn reload(&self) -> Result<(), String>;
+
+    /// Starts the new binary with the listening sockets handed over; once it accepts, this
+    /// process drains. The new pid, or why not (this process then serves on). Blocks.
+    fn upgrade(&self) -> Result<u32, String>;
 
     /// The bearer token POST endpoints require now (`[admin] token`), if any: read per
     /// request, so a reload that changes it applies at once.
@@ -75,28 +81,75 @@ pub struct ListenerInfo {
     pub ledger: Arc<SideLedger>,
 }
 
-/// Serves the admin endpoints until the process ends.
-pub async fn serve(sock: TcpListener, proxy: Arc<dyn Control>) {
-    loop {
-        let (stream, _) = match sock.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let proxy = proxy.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(route(req, proxy).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
+/// The admin listener's socket.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    /// `unix:/path`: its file is removed with it, as a unix listener's.
+    Unix(crate::listener::Bound),
+}
+
+impl Listener {
+    /// The TCP address bound; None for a unix socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(_) => None,
+        }
     }
+}
+
+/// Serves the admin endpoints until `stop` (a new process took the socket over), each
+/// connection a task of `tasks`.
+pub async fn serve(
+    sock: Listener,
+    proxy: Arc<dyn Control>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let proxy = proxy.clone();
+        match &sock {
+            Listener::Tcp(l) => {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = l.accept() => a,
+                };
+                match accepted {
+                    Ok((stream, _)) => {
+                        tasks.spawn(connection(stream, proxy));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            Listener::Unix(l) => {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = l.accept("admin") => a,
+                };
+                if let crate::listener::Accepted::Unix(stream) = accepted {
+                    tasks.spawn(connection(stream, proxy));
+                }
+            }
+        }
+    }
+}
+
+/// Serves one admin connection.
+async fn connection<S>(stream: S, proxy: Arc<dyn Control>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(route(req, proxy).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 async fn route(req: Request<Incoming>, proxy: Arc<dyn Control>) -> Response<Full<Bytes>> {
@@ -135,6 +188,37 @@ async fn route(req: Request<Incoming>, proxy: Arc<dyn Control>) -> Response<Full
                         StatusCode::UNPROCESSABLE_ENTITY,
                         "text/plain",
                         format!("reload refused, the running configuration stays: {e}\n"),
+                    )
+                }
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
+        }
+        "/upgrade" if req.method() == http::Method::POST => {
+            match tokio::task::spawn_blocking(move || proxy.upgrade()).await {
+                Ok(Ok(pid)) => {
+                    tracing::info!(
+                        pid,
+                        "upgrade: the new process serves; draining (admin request)"
+                    );
+                    text(
+                        StatusCode::OK,
+                        "text/plain",
+                        format!(
+                            "upgraded: process {pid} serves; process {} drains and exits\n",
+                            std::process::id()
+                        ),
+                    )
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "upgrade failed; this process keeps serving");
+                    text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        format!("upgrade failed, the running process keeps serving: {e}\n"),
                     )
                 }
                 Err(e) => text(

@@ -28,10 +28,29 @@ pub fn render(stats: &Snapshot) -> String {
     out.push_str("\nUPSTREAM SIDE (pooled connections)\n");
     for u in &stats.upstreams {
         out.push_str(&format!("  {}  time_wait={}\n", u.name, u.time_wait));
+        for n in &u.dns {
+            let error = n
+                .error
+                .as_ref()
+                .map(|e| format!("  last lookup failed: {e}"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "    name {} -> {}  lookups ok {} failed {}  next in {:.1}s{error}\n",
+                n.name,
+                n.addrs.join(", "),
+                n.ok,
+                n.failed,
+                n.next_secs,
+            ));
+        }
         for srv in &u.servers {
             out.push_str(&format!(
-                "    server {}  {}  weight {}  idle {} of {} open  opened {}  reused {}  retries {}  connect errors {}\n",
+                "    server {}{}  {}  weight {}  idle {} of {} open  opened {}  reused {}  retries {}  connect errors {}\n",
                 srv.server,
+                srv.name
+                    .as_ref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default(),
                 srv.state,
                 srv.weight,
                 srv.idle,

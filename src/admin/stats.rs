@@ -130,12 +130,19 @@ pub struct UpstreamSnap {
     #[serde(default)]
     pub tls: Option<TlsSnap>,
     pub servers: Vec<ServerSnap>,
+    /// Its server names that follow DNS: their addresses now and their lookups (absent from
+    /// older versions' /stats).
+    #[serde(default)]
+    pub dns: Vec<crate::dns::NameSnap>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerSnap {
     pub server: String,
-    /// "up" or "down" (health).
+    /// The name (`host:port`) it is an address of, when it follows DNS.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// "up" or "down" (health); "gone" once its address left DNS (it finishes what it has).
     pub state: String,
     pub weight: u32,
     pub idle: usize,
@@ -228,7 +235,7 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
     }
     for up in &inputs.upstreams {
         for server in up.server_infos() {
-            if let Some(addr) = tcp_addr(server.addr) {
+            if let Some(addr) = tcp_addr(&server.addr) {
                 scopes.push(Scope::Remote(addr));
                 if is_local(addr) {
                     scopes.push(Scope::LocalPort(addr.port()));
@@ -292,10 +299,11 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
                 .server_infos()
                 .into_iter()
                 .map(|server| {
-                    let tcp = tcp_addr(server.addr);
+                    let tcp = tcp_addr(&server.addr);
                     let st = &server.stats;
                     ServerSnap {
-                        server: server.label.to_string(),
+                        server: server.label.clone(),
+                        name: server.name.clone(),
                         state: server.state.to_string(),
                         weight: server.weight,
                         idle: server.idle,
@@ -306,7 +314,7 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
                         retries: st.retries.load(Ordering::Relaxed),
                         resets: st.resets.load(Ordering::Relaxed),
                         resets_skipped: st.resets_skipped.load(Ordering::Relaxed),
-                        ledger: LedgerSnap::of(server.ledger),
+                        ledger: LedgerSnap::of(&server.ledger),
                         census_proxy: tcp.and_then(|a| census_of(Scope::Remote(a))),
                         census_server: tcp
                             .filter(|a| is_local(*a))
@@ -316,6 +324,7 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
                     }
                 })
                 .collect(),
+            dns: up.names().iter().map(|n| n.snap()).collect(),
         })
         .collect();
 

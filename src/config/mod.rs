@@ -60,6 +60,31 @@ pub struct Config<S: Stage = Resolved> {
     pub mysql_users: Vec<MysqlUser<S>>,
     /// `[log]`.
     pub log: Log,
+    /// `[resolver]`: how server names are looked up again while running.
+    pub resolver: Resolver,
+}
+
+/// `[resolver]`: the DNS servers and the floor under record TTLs that every upstream's
+/// names are followed with (see `crate::dns`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolver {
+    /// `nameservers`: asked over UDP, and TCP for a truncated answer; empty: the system's
+    /// `/etc/resolv.conf` (its nameservers, search domains and options).
+    pub nameservers: Vec<SocketAddr>,
+    /// `min_interval`: a name is not looked up more often than this, whatever its TTL (a TTL
+    /// of 0 would otherwise be a lookup loop).
+    pub min_interval: Duration,
+}
+
+/// A server written as a host name, and what it resolved to when the config was loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    /// The host as written.
+    pub host: String,
+    /// The port as written.
+    pub port: u16,
+    /// Every address of the answer (IPv4 when it has any, else IPv6), sorted.
+    pub addrs: Vec<SocketAddr>,
 }
 
 /// How far a config has been carried: the types of the parts that the resolve step fills in.
@@ -67,7 +92,8 @@ pub struct Config<S: Stage = Resolved> {
 pub trait Stage: fmt::Debug + Clone + PartialEq {
     /// A listen or server address: an [`Endpoint`] as written, an [`Address`] once resolved.
     type Address: fmt::Debug + fmt::Display + Clone + PartialEq + Eq + validate::Place;
-    /// The admin listener's address: an [`Endpoint`] as written, a `SocketAddr` once resolved.
+    /// The admin listener's address: an [`Endpoint`] as written, an [`Address`] (TCP or
+    /// unix) once resolved.
     type AdminAddress: fmt::Debug + fmt::Display + Clone + PartialEq + Eq;
     /// A mysql user's password: as written, `None` when it comes from `password_env`; once
     /// resolved, the password itself.
@@ -132,8 +158,12 @@ impl Default for Log {
 /// `[admin]`.
 #[derive(Debug, Clone)]
 pub struct Admin<S: Stage = Resolved> {
-    /// Where /metrics, /stats and /healthz are served; None disables the admin listener.
+    /// Where /metrics, /stats and /healthz are served (`HOST:PORT` or `unix:/path`); None
+    /// disables the admin listener.
     pub listen: Option<S::AdminAddress>,
+    /// `mode`: the file mode of a unix admin socket, as written; `unix_mode` gives the
+    /// one applied.
+    pub mode: Option<u32>,
     /// The bearer token that POST endpoints (/reload) require; None leaves them open.
     /// Once resolved, also the one read from `token_env`.
     pub token: Option<String>,
@@ -144,7 +174,8 @@ pub struct Admin<S: Stage = Resolved> {
 /// Where a listener accepts or a server is reached, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
-    /// `HOST:PORT` or `[V6]:PORT`, resolved once at load time.
+    /// `HOST:PORT` or `[V6]:PORT`, resolved at load time (a server name: its first address;
+    /// the others are in the upstream's `names`).
     Tcp(SocketAddr),
     /// `unix:/path`.
     Unix(PathBuf),
@@ -158,7 +189,7 @@ pub enum Address {
 pub enum Endpoint {
     /// An IP literal and port: nothing to look up.
     Ip(SocketAddr),
-    /// A host name and port, looked up by the resolve step (the first address is kept).
+    /// A host name and port, looked up by the resolve step.
     Name {
         /// The host as written.
         host: String,
@@ -319,6 +350,15 @@ pub struct Upstream<S: Stage = Resolved> {
     pub health_check: Option<HealthCheck>,
     /// TLS to the servers: as written, then loaded (once resolved).
     pub tls: Option<S::ClientTls>,
+    /// The longest time between lookups of a server name (a record's shorter TTL comes
+    /// first); None (`"off"`): names are resolved when the config is loaded, only.
+    pub resolve_interval: Option<Duration>,
+    /// The `[resolver]` it follows its names with: a change of it is a change of the
+    /// upstream (a reload gives it a new pool).
+    pub resolver: Resolver,
+    /// Per server, in `servers` order: the name it was written as and its addresses. Filled
+    /// by the resolve step; empty before it.
+    pub names: Vec<Option<Named>>,
 }
 
 /// `[[mysql_user]]`: an account that clients of mysql listeners log in as and that waitless
@@ -432,13 +472,13 @@ impl Stage for Unresolved {
 
 impl Stage for Resolved {
     type Address = Address;
-    type AdminAddress = SocketAddr;
+    type AdminAddress = Address;
     type Password = String;
     type ServerTls = crate::tls::ServerTls;
     type ClientTls = crate::tls::ClientTls;
 
-    fn admin_address(admin: &SocketAddr) -> Address {
-        Address::Tcp(*admin)
+    fn admin_address(admin: &Address) -> Address {
+        admin.clone()
     }
 
     fn cert_files(tls: &Self::ServerTls) -> &[crate::tls::CertFiles] {
@@ -473,10 +513,22 @@ impl<S: Stage> fmt::Debug for MysqlUser<S> {
 
 // === impl Admin ===
 
+/// A unix admin socket's mode when `mode` is absent: the admin listener reloads and
+/// upgrades, so only its owner may connect.
+pub const DEFAULT_ADMIN_MODE: u32 = 0o600;
+
+impl<S: Stage> Admin<S> {
+    /// The file mode a unix admin socket is given.
+    pub fn unix_mode(&self) -> u32 {
+        self.mode.unwrap_or(DEFAULT_ADMIN_MODE)
+    }
+}
+
 impl Default for Admin {
     fn default() -> Self {
         Admin {
-            listen: Some(raw::DEFAULT_ADMIN_LISTEN),
+            listen: Some(Address::Tcp(raw::DEFAULT_ADMIN_LISTEN)),
+            mode: None,
             token: None,
             token_env: None,
         }
@@ -487,6 +539,7 @@ impl Default for Admin<Unresolved> {
     fn default() -> Self {
         Admin {
             listen: Some(Endpoint::Ip(raw::DEFAULT_ADMIN_LISTEN)),
+            mode: None,
             token: None,
             token_env: None,
         }

@@ -26,6 +26,15 @@ impl<S: Stage> fmt::Display for Config<S> {
             Some(addr) => writeln!(f, "listen = {}", quoted(&addr.to_string()))?,
             None => writeln!(f, "listen = \"off\"")?,
         }
+        if self
+            .admin
+            .listen
+            .as_ref()
+            .map(S::admin_address)
+            .is_some_and(|a| a.is_unix())
+        {
+            writeln!(f, "mode = \"{:04o}\"", self.admin.unix_mode())?;
+        }
         // The token itself is never printed: `check` output ends up in logs.
         match (&self.admin.token_env, &self.admin.token) {
             (Some(var), _) => writeln!(f, "token_env = {}", quoted(var))?,
@@ -43,6 +52,20 @@ impl<S: Stage> fmt::Display for Config<S> {
         }
         writeln!(f, "format = \"{}\"", self.log.format)?;
         writeln!(f, "queue = {}", self.log.queue)?;
+        writeln!(f)?;
+        writeln!(f, "[resolver]")?;
+        let nameservers: Vec<String> = self
+            .resolver
+            .nameservers
+            .iter()
+            .map(|ns| quoted(&ns.to_string()))
+            .collect();
+        match nameservers.is_empty() {
+            true => writeln!(f, "# nameservers: unset, the system's /etc/resolv.conf")?,
+            false => writeln!(f, "nameservers = [{}]", nameservers.join(", "))?,
+        }
+        let floor = format_duration(self.resolver.min_interval);
+        writeln!(f, "min_interval = \"{floor}\"")?;
         for listener in &self.listeners {
             writeln!(f)?;
             writeln!(f, "[[listener]]")?;
@@ -103,6 +126,23 @@ impl<S: Stage> fmt::Display for Config<S> {
                 .map(|s| quoted(&s.to_string()))
                 .collect();
             writeln!(f, "servers = [{}]", servers.join(", "))?;
+            // A resolved config prints a name's first address above; all of them here.
+            for (j, named) in upstream.names.iter().enumerate() {
+                if let Some(n) = named {
+                    let addrs: Vec<String> = n.addrs.iter().map(ToString::to_string).collect();
+                    writeln!(
+                        f,
+                        "# servers[{j}] = \"{}:{}\" resolves to {}",
+                        n.host,
+                        n.port,
+                        addrs.join(", ")
+                    )?;
+                }
+            }
+            match upstream.resolve_interval {
+                Some(every) => writeln!(f, "resolve_interval = \"{}\"", format_duration(every))?,
+                None => writeln!(f, "resolve_interval = \"off\"")?,
+            }
             writeln!(f, "pool_size = {}", upstream.pool_size)?;
             writeln!(f, "max_connections = {}", upstream.max_connections)?;
             writeln!(

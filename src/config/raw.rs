@@ -12,7 +12,8 @@ use super::locate::Locator;
 use super::units::{parse_duration, parse_endpoint, parse_mode, Keyword};
 use super::{
     Admin, Balance, CheckKind, ClientTimeWait, Config, ConfigError, Endpoint, HealthCheck,
-    LingerFallback, Listener, Log, MysqlUser, Pooling, Protocol, ProxyProtocol, Unresolved,
+    LingerFallback, Listener, Log, MysqlUser, Pooling, Protocol, ProxyProtocol, Resolver,
+    Unresolved,
     Upstream, UpstreamTimeWait,
 };
 
@@ -47,6 +48,11 @@ const DEFAULT_FAIL_THRESHOLD: u32 = 3;
 const DEFAULT_FAIL_BACKOFF: Duration = Duration::from_secs(10);
 /// `health_check.interval` when absent.
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// `resolve_interval` when absent: a moved server is followed within half a minute even when
+/// its record says to keep it for an hour.
+pub(super) const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+/// `[resolver] min_interval` when absent.
+pub(super) const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The file as written, before defaults and cross-checks.
 #[derive(Deserialize)]
@@ -68,6 +74,17 @@ struct RawConfig {
     mysql_user: Vec<RawMysqlUser>,
     /// `[log]`.
     log: Option<RawLog>,
+    /// `[resolver]`.
+    resolver: Option<RawResolver>,
+}
+
+/// `[resolver]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResolver {
+    /// `nameservers`: `IP:PORT` each.
+    nameservers: Option<Vec<toml::Spanned<String>>>,
+    min_interval: Option<RawDuration>,
 }
 
 /// `[log]` as written.
@@ -86,6 +103,8 @@ struct RawLog {
 struct RawAdmin {
     /// `listen`; absent means the default address.
     listen: Option<RawAdminListen>,
+    /// `mode`: the file mode of a unix admin socket.
+    mode: Option<RawMode>,
     /// `token`: the bearer token write endpoints require.
     token: Option<String>,
     /// `token_env`: the variable the token is read from instead.
@@ -166,7 +185,12 @@ struct RawUpstream {
     fail_backoff: Option<RawDuration>,
     health_check: Option<RawHealthCheck>,
     tls: Option<RawUpstreamTls>,
+    /// A duration, or `"off"`.
+    resolve_interval: Option<RawInterval>,
 }
+
+/// A duration, or `"off"` for none.
+struct RawInterval(Option<Duration>);
 
 /// `[[upstream]] tls = { ca, server_name, verify, cert, key }` as written.
 #[derive(Deserialize)]
@@ -203,7 +227,7 @@ struct RawDuration(Duration);
 /// A listen address: `HOST:PORT`, `[V6]:PORT` or `unix:/path`.
 struct RawEndpoint(Endpoint);
 
-/// The admin address: `HOST:PORT`, or `""` / `"off"` for none.
+/// The admin address: `HOST:PORT`, `unix:/path`, or `""` / `"off"` for none.
 struct RawAdminListen(Option<Endpoint>);
 
 /// A unix socket file mode, written as an octal string.
@@ -243,17 +267,25 @@ impl RawConfig {
                         || Admin::<Unresolved>::default().listen,
                         |RawAdminListen(listen)| listen,
                     ),
+                    mode: a.mode.map(|m| m.0),
                     token: a.token,
                     token_env: a.token_env,
                 }
             }
             None => Admin::<Unresolved>::default(),
         };
+        let resolver = match self.resolver {
+            Some(r) => r.into_resolver(at)?,
+            None => Resolver {
+                nameservers: Vec::new(),
+                min_interval: DEFAULT_MIN_INTERVAL,
+            },
+        };
         let upstreams = self
             .upstream
             .into_iter()
             .enumerate()
-            .map(|(i, u)| u.into_upstream(i, at, at.file().parent()))
+            .map(|(i, u)| u.into_upstream(i, at, at.file().parent(), &resolver))
             .collect::<Result<Vec<_>, _>>()?;
         let mysql_users = self
             .mysql_user
@@ -277,6 +309,42 @@ impl RawConfig {
             upstreams,
             mysql_users,
             log,
+            resolver,
+        })
+    }
+}
+
+// === impl RawResolver ===
+
+impl RawResolver {
+    fn into_resolver(self, at: &Locator) -> Result<Resolver, ConfigError> {
+        let nameservers = self
+            .nameservers
+            .unwrap_or_default()
+            .iter()
+            .map(|ns| {
+                ns.get_ref().parse::<SocketAddr>().map_err(|_| {
+                    at.error_at(
+                        ns.span(),
+                        format!(
+                            "nameserver `{}` is not IP:PORT (e.g. \"127.0.0.1:53\"); a \
+                             nameserver cannot be a name",
+                            ns.get_ref()
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let min_interval = self.min_interval.map_or(DEFAULT_MIN_INTERVAL, |d| d.0);
+        if min_interval.is_zero() {
+            return Err(at.error(
+                "resolver.min_interval",
+                "must be more than 0: a record with a TTL of 0 would be looked up in a loop",
+            ));
+        }
+        Ok(Resolver {
+            nameservers,
+            min_interval,
         })
     }
 }
@@ -389,6 +457,7 @@ impl RawUpstream {
         i: usize,
         at: &Locator,
         base: Option<&std::path::Path>,
+        resolver: &Resolver,
     ) -> Result<Upstream<Unresolved>, ConfigError> {
         let path = |p: std::path::PathBuf| match base {
             Some(base) if p.is_relative() => base.join(p),
@@ -452,6 +521,11 @@ impl RawUpstream {
                 interval: h.interval.map_or(DEFAULT_CHECK_INTERVAL, |d| d.0),
             }),
             tls,
+            resolve_interval: self
+                .resolve_interval
+                .map_or(Some(DEFAULT_RESOLVE_INTERVAL), |r| r.0),
+            resolver: resolver.clone(),
+            names: Vec::new(),
         })
     }
 }
@@ -491,6 +565,45 @@ impl Visitor<'_> for DurationVisitor {
     }
 }
 
+impl<'de> Deserialize<'de> for RawInterval {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(IntervalVisitor)
+    }
+}
+
+/// As [`DurationVisitor`], and `"off"`.
+struct IntervalVisitor;
+
+impl Visitor<'_> for IntervalVisitor {
+    type Value = RawInterval;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration such as \"30s\", whole seconds, or \"off\"")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<RawInterval, E> {
+        match text {
+            "off" => Ok(RawInterval(None)),
+            _ => match DurationVisitor.visit_str::<E>(text)? {
+                RawDuration(d) if d.is_zero() => Err(E::custom(
+                    "must be more than 0 (\"off\" resolves names at load only)",
+                )),
+                RawDuration(d) => Ok(RawInterval(Some(d))),
+            },
+        }
+    }
+
+    fn visit_u64<E: de::Error>(self, secs: u64) -> Result<RawInterval, E> {
+        self.visit_str(&format!("{secs}s"))
+    }
+
+    fn visit_i64<E: de::Error>(self, secs: i64) -> Result<RawInterval, E> {
+        DurationVisitor
+            .visit_i64::<E>(secs)
+            .and_then(|_| self.visit_str(&format!("{secs}s")))
+    }
+}
+
 impl<'de> Deserialize<'de> for RawEndpoint {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
@@ -506,10 +619,10 @@ impl<'de> Deserialize<'de> for RawAdminListen {
         match text.as_str() {
             "" | "off" => Ok(RawAdminListen(None)),
             _ => match parse_endpoint(&text).map_err(de::Error::custom)? {
-                Endpoint::Unix(_) | Endpoint::Systemd(_) => Err(de::Error::custom(
-                    "the admin listener takes HOST:PORT, not a unix or systemd socket",
+                Endpoint::Systemd(_) => Err(de::Error::custom(
+                    "the admin listener takes HOST:PORT or unix:/path, not a systemd socket",
                 )),
-                tcp => Ok(RawAdminListen(Some(tcp))),
+                at => Ok(RawAdminListen(Some(at))),
             },
         }
     }

@@ -7,8 +7,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use super::units::parse_endpoint;
 use super::{
-    Address, Admin, Config, ConfigError, Endpoint, Listener, MysqlUser, Parsed, Protocol, Resolved,
-    Unresolved, Upstream,
+    Address, Admin, Config, ConfigError, Endpoint, Listener, MysqlUser, Named, Parsed, Protocol,
+    Resolved, Unresolved, Upstream,
 };
 
 /// Where names and secrets come from.
@@ -19,6 +19,18 @@ pub trait Resolve {
     fn var(&self, name: &str) -> Option<String>;
     /// Whether systemd passed a listening socket named `name` (socket activation).
     fn activated(&self, name: &str) -> bool;
+    /// The addresses of an upstream server's `host` at `port`: through `resolver`'s
+    /// nameservers when it names some (a name only they know must resolve at start too),
+    /// else as [`Resolve::lookup`].
+    fn lookup_server(
+        &self,
+        host: &str,
+        port: u16,
+        resolver: &super::Resolver,
+    ) -> io::Result<Vec<SocketAddr>> {
+        let _ = resolver;
+        self.lookup(host, port)
+    }
 }
 
 /// The system's resolver (getaddrinfo) and this process's environment.
@@ -33,25 +45,25 @@ pub struct Checking;
 // === impl Parsed ===
 
 impl Parsed {
-    /// Looks every host name up (the first address is kept) and reads every `password_env`,
+    /// Looks every host name up (a listener keeps the first address, an upstream server all of
+    /// them, in `names`) and reads every `password_env`,
     /// then checks again what resolving may have changed (two names, one address). Each error
     /// names the key and its line. `self` stays as written, to be resolved again later.
     pub fn resolve(&self, with: &impl Resolve) -> Result<Config, ConfigError> {
         let (written, at) = (&self.config, &self.at);
-        let admin = match &written.admin.listen {
-            None => None,
-            Some(endpoint) => match lookup(endpoint, with) {
-                Ok(Address::Tcp(addr)) => Some(addr),
-                // The raw layer refuses a unix admin address; kept an error, not a panic.
-                Ok(Address::Unix(_) | Address::Systemd(_)) => {
-                    return Err(at.error(
+        let admin =
+            match &written.admin.listen {
+                None => None,
+                Some(endpoint) => match lookup(endpoint, with) {
+                    Ok(addr @ (Address::Tcp(_) | Address::Unix(_))) => Some(addr),
+                    // The raw layer refuses a systemd admin address; kept an error, not a panic.
+                    Ok(Address::Systemd(_)) => return Err(at.error(
                         "admin.listen",
-                        "the admin listener takes HOST:PORT, not a unix socket",
-                    ))
-                }
-                Err(message) => return Err(at.error("admin.listen", message)),
-            },
-        };
+                        "the admin listener takes HOST:PORT or unix:/path, not a systemd socket",
+                    )),
+                    Err(message) => return Err(at.error("admin.listen", message)),
+                },
+            };
         let listeners = written
             .listeners
             .iter()
@@ -73,16 +85,18 @@ impl Parsed {
             .iter()
             .enumerate()
             .map(|(i, u)| {
-                let servers = u
+                let (servers, names): (Vec<_>, Vec<_>) = u
                     .servers
                     .iter()
                     .enumerate()
                     .map(|(j, s)| {
-                        lookup(s, with).map_err(|message| {
+                        lookup_server(s, &u.resolver, with).map_err(|message| {
                             at.error(format!("upstream[{i}].servers[{j}]"), message)
                         })
                     })
-                    .collect::<Result<Vec<_>, _>>()?;
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter()
+                    .unzip();
                 let tls = u
                     .tls
                     .as_ref()
@@ -97,7 +111,7 @@ impl Parsed {
                     })
                     .transpose()
                     .map_err(|message| at.error(format!("upstream[{i}].tls"), message))?;
-                Ok(with_servers(u, servers, tls))
+                Ok(with_servers(u, servers, names, tls))
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let mysql_users = written
@@ -128,6 +142,7 @@ impl Parsed {
             drain_timeout: written.drain_timeout,
             admin: Admin {
                 listen: admin,
+                mode: written.admin.mode,
                 token,
                 token_env: written.admin.token_env.clone(),
             },
@@ -135,6 +150,7 @@ impl Parsed {
             upstreams,
             mysql_users,
             log: written.log.clone(),
+            resolver: written.resolver.clone(),
         };
         config.validate(at)?;
         Ok(config)
@@ -155,6 +171,19 @@ impl Resolve for System {
     fn activated(&self, name: &str) -> bool {
         crate::systemd::has(name)
     }
+
+    fn lookup_server(
+        &self,
+        host: &str,
+        port: u16,
+        resolver: &super::Resolver,
+    ) -> io::Result<Vec<SocketAddr>> {
+        if resolver.nameservers.is_empty() {
+            self.lookup(host, port)
+        } else {
+            crate::dns::lookup_blocking(resolver, host, port)
+        }
+    }
 }
 
 // === impl Checking ===
@@ -170,6 +199,15 @@ impl Resolve for Checking {
 
     fn activated(&self, _name: &str) -> bool {
         true
+    }
+
+    fn lookup_server(
+        &self,
+        host: &str,
+        port: u16,
+        resolver: &super::Resolver,
+    ) -> io::Result<Vec<SocketAddr>> {
+        System.lookup_server(host, port, resolver)
     }
 }
 
@@ -203,6 +241,32 @@ pub(super) fn lookup(endpoint: &Endpoint, with: &impl Resolve) -> Result<Address
             .map(Address::Tcp)
             .ok_or_else(|| format!("`{host}` resolved to no address")),
     }
+}
+
+/// The address of an upstream server, and for a name, every address it has: IPv4 when the
+/// answer has any (as the resolver that follows it asks), sorted; the first is the server's.
+fn lookup_server(
+    endpoint: &Endpoint,
+    resolver: &super::Resolver,
+    with: &impl Resolve,
+) -> Result<(Address, Option<Named>), String> {
+    let Endpoint::Name { host, port } = endpoint else {
+        return lookup(endpoint, with).map(|a| (a, None));
+    };
+    let found = with
+        .lookup_server(host, *port, resolver)
+        .map_err(|e| format!("cannot resolve `{host}`: {e}"))?;
+    let addrs = crate::dns::one_family(found);
+    let first = addrs
+        .first()
+        .copied()
+        .ok_or_else(|| format!("`{host}` resolved to no address"))?;
+    let named = Named {
+        host: host.clone(),
+        port: *port,
+        addrs,
+    };
+    Ok((Address::Tcp(first), Some(named)))
 }
 
 /// The password of `user`: from the file, or from its variable, which must be set now.
@@ -270,6 +334,7 @@ fn with_listen(
 fn with_servers(
     u: &Upstream<Unresolved>,
     servers: Vec<Address>,
+    names: Vec<Option<Named>>,
     tls: Option<crate::tls::ClientTls>,
 ) -> Upstream<Resolved> {
     Upstream {
@@ -292,5 +357,8 @@ fn with_servers(
         fail_backoff: u.fail_backoff,
         health_check: u.health_check.clone(),
         tls,
+        resolve_interval: u.resolve_interval,
+        resolver: u.resolver.clone(),
+        names,
     }
 }

@@ -91,7 +91,10 @@ fn full_config_sets_every_key() {
     let config = parse(FULL).unwrap();
     assert_eq!(config.source, Path::new("test.toml"));
     assert_eq!(config.workers, 4);
-    assert_eq!(config.admin.listen, Some("127.0.0.1:9911".parse().unwrap()));
+    assert_eq!(
+        config.admin.listen,
+        Some(Address::Tcp("127.0.0.1:9911".parse().unwrap()))
+    );
 
     let web = &config.listeners[0];
     assert_eq!(web.name, "web");
@@ -137,7 +140,10 @@ fn full_config_sets_every_key() {
 fn absent_keys_take_their_defaults() {
     let config = parse(MINIMAL).unwrap();
     assert_eq!(config.workers, 0);
-    assert_eq!(config.admin.listen, Some("127.0.0.1:9901".parse().unwrap()));
+    assert_eq!(
+        config.admin.listen,
+        Some(Address::Tcp("127.0.0.1:9901".parse().unwrap()))
+    );
     let listener = &config.listeners[0];
     assert_eq!(listener.protocol, Protocol::Http);
     assert_eq!(listener.time_wait, ClientTimeWait::Client);
@@ -936,7 +942,7 @@ fn a_systemd_socket_is_no_server_and_no_admin_address() {
     let e = error(&MINIMAL.replace("127.0.0.1:8081", "systemd:web"));
     assert!(e.contains("upstream[0].servers[0]"), "{e}");
     let e = error(&format!("[admin]\nlisten = \"systemd:admin\"\n{MINIMAL}"));
-    assert!(e.contains("not a unix or systemd socket"), "{e}");
+    assert!(e.contains("not a systemd socket"), "{e}");
     let e = error(&MINIMAL.replace("127.0.0.1:8080", "systemd:"));
     assert!(e.contains("FileDescriptorName="), "{e}");
 }
@@ -1036,4 +1042,137 @@ fn pooling_is_session_by_default_is_printed_and_is_only_for_mysql_listeners() {
         "{MINIMAL}\n{mysql}pooling = \"statement\"\n{rest}"
     ));
     assert!(message.contains("pooling"), "{message}");
+}
+
+#[test]
+fn resolver_and_resolve_interval_have_defaults_print_and_parse_back() {
+    let config = parse(MINIMAL).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.resolver.nameservers.is_empty());
+    assert_eq!(config.resolver.min_interval, Duration::from_secs(1));
+    assert_eq!(
+        config.upstreams[0].resolve_interval,
+        Some(Duration::from_secs(30))
+    );
+    let text = format!(
+        "[resolver]\nnameservers = [\"127.0.0.1:5353\", \"[::1]:53\"]\nmin_interval = \"250ms\"\n{}",
+        MINIMAL.replace(
+            "servers = [\"127.0.0.1:8081\"]",
+            "servers = [\"127.0.0.1:8081\"]\nresolve_interval = \"off\""
+        )
+    );
+    let config = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    let want: Vec<std::net::SocketAddr> = vec![
+        "127.0.0.1:5353".parse().unwrap(),
+        "[::1]:53".parse().unwrap(),
+    ];
+    assert_eq!(config.resolver.nameservers, want);
+    assert_eq!(config.resolver.min_interval, Duration::from_millis(250));
+    // Each upstream carries the [resolver] it follows its names with.
+    assert_eq!(config.upstreams[0].resolver, config.resolver);
+    assert_eq!(config.upstreams[0].resolve_interval, None);
+    let printed = config.to_string();
+    assert!(printed.contains("resolve_interval = \"off\""), "{printed}");
+    let again = parse(&printed).unwrap_or_else(|e| panic!("{e}\n{printed}"));
+    assert_eq!(again.resolver, config.resolver);
+    assert_eq!(again.upstreams[0].resolve_interval, None);
+}
+
+#[test]
+fn a_nameserver_must_be_an_ip_and_intervals_more_than_zero() {
+    let e = parse(&format!(
+        "[resolver]\nnameservers = [\"dns.invalid:53\"]\n{MINIMAL}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("test.toml:2:") && e.contains("is not IP:PORT"),
+        "{e}"
+    );
+    let e = parse(&format!("[resolver]\nmin_interval = \"0s\"\n{MINIMAL}"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("resolver.min_interval") && e.contains("more than 0"),
+        "{e}"
+    );
+    let zero = MINIMAL.replace(
+        "servers = [\"127.0.0.1:8081\"]",
+        "servers = [\"127.0.0.1:8081\"]\nresolve_interval = 0",
+    );
+    let e = parse(&zero).unwrap_err().to_string();
+    assert!(
+        e.contains("resolve_interval") && e.contains("more than 0"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_upstream_server_name_keeps_all_its_addresses_ipv4_first() {
+    /// A resolver that answers two addresses and an IPv6 one for every name.
+    struct Many;
+    impl Resolve for Many {
+        fn lookup(&self, _: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+            Ok(["[::1]", "10.0.0.9", "10.0.0.3"]
+                .iter()
+                .map(|ip| format!("{ip}:{port}").parse().unwrap())
+                .collect())
+        }
+        fn var(&self, _: &str) -> Option<String> {
+            None
+        }
+        fn activated(&self, _: &str) -> bool {
+            false
+        }
+    }
+    let text = MINIMAL.replace("127.0.0.1:8081", "web.invalid:8081");
+    let config = super::parse(&text, Path::new("test.toml"))
+        .unwrap()
+        .resolve(&Many)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let up = &config.upstreams[0];
+    assert_eq!(
+        up.servers,
+        vec![Address::Tcp("10.0.0.3:8081".parse().unwrap())]
+    );
+    let named = up.names[0].as_ref().expect("a name");
+    assert_eq!(named.host, "web.invalid");
+    let want: Vec<std::net::SocketAddr> = vec![
+        "10.0.0.3:8081".parse().unwrap(),
+        "10.0.0.9:8081".parse().unwrap(),
+    ];
+    assert_eq!(named.addrs, want);
+    assert!(config
+        .to_string()
+        .contains("# servers[0] = \"web.invalid:8081\" resolves to 10.0.0.3:8081, 10.0.0.9:8081"));
+}
+
+#[test]
+fn the_admin_listener_takes_a_unix_socket_with_a_mode_owner_only_by_default() {
+    let config = parse(&format!(
+        "[admin]\nlisten = \"unix:/run/waitless/admin.sock\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(
+        config.admin.listen,
+        Some(Address::Unix("/run/waitless/admin.sock".into()))
+    );
+    assert_eq!(config.admin.unix_mode(), 0o600);
+    let text = config.to_string();
+    assert!(text.contains("mode = \"0600\""), "{text}");
+    let config = parse(&format!(
+        "[admin]\nlisten = \"unix:/run/w.sock\"\nmode = \"0660\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(config.admin.unix_mode(), 0o660);
+    let reparsed = parse(&config.to_string()).unwrap();
+    assert_eq!(reparsed.admin.unix_mode(), 0o660);
+
+    let e = error(&format!("[admin]\nmode = \"0660\"\n{MINIMAL}"));
+    assert!(e.contains("admin.mode") && e.contains("unix:/path"), "{e}");
+    let long = "x".repeat(120);
+    let e = error(&format!("[admin]\nlisten = \"unix:/{long}\"\n{MINIMAL}"));
+    assert!(
+        e.contains("admin.listen") && e.contains("shorter path"),
+        "{e}"
+    );
 }

@@ -58,6 +58,18 @@ impl<S: Stage> Config<S> {
             if !self.listeners.iter().any(|l| &l.upstream == name) {
                 warnings.push(format!("upstream `{name}` is not used by any listener"));
             }
+            let mysql = self
+                .listeners
+                .iter()
+                .any(|l| &l.upstream == name && l.protocol == Protocol::Mysql);
+            let named = upstream.names.iter().any(Option::is_some);
+            if mysql && named && upstream.resolve_interval.is_some() {
+                warnings.push(format!(
+                    "upstream `{name}`: serves mysql listeners, whose server names are resolved \
+                     when the config is loaded only (a reload resolves them again); \
+                     resolve_interval applies to http and tcp upstreams"
+                ));
+            }
         }
         warnings
     }
@@ -73,7 +85,34 @@ impl<S: Stage> Config<S> {
         for i in 0..self.upstreams.len() {
             self.validate_upstream(i, at)?;
         }
+        self.validate_admin(at)?;
         self.validate_mysql(at)
+    }
+
+    /// `[admin]`: a unix socket path the kernel can bind, `mode` only with one.
+    fn validate_admin(&self, at: &Locator) -> Result<(), ConfigError> {
+        let listen = self.admin.listen.as_ref().map(S::admin_address);
+        if let Some(len) = listen
+            .as_ref()
+            .and_then(|a| a.unix_path())
+            .map(|p| p.as_os_str().len())
+            .filter(|len| *len > MAX_UNIX_PATH)
+        {
+            return Err(at.error(
+                "admin.listen",
+                format!(
+                    "the socket path is {len} bytes, and the kernel binds unix sockets of at most \
+                     {MAX_UNIX_PATH}: choose a shorter path"
+                ),
+            ));
+        }
+        if self.admin.mode.is_some() && !listen.as_ref().is_some_and(|a| a.is_unix()) {
+            return Err(at.error(
+                "admin.mode",
+                "mode applies only to a unix:/path admin listener; a TCP socket has no file mode",
+            ));
+        }
+        Ok(())
     }
 
     /// Listener `i`: its name, its address, its upstream and the options its protocol and
@@ -161,16 +200,6 @@ impl<S: Stage> Config<S> {
                     other.protocol,
                     other.name,
                     at.describe(&format!("listener[{j}].upstream")),
-                ),
-            ));
-        }
-        if up.tls.is_some() && listener.protocol == Protocol::Mysql {
-            let j = self.upstreams.iter().position(|u| u.name == up.name);
-            return Err(at.error(
-                j.map_or_else(|| key("upstream"), |j| format!("upstream[{j}].tls")),
-                format!(
-                    "TLS to the servers of mysql listener `{}` is not available yet (http and                      tcp have it)",
-                    listener.name
                 ),
             ));
         }
@@ -281,23 +310,6 @@ impl<S: Stage> Config<S> {
                 return Err(at.error(
                     format!("upstream[{i}].servers[{j}]"),
                     "tls applies to TCP servers; a unix socket's server is on this host",
-                ));
-            }
-            if upstream
-                .health_check
-                .as_ref()
-                .is_some_and(|h| h.kind == super::CheckKind::Http)
-            {
-                return Err(at.error(
-                    key("health_check"),
-                    "an http health check over tls is not available yet (use kind = \"tcp\")",
-                ));
-            }
-            if upstream.proxy_protocol != ProxyProtocol::Off {
-                return Err(at.error(
-                    key("proxy_protocol"),
-                    "proxy_protocol with tls is not available yet (the header would go \
-                     inside TLS)",
                 ));
             }
         }

@@ -111,6 +111,11 @@ impl Snapshot {
     pub fn any_ended(&self) -> bool {
         self.ended > 0
     }
+
+    /// Every exchange that started ended, and at least one did: hyper waits for the next.
+    pub fn between_requests(&self) -> bool {
+        self.ended > 0 && self.started == self.ended
+    }
 }
 
 // === impl ExchangeBody ===

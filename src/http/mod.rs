@@ -377,13 +377,33 @@ impl HttpListener {
         let mut tick = std::pin::pin!(tokio::time::sleep(self.idle_wait()));
         let mut last = idle::Snapshot::default();
         let mut armed = false;
+        // Stopped between two requests, at these counts: the client's next request, if it
+        // comes before the idle tick lets the connection go, is answered with
+        // `Connection: close`. Closed at once instead, a client that just sent it (a busy
+        // keep-alive client's next request follows its last response at once) would see
+        // its connection closed under the request.
+        let mut drain_from: Option<idle::Snapshot> = None;
         let result = poll_fn(|cx| {
-            if ending.is_none() && stopped.as_mut().poll(cx).is_ready() {
-                // Finishes the response in flight, then ends the connection.
+            if ending.is_none() && drain_from.is_none() && stopped.as_mut().poll(cx).is_ready() {
+                let now = state.activity.snapshot();
+                if now.between_requests() {
+                    drain_from = Some(now);
+                } else {
+                    // Finishes the response in flight, then ends the connection.
+                    Pin::new(&mut conn).graceful_shutdown();
+                    ending = Some(Reason::Drain);
+                }
+            }
+            let mut poll = conn.poll_without_shutdown(cx);
+            if poll.is_pending()
+                && ending.is_none()
+                && drain_from.is_some_and(|at| state.activity.snapshot() != at)
+            {
+                // The next request came: hyper answers it with `Connection: close`.
                 Pin::new(&mut conn).graceful_shutdown();
                 ending = Some(Reason::Drain);
+                poll = conn.poll_without_shutdown(cx);
             }
-            let poll = conn.poll_without_shutdown(cx);
             if poll.is_ready() || ending.is_some() {
                 return poll;
             }
@@ -409,9 +429,13 @@ impl HttpListener {
             }
             while tick.as_mut().poll(cx).is_ready() {
                 if state.activity.idle_since(last) {
-                    // hyper is idle: it closes at once, writing nothing.
+                    // hyper is idle: it closes at once, writing nothing (let go, or drained).
                     Pin::new(&mut conn).graceful_shutdown();
-                    ending = Some(Reason::Idle);
+                    ending = Some(if drain_from.is_some() {
+                        Reason::Drain
+                    } else {
+                        Reason::Idle
+                    });
                     return conn.poll_without_shutdown(cx);
                 }
                 last = state.activity.snapshot();

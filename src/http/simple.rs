@@ -108,6 +108,11 @@ impl HttpListener {
         let period = self.idle_wait().min(idle::TICK);
         let mut tick = std::pin::pin!(tokio::time::sleep(period));
         let mut stopped = std::pin::pin!(self.stop.cancelled());
+        // The listener drains: the connection closes at the next idle period rather than at
+        // once, so that a request already on its way (a busy keep-alive client sends its
+        // next one as soon as it has a response) is answered, with `Connection: close`,
+        // instead of meeting a close.
+        let mut stop_seen = false;
         let (mut served, mut at_tick) = (0u32, 0u32);
         loop {
             if buf.is_empty() {
@@ -121,12 +126,12 @@ impl HttpListener {
                         Poll::Ready(Err(_)) => return Poll::Ready(Next::Failed),
                         Poll::Pending => {}
                     }
-                    if stopped.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Next::Stopped);
+                    if !stop_seen && stopped.as_mut().poll(cx).is_ready() {
+                        stop_seen = true;
                     }
                     while tick.as_mut().poll(cx).is_ready() {
                         if served == at_tick {
-                            return Poll::Ready(Next::Idle);
+                            return Poll::Ready(if stop_seen { Next::Stopped } else { Next::Idle });
                         }
                         at_tick = served;
                         let now = tokio::time::Instant::now();

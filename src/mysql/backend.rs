@@ -22,7 +22,7 @@ use super::relay::{Reply, COM_INIT_DB, COM_QUERY, COM_SET_OPTION};
 use super::Sent;
 use crate::close::ServerSocket;
 use crate::config::MysqlUser;
-use crate::connector::{Handshake, OpenError};
+use crate::connector::{Handshake, OpenError, Opening};
 use crate::pool::PoolConn;
 
 /// What a server says about itself in its greeting; clients are greeted alike.
@@ -203,13 +203,13 @@ impl PoolConn for MysqlConn {
 
 impl MysqlConn {
     /// Completes the login of a connection opened by `Greeting`: as `login.user`, for
-    /// `login.key`, into `login.db`. A server ERR (access denied, unknown database) is for
-    /// the client.
+    /// `login.key`, into `login.db`, over TLS when the upstream has `tls`, by `at.deadline`.
+    /// A server ERR (access denied, unknown database) is for the client.
     pub async fn log_in(
-        &mut self,
+        self,
         login: &Login<'_>,
-        timeout: Duration,
-    ) -> Result<(), BackendError> {
+        at: &Opening<'_>,
+    ) -> Result<MysqlConn, BackendError> {
         if !self.greeted_only {
             return Err(invalid("connection already logged in".into()));
         }
@@ -217,25 +217,20 @@ impl MysqlConn {
             .facts
             .profile()
             .ok_or_else(|| invalid("no greeting known".into()))?;
-        let nonce = std::mem::take(&mut self.nonce);
-        let responding = respond(
-            &mut self.io,
-            &profile,
-            nonce,
-            login.user,
-            login.key,
-            login.db,
-        );
-        let (nonce, status) = match tokio::time::timeout(timeout, responding).await {
+        let logging_in = log_in_on(self.io, at, &profile, self.nonce, login);
+        let by = tokio::time::Instant::from_std(at.deadline);
+        let (io, nonce, status) = match tokio::time::timeout_at(by, logging_in).await {
             Ok(r) => r?,
-            Err(_) => return Err(timed_out("login verdict", timeout)),
+            Err(_) => return Err(timed_out("login verdict", at.cfg.connect_timeout)),
         };
-        self.greeted_only = false;
-        self.nonce = nonce;
-        self.status = status;
-        self.key = login.key.clone();
-        self.schema = Some(login.db.map(<[u8]>::to_vec));
-        Ok(())
+        Ok(MysqlConn {
+            io,
+            key: login.key.clone(),
+            schema: Some(login.db.map(<[u8]>::to_vec)),
+            nonce,
+            status,
+            greeted_only: false,
+        })
     }
 
     /// Keeps what waitless knows of the session up to date after a relayed command.
@@ -438,14 +433,21 @@ impl Handshake<MysqlConn> for Login<'_> {
     /// The server's ERR payload (access denied, unknown database, ...), for the client.
     type Refusal = Vec<u8>;
 
-    async fn greet(&self, io: ServerSocket) -> Result<MysqlConn, OpenError<Vec<u8>>> {
-        let mut io = PacketIo::new(io);
+    /// The SSLRequest follows the server's greeting.
+    const STARTS_TLS: bool = true;
+
+    async fn greet(
+        &self,
+        io: ServerSocket,
+        at: &Opening<'_>,
+    ) -> Result<MysqlConn, OpenError<Vec<u8>>> {
         let logging_in = async {
+            let mut io = PacketIo::new(io);
             let (profile, nonce) = read_greeting(&mut io).await?;
             self.facts.set_profile(profile.clone());
-            respond(&mut io, &profile, nonce, self.user, self.key, self.db).await
+            log_in_on(io, at, &profile, nonce, self).await
         };
-        let (nonce, status) = match logging_in.await {
+        let (io, nonce, status) = match logging_in.await {
             Ok(done) => done,
             Err(BackendError::Server(err)) => return Err(OpenError::Refused(err)),
             Err(BackendError::Io(e)) => return Err(OpenError::Io(e)),
@@ -473,7 +475,14 @@ pub struct Greeting<'a> {
 impl Handshake<MysqlConn> for Greeting<'_> {
     type Refusal = Vec<u8>;
 
-    async fn greet(&self, io: ServerSocket) -> Result<MysqlConn, OpenError<Vec<u8>>> {
+    /// TLS, when the upstream has it, comes with the login (`log_in`).
+    const STARTS_TLS: bool = true;
+
+    async fn greet(
+        &self,
+        io: ServerSocket,
+        _at: &Opening<'_>,
+    ) -> Result<MysqlConn, OpenError<Vec<u8>>> {
         let mut io = PacketIo::new(io);
         let (profile, nonce) = match read_greeting(&mut io).await {
             Ok(read) => read,
@@ -524,17 +533,63 @@ where
     Ok((profile, hs.nonce()))
 }
 
-/// HandshakeResponse41 with mysql_native_password to a greeting already read (`profile`,
-/// `nonce`), and the server's verdict; returns the nonce the login answered and the status
-/// flags of its OK.
-async fn respond(
-    io: &mut PacketIo<ServerSocket>,
+/// The login that follows a greeting already read (`profile`, `nonce`): with `tls` on the
+/// upstream, an SSLRequest and the TLS handshake first (a server that does not offer TLS is
+/// an error: never plain text in its place), then HandshakeResponse41 with
+/// mysql_native_password and the server's verdict. Returns the connection (TLS from now on,
+/// when it started), the nonce the login answered and the status flags of its OK.
+async fn log_in_on(
+    mut io: PacketIo<ServerSocket>,
+    at: &Opening<'_>,
     profile: &Profile,
     mut nonce: Vec<u8>,
+    login: &Login<'_>,
+) -> Result<(PacketIo<ServerSocket>, Vec<u8>, StatusFlags), BackendError> {
+    let tls = at.wants_tls();
+    let response = handshake_response(profile, &nonce, login.user, login.key, login.db, tls)?;
+    let mut seq = 1;
+    if tls {
+        if !profile.caps.contains(CapabilityFlags::CLIENT_SSL) {
+            return Err(invalid(format!(
+                "server {} does not offer TLS (no CLIENT_SSL in its greeting), and upstream `{}` \
+                 has tls: waitless does not log in to it in plain text",
+                at.label, at.cfg.name
+            )));
+        }
+        // The SSLRequest is the response's first 32 bytes (capabilities, max packet size,
+        // collation, filler): the server reads the session's flags from it, not from the
+        // response that follows over TLS.
+        let request = response
+            .get(..SSL_REQUEST_LEN)
+            .ok_or_else(|| invalid("handshake response too short".into()))?;
+        io.send(seq, request).await?;
+        if io.has_buffered() {
+            return Err(invalid(format!(
+                "server {} sent more than its greeting before TLS",
+                at.label
+            )));
+        }
+        io = PacketIo::new(at.start_tls_on(io.into_inner()).await?);
+        seq += 1;
+    }
+    io.send(seq, &response).await?;
+    let status = finish_login(&mut io, login.user, &mut nonce).await?;
+    Ok((io, nonce, status))
+}
+
+/// The length of an SSLRequest: HandshakeResponse41 up to the user name.
+const SSL_REQUEST_LEN: usize = 32;
+
+/// HandshakeResponse41 with mysql_native_password to a greeting (`profile`, `nonce`), for a
+/// session of `key`; CLIENT_SSL with `tls`.
+fn handshake_response(
+    profile: &Profile,
+    nonce: &[u8],
     user: &MysqlUser,
     key: &SessionKey,
     db: Option<&[u8]>,
-) -> Result<(Vec<u8>, StatusFlags), BackendError> {
+    tls: bool,
+) -> Result<Vec<u8>, BackendError> {
     let missing = key.caps - profile.caps;
     if !missing.is_empty() {
         // The server was replaced by one that cannot do what the client was promised.
@@ -542,8 +597,11 @@ async fn respond(
             "server no longer offers capabilities {missing:?}"
         )));
     }
-    let caps = (key.caps | LOGIN_CAPS) & profile.caps;
-    let scramble = scramble_native(&nonce, user.password.as_bytes());
+    let mut caps = (key.caps | LOGIN_CAPS) & profile.caps;
+    if tls {
+        caps |= CapabilityFlags::CLIENT_SSL;
+    }
+    let scramble = scramble_native(nonce, user.password.as_bytes());
     let resp = HandshakeResponse::new(
         scramble.as_ref().map(|s| &s[..]),
         (0, 0, 0),
@@ -561,9 +619,7 @@ async fn respond(
     if let Some(c) = buf.get_mut(8) {
         *c = key.collation;
     }
-    io.send(1, &buf).await?;
-    let status = finish_login(io, user, &mut nonce).await?;
-    Ok((nonce, status))
+    Ok(buf)
 }
 
 /// Reads the server's verdict on a login (HandshakeResponse or COM_CHANGE_USER), answering

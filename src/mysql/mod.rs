@@ -48,6 +48,8 @@ use statement::Effect;
 pub struct MysqlUpstream {
     /// Per-server pools of logged-in connections.
     pub pool: Arc<pool::Upstream<MysqlConn>>,
+    /// The pool's servers, fixed for its life (mysql servers do not follow DNS).
+    servers: Arc<pool::ServerSet<MysqlConn>>,
     /// Per server, in the pool's server order.
     facts: Vec<ServerFacts>,
     /// Per server: connections being reset after a session, soon idle again.
@@ -110,20 +112,38 @@ const ER_CON_COUNT_ERROR: u16 = 1040;
 /// CR_CONN_HOST_ERROR: "Can't connect to MySQL server", for an upstream with no server up.
 const CR_CONN_HOST_ERROR: u16 = 2003;
 const ER_UNKNOWN_COM_ERROR: u16 = 1047;
+/// ER_BAD_DB_ERROR: unknown database, the client's mistake.
+const ER_BAD_DB_ERROR: u16 = 1049;
 /// ER_UNKNOWN_ERROR: the catch-all for "waitless could not reach the server".
 const ER_UNKNOWN_ERROR: u16 = 1105;
 
 // === impl MysqlUpstream ===
 
 impl MysqlUpstream {
-    pub fn new(cfg: &config::Upstream, ledger: &Ledger, workers: usize) -> Arc<MysqlUpstream> {
-        let pool = pool::Upstream::new(cfg, ledger, workers);
-        let facts = pool.servers.iter().map(|_| ServerFacts::new()).collect();
-        let resetting = pool.servers.iter().map(|_| AtomicUsize::new(0)).collect();
-        let waiting = pool.servers.iter().map(|_| AtomicUsize::new(0)).collect();
-        let lent = pool.servers.iter().map(|_| lent::Lent::default()).collect();
+    /// Its servers do not follow DNS: their facts are kept by index, and a MySQL server's
+    /// address rarely moves without its sessions noticing.
+    pub fn new(cfg: &config::Upstream, ledger: &Arc<Ledger>, workers: usize) -> Arc<MysqlUpstream> {
+        let pool = pool::Upstream::new(cfg, ledger, workers, false);
+        let servers = pool.servers();
+        let facts = servers.servers.iter().map(|_| ServerFacts::new()).collect();
+        let resetting = servers
+            .servers
+            .iter()
+            .map(|_| AtomicUsize::new(0))
+            .collect();
+        let waiting = servers
+            .servers
+            .iter()
+            .map(|_| AtomicUsize::new(0))
+            .collect();
+        let lent = servers
+            .servers
+            .iter()
+            .map(|_| lent::Lent::default())
+            .collect();
         Arc::new(MysqlUpstream {
             pool,
+            servers,
             facts,
             resetting,
             waiting,
@@ -144,7 +164,7 @@ impl MysqlUpstream {
         let order: Vec<usize> = self
             .pool
             .rotation()
-            .filter_map(|s| self.pool.servers.iter().position(|x| Arc::ptr_eq(x, s)))
+            .filter_map(|s| self.servers.servers.iter().position(|x| Arc::ptr_eq(x, &s)))
             .collect();
         if order.is_empty() {
             return Err("no server is up".into());
@@ -177,7 +197,8 @@ impl MysqlUpstream {
         let mut last = String::from("no servers");
         let mut busy = false;
         for &index in order {
-            let (Some(server), Some(facts)) = (self.pool.servers.get(index), self.facts.get(index))
+            let (Some(server), Some(facts)) =
+                (self.servers.servers.get(index), self.facts.get(index))
             else {
                 continue;
             };
@@ -211,7 +232,7 @@ impl MysqlUpstream {
 
     /// The index of `server` among this upstream's (where its facts are kept).
     fn index_of(&self, server: &Arc<Server<MysqlConn>>) -> usize {
-        self.pool
+        self.servers
             .servers
             .iter()
             .position(|s| Arc::ptr_eq(s, server))
@@ -231,7 +252,7 @@ impl MysqlUpstream {
         listener: &str,
     ) -> Result<(Lease, bool), Checkout> {
         let cfg = self.cfg();
-        let (Some(server), Some(facts)) = (self.pool.servers.get(index), self.facts.get(index))
+        let (Some(server), Some(facts)) = (self.servers.servers.get(index), self.facts.get(index))
         else {
             return Err(Checkout::Failed("no such server".into()));
         };
@@ -241,9 +262,11 @@ impl MysqlUpstream {
             key: &login.key,
             db,
         };
-        if let Some(mut pooled) = greeted {
-            return match pooled.conn.log_in(&login_as, cfg.connect_timeout).await {
-                Ok(()) => Ok(Lease::new(pooled, server, &self.pool)),
+        if let Some(pooled) = greeted {
+            let by = std::time::Instant::now() + cfg.connect_timeout;
+            let at = connector::Opening::of(&self.pool, server, by);
+            return match pooled.remade(|conn| conn.log_in(&login_as, &at)).await {
+                Ok(pooled) => Ok(Lease::new(pooled, server, &self.pool)),
                 Err(BackendError::Server(err)) => Err(Checkout::Server(err)),
                 Err(BackendError::Io(e)) => {
                     connector::failed(cfg, server, &e, listener);
@@ -680,7 +703,20 @@ impl MysqlListener {
                 let err = err_payload(ER_CON_COUNT_ERROR, b"08004", "Too many connections");
                 return answer(client, login.seq, &err).await;
             }
-            Err(Checkout::Server(err)) => return answer(client, login.seq, &err).await,
+            Err(Checkout::Server(err)) => {
+                // The client passed waitless's own check: a server that refuses the account
+                // (its password, REQUIRE SSL, a host rule) is out of step with the config.
+                if backend::err_code(&err) != Some(ER_BAD_DB_ERROR) {
+                    let servers = up.pool.servers();
+                    let server = servers.servers.get(picked.index);
+                    tracing::warn!(listener = %self.cfg.name, upstream = %up.cfg().name,
+                        server = server.map_or("", |s| s.label.as_str()),
+                        user = %login.user.user, tls = up.cfg().tls.is_some(),
+                        error = %packet::describe_err(&err, CapabilityFlags::CLIENT_PROTOCOL_41),
+                        "the mysql server refused waitless's login");
+                }
+                return answer(client, login.seq, &err).await;
+            }
             Err(Checkout::Failed(e)) => {
                 self.stats.errors_connect.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(listener = %self.cfg.name, upstream = %up.cfg().name, error = %e,

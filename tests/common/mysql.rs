@@ -192,16 +192,38 @@ impl MysqlProxy {
     /// Starts waitless with listener "db" (mysql) in front of `server`; `listener_extra` and
     /// `upstream_extra` are TOML lines added to each table. The account `app` is configured.
     pub async fn start(server: u16, listener_extra: &str, upstream_extra: &str) -> MysqlProxy {
-        let port = free_port();
-        let admin = free_port();
-        let config = format!(
+        let (port, admin) = (free_port(), free_port());
+        let config = MysqlProxy::config(port, admin, server, listener_extra, upstream_extra);
+        MysqlProxy(Waitless::launch(&config, port, admin).await)
+    }
+
+    /// As `start`, logging at `level`; returns the log file's path too.
+    pub async fn start_logged(
+        server: u16,
+        listener_extra: &str,
+        upstream_extra: &str,
+        level: &str,
+    ) -> (MysqlProxy, PathBuf) {
+        let (port, admin) = (free_port(), free_port());
+        let config = MysqlProxy::config(port, admin, server, listener_extra, upstream_extra);
+        let (w, log) = Waitless::launch_logged(&config, port, admin, level).await;
+        (MysqlProxy(w), log)
+    }
+
+    fn config(
+        port: u16,
+        admin: u16,
+        server: u16,
+        listener_extra: &str,
+        upstream_extra: &str,
+    ) -> String {
+        format!(
             "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
              [[listener]]\nname = \"db\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"mysql\"\n\
              upstream = \"db\"\n{listener_extra}\n\n\
              [[upstream]]\nname = \"db\"\nservers = [\"127.0.0.1:{server}\"]\n{upstream_extra}\n\n\
              [[mysql_user]]\nuser = \"{USER}\"\npassword = \"{PASSWORD}\"\n"
-        );
-        MysqlProxy(Waitless::launch(&config, port, admin).await)
+        )
     }
 }
 
