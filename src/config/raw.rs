@@ -13,8 +13,7 @@ use super::units::{parse_duration, parse_endpoint, parse_mode, Keyword};
 use super::{
     Admin, Balance, CheckKind, ClientTimeWait, Config, ConfigError, Endpoint, HealthCheck,
     LingerFallback, Listener, Log, MysqlUser, Pooling, Protocol, ProxyProtocol, Resolver,
-    Unresolved,
-    Upstream, UpstreamTimeWait,
+    Unresolved, Upstream, UpstreamTimeWait,
 };
 
 // Defaults live here, once, so the parser, the printer and config/waitless.toml cannot disagree.
