@@ -85,6 +85,9 @@ pub struct ListenerStats {
     pub request_duration: Histogram,
     /// TLS handshakes with clients.
     pub tls: TlsStats,
+    /// mysql listeners with `pooling = "transaction"`: sessions, lends and pins.
+    #[serde(skip)]
+    pub mysql: crate::mysql::MuxStats,
 }
 
 /// Listening sockets bound but not yet given to a runtime: for TCP one socket per worker in

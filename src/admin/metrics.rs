@@ -54,6 +54,11 @@ struct Families {
     request_duration: Histograms,
     tls_handshakes: Family<Labels, Counter>,
     tls_errors: Family<Labels, Counter>,
+    mysql_sessions: Family<Labels, Gauge>,
+    mysql_in_use: Family<Labels, Gauge>,
+    mysql_lends: Family<Labels, Counter>,
+    mysql_pinned: Family<Labels, Gauge>,
+    mysql_pins: Family<Labels, Counter>,
     connect_duration: Histograms,
     response_head: Histograms,
 }
@@ -135,6 +140,19 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
                 f.tls_errors.get_or_create(&labels).inc_by(*n);
             }
         }
+        if let Some(mux) = &l.mysql {
+            f.mysql_sessions
+                .get_or_create(&who())
+                .set(mux.sessions as i64);
+            f.mysql_in_use.get_or_create(&who()).set(mux.in_use as i64);
+            f.mysql_lends.get_or_create(&who()).inc_by(mux.lends);
+            f.mysql_pinned.get_or_create(&who()).set(mux.pinned as i64);
+            for (reason, n) in &mux.pins {
+                let mut labels = who();
+                labels.push(("reason", reason.clone()));
+                f.mysql_pins.get_or_create(&labels).inc_by(*n);
+            }
+        }
         f.request_duration
             .0
             .push((who(), l.request_duration.clone()));
@@ -205,6 +223,31 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
         "client_connections_active",
         "Client connections open now",
         f.active,
+    );
+    reg.register(
+        "mysql_client_sessions",
+        "Transaction-pooled MySQL client sessions logged in now",
+        f.mysql_sessions,
+    );
+    reg.register(
+        "mysql_server_connections_in_use",
+        "Server connections lent to a transaction-pooled listener's clients now",
+        f.mysql_in_use,
+    );
+    reg.register(
+        "mysql_lends",
+        "Server connections lent to transaction-pooled clients (one per statement in autocommit, transaction or pinned session)",
+        f.mysql_lends,
+    );
+    reg.register(
+        "mysql_pinned_sessions",
+        "Transaction-pooled client sessions pinned to their server connection now",
+        f.mysql_pinned,
+    );
+    reg.register(
+        "mysql_pins",
+        "Transaction-pooled client sessions pinned to their server connection, by reason (what of theirs would stay on it)",
+        f.mysql_pins,
     );
     reg.register(
         "tls_handshakes",

@@ -52,6 +52,44 @@ pub struct ListenerSnap {
     /// TLS handshakes with clients, when the listener has `tls`.
     #[serde(default)]
     pub tls: Option<TlsSnap>,
+    /// mysql listeners with `pooling = "transaction"`: sessions, lends and pins.
+    #[serde(default)]
+    pub mysql: Option<MuxSnap>,
+}
+
+/// A transaction-pooled mysql listener's sharing of server connections.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MuxSnap {
+    /// Client sessions logged in now.
+    pub sessions: u64,
+    /// Server connections lent to its clients now.
+    pub in_use: u64,
+    /// Server connections lent so far (one per statement in autocommit, transaction or
+    /// pinned session).
+    pub lends: u64,
+    /// Sessions pinned to their server connection now.
+    pub pinned: u64,
+    /// Sessions pinned so far.
+    pub pinned_total: u64,
+    /// Sessions pinned so far, by reason.
+    pub pins: std::collections::BTreeMap<String, u64>,
+}
+
+impl MuxSnap {
+    fn of(stats: &crate::mysql::MuxStats) -> MuxSnap {
+        let pins: std::collections::BTreeMap<String, u64> = stats
+            .pins()
+            .map(|(pin, n)| (pin.as_str().to_string(), n))
+            .collect();
+        MuxSnap {
+            sessions: stats.sessions.load(Ordering::Relaxed) as u64,
+            in_use: stats.in_use.load(Ordering::Relaxed) as u64,
+            lends: stats.lends.load(Ordering::Relaxed),
+            pinned: stats.pinned.load(Ordering::Relaxed) as u64,
+            pinned_total: pins.values().sum(),
+            pins,
+        }
+    }
 }
 
 /// One side's TLS handshakes.
@@ -243,6 +281,9 @@ pub fn snapshot(inputs: &Inputs) -> Snapshot {
                 census: l.addr.and_then(|a| census_of(Scope::LocalPort(a.port()))),
                 request_duration: s.request_duration.snapshot(),
                 tls: l.cfg.tls.as_ref().map(|_| TlsSnap::of(&s.tls)),
+                mysql: (l.cfg.protocol == crate::config::Protocol::Mysql
+                    && l.cfg.pooling == crate::config::Pooling::Transaction)
+                    .then(|| MuxSnap::of(&s.mysql)),
             }
         })
         .collect();

@@ -211,6 +211,17 @@ pub enum Protocol {
     Mysql,
 }
 
+/// How a mysql listener lends server connections to its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pooling {
+    /// For the client's whole session, reset when it ends.
+    #[default]
+    Session,
+    /// For one statement in autocommit or one transaction; a client whose statements leave
+    /// state on the server connection is pinned to it for the rest of its session.
+    Transaction,
+}
+
 /// The PROXY protocol header sent to upstream servers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ProxyProtocol {
@@ -261,6 +272,8 @@ pub struct Listener<S: Stage = Resolved> {
     /// `underscores_in_headers off`), for servers that read `_` as `-` and could be told a
     /// forged `X_Forwarded_For` for the real one. Framing names with `_` are refused anyway.
     pub drop_underscore_headers: bool,
+    /// mysql: whether a client holds a server connection for its session or per transaction.
+    pub pooling: Pooling,
     /// TLS from clients: the certificates (as written), then loaded (once resolved).
     pub tls: Option<S::ServerTls>,
 }

@@ -108,6 +108,9 @@ impl<S: Stage> fmt::Display for Config<S> {
                     .collect();
                 writeln!(f, "tls = {{ certs = [{}] }}", certs.join(", "))?;
             }
+            if listener.protocol == Protocol::Mysql {
+                writeln!(f, "pooling = \"{}\"", listener.pooling)?;
+            }
             if listener.protocol == Protocol::Http {
                 let drop = listener.drop_underscore_headers;
                 writeln!(f, "drop_underscore_headers = {drop}")?;

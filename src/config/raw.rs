@@ -12,8 +12,8 @@ use super::locate::Locator;
 use super::units::{parse_duration, parse_endpoint, parse_mode, Keyword};
 use super::{
     Admin, Balance, CheckKind, ClientTimeWait, Config, ConfigError, Endpoint, HealthCheck,
-    LingerFallback, Listener, Log, MysqlUser, Protocol, ProxyProtocol, Resolver, Unresolved,
-    Upstream, UpstreamTimeWait,
+    LingerFallback, Listener, Log, MysqlUser, Pooling, Protocol, ProxyProtocol, Resolver,
+    Unresolved, Upstream, UpstreamTimeWait,
 };
 
 // Defaults live here, once, so the parser, the printer and config/waitless.toml cannot disagree.
@@ -129,6 +129,7 @@ struct RawListener {
     defer_accept: Option<bool>,
     listen_backlog: Option<u32>,
     drop_underscore_headers: Option<bool>,
+    pooling: Option<RawWord<Pooling>>,
     tls: Option<RawTls>,
 }
 
@@ -424,6 +425,7 @@ impl RawListener {
                 .listen_backlog
                 .unwrap_or(crate::listener::DEFAULT_BACKLOG),
             drop_underscore_headers: self.drop_underscore_headers.unwrap_or(false),
+            pooling: self.pooling.map(|w| w.0).unwrap_or_default(),
             tls: self.tls.map(|tls| {
                 let certs = match tls {
                     RawTls::One(cert) => vec![cert],

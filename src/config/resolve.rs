@@ -325,6 +325,7 @@ fn with_listen(
         defer_accept: l.defer_accept,
         listen_backlog: l.listen_backlog,
         drop_underscore_headers: l.drop_underscore_headers,
+        pooling: l.pooling,
         tls,
     }
 }

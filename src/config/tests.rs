@@ -1022,6 +1022,29 @@ fn upstream_tls_errors_name_the_key_and_the_file() {
 }
 
 #[test]
+fn pooling_is_session_by_default_is_printed_and_is_only_for_mysql_listeners() {
+    use crate::config::Pooling;
+    let mysql = "[[listener]]\nname = \"db\"\nlisten = \"127.0.0.1:3307\"\nprotocol = \"mysql\"\n\
+                 upstream = \"db\"\n";
+    let rest = "\n[[upstream]]\nname = \"db\"\nservers = [\"127.0.0.1:3306\"]\n\n\
+                [[mysql_user]]\nuser = \"app\"\npassword = \"pw\"\n";
+    let plain = parse(&format!("{MINIMAL}\n{mysql}{rest}")).unwrap();
+    assert_eq!(plain.listeners[1].pooling, Pooling::Session);
+    let text = format!("{MINIMAL}\n{mysql}pooling = \"transaction\"\n{rest}");
+    let asked = parse(&text).unwrap();
+    assert_eq!(asked.listeners[1].pooling, Pooling::Transaction);
+    let printed = asked.to_string();
+    assert!(printed.contains("pooling = \"transaction\""), "{printed}");
+    let message = error(&with_listener_key("pooling = \"transaction\""));
+    assert!(message.contains("listener[0].pooling"), "{message}");
+    assert!(message.contains("mysql listeners"), "{message}");
+    let message = error(&format!(
+        "{MINIMAL}\n{mysql}pooling = \"statement\"\n{rest}"
+    ));
+    assert!(message.contains("pooling"), "{message}");
+}
+
+#[test]
 fn resolver_and_resolve_interval_have_defaults_print_and_parse_back() {
     let config = parse(MINIMAL).unwrap_or_else(|e| panic!("{e}"));
     assert!(config.resolver.nameservers.is_empty());

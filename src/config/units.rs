@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{
-    Address, Balance, CheckKind, ClientTimeWait, Endpoint, LingerFallback, Protocol, ProxyProtocol,
-    UpstreamTimeWait,
+    Address, Balance, CheckKind, ClientTimeWait, Endpoint, LingerFallback, Pooling, Protocol,
+    ProxyProtocol, UpstreamTimeWait,
 };
 
 /// An enum that the config spells as one of a few lowercase words.
@@ -231,6 +231,20 @@ impl Keyword for crate::access::Format {
 
 /// The config word, `json` or `text`.
 impl fmt::Display for crate::access::Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(word_of(*self))
+    }
+}
+
+impl Keyword for Pooling {
+    const WORDS: &'static [(&'static str, Self)] = &[
+        ("session", Pooling::Session),
+        ("transaction", Pooling::Transaction),
+    ];
+}
+
+/// The config word, `session` or `transaction`.
+impl fmt::Display for Pooling {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(word_of(*self))
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::locate::Locator;
 use super::units::format_duration;
-use super::{Address, Config, ConfigError, Endpoint, Protocol, ProxyProtocol, Stage};
+use super::{Address, Config, ConfigError, Endpoint, Pooling, Protocol, ProxyProtocol, Stage};
 
 /// Longest unix socket path the kernel binds: `sun_path` holds 108 bytes with the final NUL.
 const MAX_UNIX_PATH: usize = 107;
@@ -255,6 +255,16 @@ impl<S: Stage> Config<S> {
                 format!(
                     "drop_underscore_headers applies to http listeners, and this one is {}: \
                      it has no header fields to drop",
+                    listener.protocol
+                ),
+            ));
+        }
+        if listener.pooling != Pooling::Session && listener.protocol != Protocol::Mysql {
+            return Err(at.error(
+                key("pooling"),
+                format!(
+                    "pooling applies to mysql listeners, and this one is {}: it has no \
+                     server sessions to share",
                     listener.protocol
                 ),
             ));

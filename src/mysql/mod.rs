@@ -11,6 +11,7 @@
 mod backend;
 mod front;
 mod lent;
+mod mux;
 mod packet;
 mod relay;
 mod residue;
@@ -29,13 +30,14 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::close::{ClientPolicy, Ending, Ledger, Reason, SideLedger, Socket, Tracked};
-use crate::config::{self, MysqlUser};
+use crate::config::{self, MysqlUser, Pooling};
 use crate::connector::{self, OpenError};
 use crate::listener::{ListenerStats, Serve};
 use crate::pool::{self, Server};
 pub use backend::MysqlConn;
 use backend::{BackendError, Profile, ServerFacts};
 use front::{Login, Refused};
+pub use mux::{MuxStats, Pin};
 use packet::{err_payload, ok_payload, Fault, Flow, Head, PacketIo, MAX_PACKET, PEEK};
 use relay::{Response, Shape, COM_INIT_DB, COM_QUIT, COM_SET_OPTION, COM_STMT_EXECUTE};
 use residue::Residue;
@@ -167,7 +169,23 @@ impl MysqlUpstream {
         if order.is_empty() {
             return Err("no server is up".into());
         }
-        for &index in &order {
+        // Sessions that arrive together before any greeting is known open one connection
+        // each; past max_connections they wait for one of those greetings instead.
+        let deadline = Instant::now() + self.cfg().connect_timeout;
+        loop {
+            match self.pick_in(&order, listener).await {
+                Err(None) if Instant::now() < deadline => tokio::time::sleep(RECHECK).await,
+                Err(None) => return Err("max_connections open, no greeting known yet".into()),
+                Err(Some(e)) => return Err(e),
+                Ok(picked) => return Ok(picked),
+            }
+        }
+    }
+
+    /// One look for `pick` over the servers in `order`; Err(None) when one was at
+    /// max_connections and no greeting is known.
+    async fn pick_in(&self, order: &[usize], listener: &str) -> Result<Picked, Option<String>> {
+        for &index in order {
             if let Some(profile) = self.facts.get(index).and_then(ServerFacts::profile) {
                 return Ok(Picked {
                     index,
@@ -177,7 +195,8 @@ impl MysqlUpstream {
             }
         }
         let mut last = String::from("no servers");
-        for &index in &order {
+        let mut busy = false;
+        for &index in order {
             let (Some(server), Some(facts)) =
                 (self.servers.servers.get(index), self.facts.get(index))
             else {
@@ -199,10 +218,16 @@ impl MysqlUpstream {
                     last = format!("{}: {why}", server.label);
                 }
                 Err(OpenError::Io(e)) => last = format!("{}: {e}", server.label),
-                Err(OpenError::Busy) => last = format!("{}: max_connections open", server.label),
+                Err(OpenError::Busy) => {
+                    busy = true;
+                    last = format!("{}: max_connections open", server.label);
+                }
             }
         }
-        Err(last)
+        if busy && self.facts.iter().all(|f| f.profile().is_none()) {
+            return Err(None);
+        }
+        Err(Some(last))
     }
 
     /// The index of `server` among this upstream's (where its facts are kept).
@@ -215,13 +240,14 @@ impl MysqlUpstream {
     }
 
     /// A connection for `login` on server `index`: an idle one of the same session key with
-    /// its database set, or a new one. When `max_connections` are open, idle connections of
+    /// its database set to `db`, or a new one. When `max_connections` are open, idle connections of
     /// other keys are closed to make room, and then the client waits up to
     /// `connect_timeout` for one to come back. With the lease, whether it served a session before.
     async fn checkout(
         &self,
         index: usize,
         login: &Login,
+        db: Option<&[u8]>,
         greeted: Option<pool::Pooled<MysqlConn>>,
         listener: &str,
     ) -> Result<(Lease, bool), Checkout> {
@@ -230,7 +256,6 @@ impl MysqlUpstream {
         else {
             return Err(Checkout::Failed("no such server".into()));
         };
-        let db = login.db.as_deref();
         let login_as = backend::Login {
             facts,
             user: &login.user,
@@ -361,6 +386,13 @@ impl MysqlUpstream {
             .fetch_add(1, Ordering::Relaxed);
         lease.give_back();
         drop(session);
+        self.returned.notify_waiters();
+    }
+
+    /// Returns a lent connection between a transaction-pooled client's statements: clean,
+    /// as nothing pinned it.
+    fn put_back(&self, lease: Lease) {
+        lease.give_back();
         self.returned.notify_waiters();
     }
 
@@ -643,7 +675,13 @@ impl MysqlListener {
 
         let asked = log.as_ref().map(|_| Instant::now());
         let lease = match up
-            .checkout(picked.index, &login, picked.greeted, &self.cfg.name)
+            .checkout(
+                picked.index,
+                &login,
+                login.db.as_deref(),
+                picked.greeted,
+                &self.cfg.name,
+            )
             .await
         {
             Ok((lease, reused)) => {
@@ -701,7 +739,18 @@ impl MysqlListener {
             up.give_back(lease, &login, place).await;
             return End::Broken(format!("login OK: {e}"));
         }
-        self.commands(client, lease, place, &login).await
+        match self.cfg.pooling {
+            Pooling::Session => {
+                self.commands(client, lease, place, &login, Residue::default())
+                    .await
+            }
+            Pooling::Transaction => {
+                // The login's connection is clean: the first statement may take another.
+                drop(place);
+                up.put_back(lease);
+                self.transactions(client, picked.index, fd, &login).await
+            }
+        }
     }
 
     /// The command phase: until COM_QUIT, EOF, idle timeout or an error.
@@ -711,12 +760,12 @@ impl MysqlListener {
         mut lease: Lease,
         place: Option<lent::Entry<'_>>,
         login: &Login,
+        mut residue: Residue,
     ) -> End
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
         let up = &self.upstream;
-        let mut residue = Residue::default();
         // Commands relayed so far have left the server connection in a known state.
         let mut known = true;
         let end = loop {

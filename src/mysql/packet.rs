@@ -304,6 +304,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketIo<S> {
         }
     }
 
+    /// The start of the next packet, left buffered: its first `limit` payload bytes (all of
+    /// them if it is shorter), and whether that is the whole packet. Cancel-safe.
+    pub async fn peek_packet(&mut self, limit: usize) -> io::Result<(&[u8], bool)> {
+        let (want, complete) = loop {
+            if let Some(&[a, b, c, _]) = self.rbuf.get(..4) {
+                let len = usize::from(a) | usize::from(b) << 8 | usize::from(c) << 16;
+                let want = len.min(limit);
+                if self.rbuf.len() >= 4 + want {
+                    break (want, len <= limit && len != MAX_CHUNK);
+                }
+            }
+            if !self.fill().await? {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed before a packet",
+                ));
+            }
+        };
+        Ok((self.rbuf.get(4..4 + want).unwrap_or_default(), complete))
+    }
+
     /// Waits until bytes arrive (or EOF); false at EOF. Cancel-safe: nothing read is lost.
     pub async fn readable(&mut self) -> io::Result<bool> {
         if !self.rbuf.is_empty() {

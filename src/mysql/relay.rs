@@ -46,6 +46,8 @@ pub struct Reply {
     pub failed: bool,
     /// COM_STMT_PREPARE answered with OK: the new statement's id.
     pub prepared: Option<u32>,
+    /// The last insert id of the last OK of a result (0 when it generated none).
+    pub insert_id: u64,
 }
 
 /// One command's response, followed packet by packet.
@@ -204,6 +206,7 @@ impl Response {
             (State::Start, _) => match head {
                 Some(0x00) => {
                     let more = self.status(ok_fields(p.bytes))?;
+                    self.reply.insert_id = insert_id(p.bytes).unwrap_or(0);
                     self.after_result(more)
                 }
                 Some(0xFB) => State::Upload,
@@ -307,6 +310,13 @@ impl Response {
         let params = group(u16::from_le_bytes([p0, p1]));
         Ok((u32::from_le_bytes([i0, i1, i2, i3]), columns + params))
     }
+}
+
+/// An OK packet's last insert id: after the header and the affected rows.
+fn insert_id(ok: &[u8]) -> Option<u64> {
+    let mut buf = ParseBuf(ok.get(1..)?);
+    buf.checked_eat_lenenc_int()?;
+    buf.checked_eat_lenenc_int()
 }
 
 fn bad(what: &str) -> io::Error {

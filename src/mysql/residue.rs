@@ -38,6 +38,15 @@ const HARMLESS: [u8; 9] = [0x0E, 0x09, 0x04, 0x0A, 0x0C, 0x17, 0x1C, 0x1A, 0x18]
 // === impl Residue ===
 
 impl Residue {
+    /// The leftovers of a transaction-pooled session pinned to its connection: whatever
+    /// pinned it, and the statements before on other connections, are not all noted here.
+    pub fn pinned() -> Residue {
+        Residue {
+            dirty: true,
+            ..Residue::default()
+        }
+    }
+
     /// Notes a command about to be relayed: its code and the start of its payload after the
     /// code (`complete` when that is all of it); the effect of its statement text, if any.
     pub fn command(&mut self, code: u8, args: &[u8], complete: bool) -> Option<Effect> {

@@ -22,6 +22,8 @@
 
 use std::cmp::Ordering;
 
+pub use super::mux::Pin;
+
 /// What one statement text can leave behind on its session after it ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Effect {
@@ -220,6 +222,25 @@ const FUNCTIONS: &[&[u8]] = &[
     b"WEEKOFYEAR", b"YEAR", b"YEARWEEK",
 ];
 
+/// First words of statements that run alike on any server connection of a key, given what
+/// else `pin` checks. Sorted (ASCII upper case).
+#[rustfmt::skip]
+const FREE: &[&[u8]] = &[
+    b"BEGIN", b"COMMIT", b"DELETE", b"DESC", b"DESCRIBE", b"EXPLAIN", b"INSERT", b"RELEASE",
+    b"REPLACE", b"ROLLBACK", b"SAVEPOINT", b"SELECT", b"SHOW", b"START", b"UPDATE", b"WITH",
+];
+
+/// Words after which a name is a table's, which `(` may follow (its column list).
+const TABLE_BEFORE: &[&[u8]] = &[
+    b"INTO",
+    b"INSERT",
+    b"REPLACE",
+    b"IGNORE",
+    b"LOW_PRIORITY",
+    b"DELAYED",
+    b"HIGH_PRIORITY",
+];
+
 /// The rest of the one phrase that may follow LOCK.
 const IN_SHARE_MODE: &[&[u8]] = &[b"IN", b"SHARE", b"MODE"];
 
@@ -245,6 +266,48 @@ pub fn effect(sql: &[u8]) -> Effect {
             };
             worst.worse(other)
         })
+}
+
+/// Why running `sql` (one COM_QUERY text) on a server connection shared between clients
+/// statement by statement may leave something there that the client's later statements, on
+/// another connection, would miss, or that the next client would find; None when the
+/// statement runs alike on any connection of its key (its transaction, if it opens one, is
+/// followed from the status flags by the caller).
+///
+/// Provably harmless reads (`effect`) and the statements that make transactions up
+/// (INSERT, UPDATE, DELETE, REPLACE, BEGIN, START TRANSACTION, COMMIT, ROLLBACK, SAVEPOINT,
+/// RELEASE SAVEPOINT) are free, unless they mention user variables, locks, temporary
+/// tables, FOUND_ROWS, ROW_COUNT, LAST_INSERT_ID or sequences, or call anything but a known
+/// built-in (a stored function can do all of that). Every other statement pins, as does a
+/// text this lexer cannot read exactly as the server would, under any sql_mode.
+pub fn pin(sql: &[u8]) -> Option<Pin> {
+    if u32::try_from(sql.len()).is_err() {
+        return Some(Pin::Unread);
+    }
+    if effect(sql) == Effect::None {
+        return None;
+    }
+    for quoting in [
+        Quoting::DEFAULT,
+        Quoting::NO_BACKSLASH_ESCAPES,
+        Quoting::ANSI_QUOTES,
+    ] {
+        let mut lexer = Lexer::new(sql, quoting);
+        match holds(&mut lexer) {
+            Ok(Some(pin)) => return Some(pin),
+            Ok(None) => {}
+            // A server reading it so refuses it before running any of it.
+            Err(Stop::Unterminated) => {}
+            // The lexer stops at `@` (a user variable) and at what it cannot read.
+            Err(Stop::Dirty) if sql.contains(&b'@') => return Some(Pin::Variable),
+            Err(Stop::Dirty) => return Some(Pin::Unread),
+        }
+        if !lexer.saw_backslash {
+            // Every sql_mode reads it alike.
+            break;
+        }
+    }
+    None
 }
 
 // === impl Effect ===
@@ -681,6 +744,139 @@ fn classify(lexer: &mut Lexer<'_>) -> Result<Effect, Stop> {
     Ok(Effect::None)
 }
 
+/// One reading of a text for `pin`: the first reason found, statement by statement.
+fn holds(lexer: &mut Lexer<'_>) -> Result<Option<Pin>, Stop> {
+    loop {
+        let mut parens = false;
+        let first = loop {
+            match lexer.next()? {
+                Token::Open => parens = true,
+                Token::Word(span) => break Some(text(lexer.sql, span)),
+                Token::End if !parens => return Ok(None),
+                _ => break None,
+            }
+        };
+        let Some(first) = first else {
+            return Ok(Some(Pin::Statement));
+        };
+        let is = |name: &[u8]| first.eq_ignore_ascii_case(name);
+        let ddl = !parens && (is(b"CREATE") || is(b"DROP") || is(b"ALTER"));
+        if parens {
+            // A parenthesized SELECT.
+        } else if is(b"SET") {
+            return Ok(Some(Pin::Set));
+        } else if is(b"PREPARE") || is(b"EXECUTE") || is(b"DEALLOCATE") {
+            return Ok(Some(Pin::Prepared));
+        } else if is(b"LOCK") || is(b"UNLOCK") || is(b"FLUSH") {
+            return Ok(Some(Pin::Lock));
+        } else if is(b"HANDLER") {
+            return Ok(Some(Pin::Handler));
+        } else if is(b"XA") {
+            return Ok(Some(Pin::Xa));
+        } else if is(b"USE") {
+            return Ok(Some(Pin::Schema));
+        } else if !ddl && !listed(FREE, first) {
+            return Ok(Some(Pin::Statement));
+        }
+        if let Some(pin) = free_body(lexer)? {
+            return Ok(Some(pin));
+        }
+        if ddl {
+            // Not a temporary table: no session state, but nothing worth a rule either.
+            return Ok(Some(Pin::Statement));
+        }
+    }
+}
+
+/// The rest of one statement for `holds`, up to `;` or the end: what in it pins.
+fn free_body(lexer: &mut Lexer<'_>) -> Result<Option<Pin>, Stop> {
+    // The name before the current token, if it may be called: (the word, or None for a
+    // quoted name; after a `.`; in a table's place).
+    let mut callee: Option<(Option<&[u8]>, bool, bool)> = None;
+    // The last word, and whether a table name comes next.
+    let mut prev: Option<&[u8]> = None;
+    let mut table_next = false;
+    let mut dot = false;
+    loop {
+        let token = lexer.next()?;
+        let was = callee.take();
+        match token {
+            Token::End | Token::Semi => return Ok(None),
+            Token::Open => {
+                if let Some((name, after_dot, table)) = was {
+                    let known = name.is_some_and(|w| {
+                        listed(KEYWORDS, w)
+                            || listed(FUNCTIONS, w)
+                            || w.eq_ignore_ascii_case(b"VALUE")
+                    });
+                    if !table && (after_dot || !known) {
+                        return Ok(Some(Pin::Statement));
+                    }
+                }
+                table_next = false;
+            }
+            Token::Word(span) => {
+                let word = text(lexer.sql, span);
+                if let Some(pin) = word_pin(word, prev) {
+                    return Ok(Some(pin));
+                }
+                let table = table_next || (dot && was.is_some_and(|(_, _, t)| t));
+                callee = Some((Some(word), dot, table));
+                table_next = TABLE_BEFORE.iter().any(|w| word.eq_ignore_ascii_case(w));
+                prev = Some(word);
+            }
+            Token::Ident | Token::Str => {
+                let table = table_next || (dot && was.is_some_and(|(_, _, t)| t));
+                callee = Some((None, dot, table));
+                table_next = false;
+                prev = None;
+            }
+            Token::Dot => {
+                // `db.name`: the name keeps its place.
+                callee = was;
+            }
+            Token::Comma | Token::Close | Token::Other => {
+                table_next = false;
+                prev = None;
+            }
+        }
+        dot = token == Token::Dot;
+    }
+}
+
+/// What a word of a free statement pins, by itself or after `prev`.
+fn word_pin(word: &[u8], prev: Option<&[u8]>) -> Option<Pin> {
+    let is = |name: &[u8]| word.eq_ignore_ascii_case(name);
+    let after = |name: &[u8]| prev.is_some_and(|p| p.eq_ignore_ascii_case(name));
+    if is(b"LAST_INSERT_ID") {
+        Some(Pin::LastInsertId)
+    } else if is(b"FOUND_ROWS") || is(b"SQL_CALC_FOUND_ROWS") || is(b"ROW_COUNT") {
+        Some(Pin::FoundRows)
+    } else if is(b"GET_LOCK")
+        || is(b"RELEASE_LOCK")
+        || is(b"RELEASE_ALL_LOCKS")
+        || is(b"LOCK")
+        || is(b"UNLOCK")
+    {
+        Some(Pin::Lock)
+    } else if is(b"TEMPORARY") {
+        Some(Pin::TempTable)
+    } else if is(b"NEXTVAL")
+        || is(b"LASTVAL")
+        || is(b"SETVAL")
+        || is(b"CURRVAL")
+        || (is(b"VALUE") && (after(b"NEXT") || after(b"PREVIOUS")))
+        // COMMIT RELEASE / ROLLBACK RELEASE end the server's connection; BEGIN NOT ATOMIC
+        // starts a compound statement.
+        || is(b"RELEASE")
+        || is(b"ATOMIC")
+    {
+        Some(Pin::Statement)
+    } else {
+        None
+    }
+}
+
 /// After a `;`: only whitespace and comments, or it is another statement.
 fn end(lexer: &mut Lexer<'_>) -> Result<(), Stop> {
     match lexer.next() {
@@ -955,7 +1151,7 @@ mod tests {
 
     #[test]
     fn lists_are_sorted_upper_case_for_binary_search() {
-        for list in [KEYWORDS, FUNCTIONS] {
+        for list in [KEYWORDS, FUNCTIONS, FREE] {
             assert!(list.windows(2).all(|pair| pair[0] < pair[1]));
             assert!(list
                 .iter()
@@ -979,6 +1175,70 @@ mod tests {
         assert_eq!(effect(&long_list), Clean);
         long_list.extend_from_slice(b", @a");
         assert_eq!(effect(&long_list), Dirty);
+    }
+
+    #[test]
+    fn transaction_pooling_frees_reads_and_plain_writes_and_pins_the_rest() {
+        let free: &[&[u8]] = &[
+            b"SELECT 1",
+            b"SELECT @@max_allowed_packet, @@wait_timeout",
+            b"INSERT INTO items (v) VALUES ('a@b.example'), ('it''s')",
+            b"INSERT INTO appdb.items(v) VALUE (CONCAT('x', NOW()))",
+            b"UPDATE items SET v = 'x' WHERE id IN (SELECT id FROM t WHERE a = 1)",
+            b"DELETE FROM items WHERE id = 3",
+            b"REPLACE INTO `items` (id, v) VALUES (1, 'O\\'Brien')",
+            b"BEGIN",
+            b"START TRANSACTION READ ONLY",
+            b"COMMIT",
+            b"ROLLBACK; ",
+            b"SAVEPOINT a",
+            b"RELEASE SAVEPOINT a",
+            b"SELECT * FROM t FOR UPDATE",
+            b"SHOW WARNINGS",
+            b"INSERT INTO t (a) VALUES (1) ON DUPLICATE KEY UPDATE a = VALUES(a)",
+        ];
+        for sql in free {
+            assert_eq!(pin(sql), None, "{}", String::from_utf8_lossy(sql));
+        }
+        let pinned: &[(&[u8], Pin)] = &[
+            (b"SET @v = 1", Pin::Set),
+            (b"SELECT @v", Pin::Variable),
+            (b"INSERT INTO t VALUES (@v)", Pin::Variable),
+            (b"SET NAMES utf8mb4", Pin::Set),
+            (b"set autocommit = 0", Pin::Set),
+            (b"CREATE TEMPORARY TABLE tmp (x INT)", Pin::TempTable),
+            (b"DROP TEMPORARY TABLE tmp", Pin::TempTable),
+            (b"CREATE TABLE t (x INT)", Pin::Statement),
+            (b"PREPARE s FROM 'SELECT 1'", Pin::Prepared),
+            (b"SELECT GET_LOCK('a', 1)", Pin::Lock),
+            (b"LOCK TABLES t WRITE", Pin::Lock),
+            (b"FLUSH TABLES WITH READ LOCK", Pin::Lock),
+            (
+                b"SELECT SQL_CALC_FOUND_ROWS * FROM t LIMIT 1",
+                Pin::FoundRows,
+            ),
+            (b"SELECT FOUND_ROWS()", Pin::FoundRows),
+            (b"HANDLER t OPEN", Pin::Handler),
+            (b"XA START 'x'", Pin::Xa),
+            (b"SELECT LAST_INSERT_ID()", Pin::LastInsertId),
+            (
+                b"UPDATE t SET id = LAST_INSERT_ID(id + 1)",
+                Pin::LastInsertId,
+            ),
+            (b"USE other_db", Pin::Schema),
+            (b"INSERT INTO t VALUES (my_func(1))", Pin::Statement),
+            (b"INSERT INTO t VALUES (db.f(1))", Pin::Statement),
+            (b"CALL p()", Pin::Statement),
+            (b"COMMIT RELEASE", Pin::Statement),
+            (b"BEGIN NOT ATOMIC SELECT 1; END", Pin::Statement),
+            (b"SELECT NEXT VALUE FOR s", Pin::Statement),
+            (b"SELECT 1; SET @a = 2", Pin::Set),
+            (b"INSERT INTO t VALUES (1) /*! , (@a) */", Pin::Variable),
+            (b"INSERT INTO t VALUES ('\\'), (@a) -- '", Pin::Variable),
+        ];
+        for (sql, want) in pinned {
+            assert_eq!(pin(sql), Some(*want), "{}", String::from_utf8_lossy(sql));
+        }
     }
 
     #[test]
