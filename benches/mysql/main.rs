@@ -18,13 +18,18 @@
 //!   so that the server's `Connections` counter over the run is what an empty pool opens.
 //! - For each run: the proxy's and the server's CPU per operation (the scheduler's runtime of
 //!   all their threads, from /proc), and the connections the server saw opened.
+//! - The mux part (issue 22): `WAITLESS_BENCH_MUX_CLIENTS` (default 1,000) persistent
+//!   mysql_async clients, a statement every 50 ms each for `WAITLESS_BENCH_MUX_SECONDS`
+//!   (default 10), direct, through HAProxy and through waitless with `pooling =
+//!   "transaction"` on 16 server connections: statements/s, p50/p99, the server's app
+//!   connections and RSS at their peak, CPU per statement.
 //!
 //! The bench runs `WAITLESS_BENCH_ROUNDS` rounds (default 3). In a round each measurement
 //! runs through every target in turn, so that the runs a ratio compares are seconds apart,
 //! and each round starts with the next target, so that none always runs last: drift on the
 //! shared machine falls on every side alike. The ratios are medians of the ratios taken
-//! round by round. `WAITLESS_BENCH_ONLY=php` or
-//! `=slap` runs one part. The table and issue 18's targets are printed, everything is
+//! round by round. `WAITLESS_BENCH_ONLY=php`, `=slap` or `=mux` runs one part.
+//! The table and issue 18's and 22's targets are printed, everything is
 //! written to `target/bench-mysql.json`.
 //!
 //! The bench's modules: `server` (MariaDB), `targets` (HAProxy, waitless and their configs),
@@ -40,6 +45,7 @@ use std::process::Command;
 mod clients;
 mod cpu;
 mod measure;
+mod mux;
 mod report;
 mod server;
 mod targets;
@@ -73,6 +79,9 @@ const DEFAULT_QUERIES: u64 = 10_000;
 const DEFAULT_SESSIONS: u64 = 2_000;
 /// The issue's count.
 const DEFAULT_SLAP_QUERIES: u64 = 3_000;
+/// Issue 22's counts.
+const DEFAULT_MUX_CLIENTS: usize = 1_000;
+const DEFAULT_MUX_SECONDS: u64 = 10;
 
 fn main() {
     // `cargo test --benches` runs this without --bench: nothing to test here.
@@ -196,6 +205,11 @@ fn run() -> Result<(), String> {
         runs: Vec::new(),
         notes,
     };
+    let mux_sizes = mux::MuxSizes {
+        clients: knob("WAITLESS_BENCH_MUX_CLIENTS", DEFAULT_MUX_CLIENTS),
+        seconds: knob("WAITLESS_BENCH_MUX_SECONDS", DEFAULT_MUX_SECONDS),
+    };
+    let mut mux_runs = Vec::new();
     for round in 1..=rounds {
         // Each round starts with the next target, so that none always runs last.
         let turn: Vec<Target> = order
@@ -205,7 +219,27 @@ fn run() -> Result<(), String> {
             .skip(round - 1)
             .take(order.len())
             .collect();
-        bench.round(&turn, round);
+        if bench.php || bench.slap {
+            bench.round(&turn, round);
+        }
+        if wants("mux") {
+            for &target in &turn {
+                print!("  mux {:<18} round {round} ...", target.label());
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                match mux::run(target, round, &bench.tools, mux_sizes) {
+                    Ok(r) => {
+                        println!(" {:.0} statements/s, {} errors", r.per_s, r.errors);
+                        mux_runs.push(r);
+                    }
+                    Err(e) => {
+                        println!(" failed: {e}");
+                        bench
+                            .notes
+                            .push(format!("mux {} round {round}: {e}", target.label()));
+                    }
+                }
+            }
+        }
     }
     machine.loadavg_end = loadavg();
 
@@ -232,6 +266,11 @@ fn run() -> Result<(), String> {
     );
     println!("issue 18's targets:");
     println!("{}", render_checks(&checks));
+    let mux_met = (!mux_runs.is_empty()).then(|| {
+        let (table, met) = mux::report(&mux_runs, mux_sizes);
+        println!("\nissue 22, persistent clients:\n{table}");
+        met
+    });
     println!("load average at end {}", machine.loadavg_end);
     for n in &bench.notes {
         println!("note: {n}");
@@ -252,6 +291,7 @@ fn run() -> Result<(), String> {
         "summaries": summaries,
         "runs": bench.runs,
         "checks": checks,
+        "mux": { "sizes": mux_sizes, "runs": mux_runs, "target_met": mux_met },
         "notes": bench.notes,
     });
     let out = std::env::var_os("CARGO_TARGET_DIR")

@@ -63,13 +63,14 @@ impl MariaDb {
             .arg(format!("--log-error={d}/error.log"))
             .arg(format!("--tmpdir={d}"))
             // No binary log (the direct side would pay for it on every write), a buffer pool
-            // that holds the one table; max_connections well above what slap opens direct.
+            // that holds the one table; max_connections well above what slap
+            // and the mux part's persistent clients open direct.
             .args([
                 "--skip-log-bin",
                 "--skip-name-resolve",
                 "--innodb-buffer-pool-size=32M",
                 "--innodb-log-file-size=16M",
-                "--max-connections=500",
+                "--max-connections=1500",
             ]);
         let mut proc = Proc::spawn("MariaDB", &mut cmd, dir)?;
         proc.wait_listening(port)?;

@@ -56,6 +56,21 @@ impl Target {
 
     /// Starts the target in front of the server on `server`.
     pub fn start(self, tools: &Tools, server: u16) -> Result<Running, String> {
+        self.start_as(tools, server, None)
+    }
+
+    /// Starts the target for persistent clients: waitless with `pooling = "transaction"` on
+    /// `connections` server connections at most (the others as `start`).
+    pub fn start_mux(
+        self,
+        tools: &Tools,
+        server: u16,
+        connections: usize,
+    ) -> Result<Running, String> {
+        self.start_as(tools, server, Some(connections))
+    }
+
+    fn start_as(self, tools: &Tools, server: u16, mux: Option<usize>) -> Result<Running, String> {
         let port = free_port()?;
         let mut proc = match self {
             Target::Direct => {
@@ -66,12 +81,22 @@ impl Target {
             }
             Target::Waitless => {
                 let dir = TempDir::create("waitless").map_err(|e| e.to_string())?;
+                let (pooling, bounds) = match mux {
+                    None => (String::new(), format!("pool_size = {POOL_SIZE}\n")),
+                    // Logins queue for a connection too: give them time.
+                    Some(n) => (
+                        "pooling = \"transaction\"\n".to_string(),
+                        format!(
+                            "pool_size = {n}\nmax_connections = {n}\nconnect_timeout = \"30s\"\n"
+                        ),
+                    ),
+                };
                 let conf = format!(
                     "[admin]\nlisten = \"off\"\n\n\
                      [[listener]]\nname = \"db\"\nlisten = \"127.0.0.1:{port}\"\n\
-                     protocol = \"mysql\"\nupstream = \"db\"\n\n\
+                     protocol = \"mysql\"\nupstream = \"db\"\n{pooling}\n\
                      [[upstream]]\nname = \"db\"\nservers = [\"127.0.0.1:{server}\"]\n\
-                     pool_size = {POOL_SIZE}\n\n\
+                     {bounds}\n\
                      [[mysql_user]]\nuser = \"{USER}\"\npassword = \"{PASSWORD}\"\n"
                 );
                 let mut cmd = binary::command_of(&tools.waitless, &dir.0, &conf, "error")
@@ -82,7 +107,7 @@ impl Target {
                 let bin = tools.haproxy.as_ref().ok_or("HAProxy is not installed")?;
                 let dir = TempDir::create("haproxy").map_err(|e| e.to_string())?;
                 let conf = format!(
-                    "global\n    maxconn 2000\n\n\
+                    "global\n    maxconn 4000\n\n\
                      defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 60s\n\
                      \x20   timeout server 60s\n\n\
                      frontend db\n    bind 127.0.0.1:{port}\n    default_backend db\n\n\

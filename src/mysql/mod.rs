@@ -58,7 +58,8 @@ pub struct MysqlUpstream {
     waiting: Vec<AtomicUsize>,
     /// Per server: the sessions holding a connection, to see which are ending.
     lent: Vec<lent::Lent>,
-    /// Woken whenever a connection goes back to a pool, for clients waiting for one.
+    /// Woken when a connection goes back to a pool: one waiting client per connection (all
+    /// of them woken would race for the one, a herd under transaction pooling).
     returned: Notify,
 }
 
@@ -310,8 +311,10 @@ impl MysqlUpstream {
             let now = Instant::now();
             let ahead = waiting.fetch_add(1, Ordering::AcqRel);
             let coming = resetting.load(Ordering::Acquire);
+            // A wake goes to one waiter, which may want another key: look again within
+            // RECHECK whatever happens.
             let wait = (coming > ahead || lent.leaving_more_than(ahead - coming))
-                .then(|| deadline.saturating_duration_since(now));
+                .then(|| deadline.saturating_duration_since(now).min(RECHECK));
             if let Some(wait) = wait.filter(|w| !w.is_zero()) {
                 let _ = tokio::time::timeout(wait, returned).await;
                 waiting.fetch_sub(1, Ordering::AcqRel);
@@ -374,7 +377,7 @@ impl MysqlUpstream {
             }
         }
         resetting.fetch_sub(1, Ordering::AcqRel);
-        self.returned.notify_waiters();
+        self.returned.notify_one();
     }
 
     /// Returns a lent connection whose session left nothing behind, as it is.
@@ -386,14 +389,14 @@ impl MysqlUpstream {
             .fetch_add(1, Ordering::Relaxed);
         lease.give_back();
         drop(session);
-        self.returned.notify_waiters();
+        self.returned.notify_one();
     }
 
     /// Returns a lent connection between a transaction-pooled client's statements: clean,
     /// as nothing pinned it.
     fn put_back(&self, lease: Lease) {
         lease.give_back();
-        self.returned.notify_waiters();
+        self.returned.notify_one();
     }
 
     /// Lists a session that holds a connection of server `index`, its client on `fd`.
