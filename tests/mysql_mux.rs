@@ -47,9 +47,9 @@ async fn mux_proxy(db: &MariaDb, connections: usize) -> MysqlProxy {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_hundred_persistent_clients_share_eight_server_connections() {
-    const CLIENTS: usize = 300;
-    const RUN: Duration = Duration::from_secs(10);
+async fn four_hundred_persistent_clients_share_eight_server_connections() {
+    const CLIENTS: usize = 400;
+    const RUN: Duration = Duration::from_secs(15);
     let db = MariaDb::start().await;
     let mut watch = db.watcher().await;
     let proxy = mux_proxy(&db, 8).await;
