@@ -88,10 +88,15 @@ pub async fn check(
         match addr {
             Address::Tcp(sa) => {
                 let label = sa.to_string();
+                // The Host a virtual server answers to: the TLS name, else the DNS name.
+                let named = up.tls.as_ref().and_then(|t| t.files.server_name.clone());
+                let vhost = named
+                    .or_else(|| host.map(|h| format!("{h}:{}", sa.port())))
+                    .unwrap_or_else(|| label.clone());
                 let s = TcpStream::connect(sa).await?;
                 let s = Tracked::upstream(s, ledger.clone(), up.time_wait, CloseCtl::new());
                 if up.tls.is_none() {
-                    return probe_tracked(s, hc, &label).await;
+                    return probe_tracked(s, hc, &vhost).await;
                 }
                 let at = Opening {
                     cfg: up,
@@ -101,7 +106,7 @@ pub async fn check(
                     host,
                     deadline,
                 };
-                probe_tracked(at.start_tls(s).await?, hc, &label).await
+                probe_tracked(at.start_tls(s).await?, hc, &vhost).await
             }
             Address::Unix(path) => {
                 let s = UnixStream::connect(path).await?;

@@ -50,7 +50,7 @@ impl HttpsNginx {
         let d = dir.0.display();
         let c = certs.display();
         let server = format!(
-            "  log_format conn '$connection $request_uri $proxy_protocol_addr $ssl_session_reused';\n\
+            "  log_format conn '$connection $request_uri $proxy_protocol_addr $http_host $ssl_session_reused';\n\
              server {{\n    listen 127.0.0.1:{port} ssl{listen};\n\
              ssl_certificate {c}/server.pem;\n    ssl_certificate_key {c}/server.key;\n\
              keepalive_requests 100000;\n    access_log {d}/conn.log conn;\n\
@@ -97,7 +97,8 @@ impl HttpsNginx {
         self.log().iter().filter(|l| l.ends_with(" r")).count()
     }
 
-    /// Its log's lines: `$connection $request_uri $proxy_protocol_addr $ssl_session_reused`.
+    /// Its log's lines: `$connection $request_uri $proxy_protocol_addr $http_host
+    /// $ssl_session_reused`.
     fn log(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.0.join("conn.log"))
             .unwrap_or_default()
@@ -343,6 +344,17 @@ async fn http_health_checks_go_over_tls_marking_a_failing_server_down_and_a_pass
             assert!(
                 tls["handshakes"].as_u64() >= Some(5),
                 "each check is a TLS handshake, counted as the upstream's: {stats}"
+            );
+            // The check asks for the virtual server the TLS name names, not for ip:port.
+            let hosts: Vec<String> = nginx
+                .log()
+                .iter()
+                .filter(|l| l.contains(&format!(" {path} ")))
+                .filter_map(|l| l.split(' ').nth(3).map(str::to_string))
+                .collect();
+            assert!(
+                !hosts.is_empty() && hosts.iter().all(|h| h == "localhost"),
+                "the checks' Host is the server_name: {hosts:?}"
             );
         } else {
             assert!(
