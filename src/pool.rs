@@ -250,25 +250,8 @@ impl<C> Pooled<C> {
         F: FnOnce(C) -> Fut,
         Fut: std::future::Future<Output = Result<C, E>>,
     {
-        let Pooled {
-            conn,
-            ctl,
-            born,
-            uses,
-            since,
-            home,
-            _counted,
-        } = self;
-        let conn = remake(conn).await?;
-        Ok(Pooled {
-            conn,
-            ctl,
-            born,
-            uses,
-            since,
-            home,
-            _counted,
-        })
+        let conn = remake(self.conn).await?;
+        Ok(Pooled { conn, ..self })
     }
 
     /// True when the connection carried a request before.
