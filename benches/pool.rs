@@ -19,6 +19,8 @@ use waitless::pool::{PoolConn, Pooled, Server, Upstream};
 struct Conn;
 
 impl PoolConn for Conn {
+    type ServerState = ();
+
     fn is_usable(&mut self) -> bool {
         true
     }

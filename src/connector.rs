@@ -124,7 +124,11 @@ where
 
 impl<'a> Opening<'a> {
     /// `server` of `up`, to be connected to by `deadline`.
-    pub fn of<C>(up: &'a Upstream<C>, server: &'a Server<C>, deadline: Instant) -> Opening<'a> {
+    pub fn of<C: PoolConn>(
+        up: &'a Upstream<C>,
+        server: &'a Server<C>,
+        deadline: Instant,
+    ) -> Opening<'a> {
         Opening {
             cfg: &up.cfg,
             stats: &up.tls,
@@ -323,7 +327,7 @@ where
 
 /// Counts a failed connect (or handshake) against the server: its counter, a log line, and
 /// its health, which marks it down after `fail_threshold` failures in a row.
-pub fn failed<C>(
+pub fn failed<C: PoolConn>(
     cfg: &config::Upstream,
     server: &Server<C>,
     error: &dyn fmt::Display,
@@ -342,7 +346,7 @@ pub fn failed<C>(
 /// by the upstream's policy for the reason `ctl` is given, and counts it as opened; with
 /// `tls` and `tls_now`, makes the handshake by `at.deadline`. Otherwise not bounded in time:
 /// `open` bounds it with the protocol's handshake.
-pub async fn dial<C>(
+pub async fn dial<C: PoolConn>(
     up: &Upstream<C>,
     server: &Server<C>,
     ctl: &Arc<CloseCtl>,

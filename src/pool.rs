@@ -25,6 +25,11 @@ use crate::workers;
 
 /// A connection handle the pool can keep.
 pub trait PoolConn: Send + 'static {
+    /// What the protocol keeps about each server beside its pool (MySQL: the server's
+    /// greeting, sessions being reset): it lives and goes with the server, as DNS adds and
+    /// removes addresses.
+    type ServerState: Default + Send + Sync + std::fmt::Debug + 'static;
+
     /// False once the server closed it or it broke; such a handle is dropped, not lent.
     fn is_usable(&mut self) -> bool;
 }
@@ -61,7 +66,7 @@ pub struct Counted {
 
 /// A connection lent out, and the server it goes back to.
 #[derive(Debug)]
-pub struct Lease<C> {
+pub struct Lease<C: PoolConn> {
     /// The connection.
     pub pooled: Pooled<C>,
     /// Its server, whose pool takes it back.
@@ -72,7 +77,7 @@ pub struct Lease<C> {
 
 /// One server of an upstream and its idle connections.
 #[derive(Debug)]
-pub struct Server<C> {
+pub struct Server<C: PoolConn> {
     /// Where it is.
     pub addr: Address,
     /// `host:port` or `unix:/path`, as shown in logs and metrics.
@@ -108,11 +113,13 @@ pub struct Server<C> {
     /// Drained (shutdown, replaced by a reload, or gone from DNS): connections given back
     /// are closed.
     drained: AtomicBool,
+    /// What the protocol keeps about it.
+    pub state: C::ServerState,
 }
 
 /// The servers of an upstream at one moment, swapped whole when a name's addresses change.
 #[derive(Debug)]
-pub struct ServerSet<C> {
+pub struct ServerSet<C: PoolConn> {
     /// In config order, a name's addresses in its place, sorted.
     pub servers: Vec<Arc<Server<C>>>,
     /// Server indexes in weighted round-robin order (smooth, as nginx spreads them).
@@ -142,7 +149,7 @@ pub struct ServerStats {
 
 /// An upstream: its settings and servers.
 #[derive(Debug)]
-pub struct Upstream<C> {
+pub struct Upstream<C: PoolConn> {
     /// Its configuration.
     pub cfg: config::Upstream,
     /// Its servers now; a request loads them once.
@@ -513,6 +520,11 @@ impl<C: PoolConn> Server<C> {
         drop(gone);
     }
 
+    /// Whether it was drained (shutdown, reload, or gone from DNS): it takes no new work.
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
+    }
+
     /// Retires every idle connection (shutdown).
     pub fn drain(&self) {
         self.drained.store(true, Ordering::Relaxed);
@@ -703,7 +715,7 @@ impl<C: PoolConn> Upstream<C> {
     }
 }
 
-impl<C> ServerSet<C> {
+impl<C: PoolConn> ServerSet<C> {
     fn new(servers: Vec<Arc<Server<C>>>) -> ServerSet<C> {
         let weights: Vec<u32> = servers.iter().map(|s| s.weight).collect();
         ServerSet {
@@ -733,7 +745,7 @@ impl<C: PoolConn> ServerSet<C> {
 
 /// The servers of one request, in the order to try them.
 #[derive(Debug)]
-pub struct Rotation<C> {
+pub struct Rotation<C: PoolConn> {
     /// The set loaded for this request.
     set: Arc<ServerSet<C>>,
     /// Where the balance policy starts.
@@ -744,7 +756,7 @@ pub struct Rotation<C> {
 
 // === impl Rotation ===
 
-impl<C> Iterator for Rotation<C> {
+impl<C: PoolConn> Iterator for Rotation<C> {
     type Item = Arc<Server<C>>;
 
     fn next(&mut self) -> Option<Arc<Server<C>>> {
@@ -813,7 +825,7 @@ impl<C: PoolConn + std::fmt::Debug> UpstreamInfo for Upstream<C> {
 /// A server of `cfg` at `addr`, written as its server `entry` (and as `name`, when it
 /// follows DNS), with idle lists for `workers` workers. Its ledger is found again by its
 /// label, so an address that comes back keeps counting where it left off.
-fn new_server<C>(
+fn new_server<C: PoolConn>(
     cfg: &config::Upstream,
     ledger: &Ledger,
     workers: usize,
@@ -844,6 +856,7 @@ fn new_server<C>(
         health: Health::default(),
         weight: cfg.weights.get(entry).copied().unwrap_or(1).max(1),
         drained: AtomicBool::new(false),
+        state: C::ServerState::default(),
     })
 }
 

@@ -94,6 +94,8 @@ impl TcpConn {
 }
 
 impl PoolConn for TcpConn {
+    type ServerState = ();
+
     /// A fresh connection is still good unless the server closed it (EOF or error). Bytes
     /// waiting to be read are fine: some servers greet first.
     fn is_usable(&mut self) -> bool {

@@ -448,3 +448,248 @@ async fn check_prints_the_addresses_of_a_server_name() {
         "{err}"
     );
 }
+
+/// A port free on both 127.0.0.1 and 127.0.0.2 right now (for two servers of one name).
+fn port_on_both() -> u16 {
+    for _ in 0..50 {
+        let port = free_port();
+        if std::net::TcpListener::bind(("127.0.0.2", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and 127.0.0.2");
+}
+
+/// What a client loop saw: statements answered by each server, and its errors.
+#[derive(Default)]
+struct Seen {
+    by: Mutex<std::collections::HashMap<String, usize>>,
+    last: Mutex<Vec<String>>,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Seen {
+    fn answered(&self, who: String) {
+        *self.by.lock().unwrap().entry(who.clone()).or_default() += 1;
+        self.last.lock().unwrap().push(who);
+    }
+
+    fn count(&self, who: &str) -> usize {
+        self.by.lock().unwrap().get(who).copied().unwrap_or(0)
+    }
+
+    /// Who answered since the last call.
+    fn take_last(&self) -> Vec<String> {
+        std::mem::take(&mut *self.last.lock().unwrap())
+    }
+}
+
+/// A mysql upstream named by DNS follows it as an http one does: two real MariaDB servers
+/// on 127.0.0.1 and 127.0.0.2 at one port, short sessions (session pooling) and persistent
+/// transaction-pooled clients throughout. When the record moves, new sessions and the
+/// persistent clients' next statements go to the new server with no client error; waitless
+/// closes every connection to the old one (drain closes in its ledger, no TIME_WAIT on that
+/// server); a DNS outage keeps sessions on the last good address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mysql_upstream_follows_dns_without_a_client_error() {
+    use common::mysql::{opts, MariaDb, PASSWORD, USER};
+    use mysql_async::prelude::Queryable;
+
+    let port = port_on_both();
+    let (db1, db2) = tokio::join!(
+        MariaDb::start_on("127.0.0.1", port, &[]),
+        MariaDb::start_on("127.0.0.2", port, &[])
+    );
+    for (db, who) in [(&db1, "one"), (&db2, "two")] {
+        db.root_sql(&format!(
+            "CREATE TABLE appdb.whoami (name VARCHAR(8)); INSERT INTO appdb.whoami VALUES ('{who}');"
+        ));
+    }
+    let dns = Dns::start(Ipv4Addr::new(127, 0, 0, 1)).await;
+    let (session, pooled, admin) = (free_port(), free_port(), free_port());
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+         [resolver]\nnameservers = [\"{}\"]\n\n\
+         [[listener]]\nname = \"sessions\"\nlisten = \"127.0.0.1:{session}\"\n\
+         protocol = \"mysql\"\nupstream = \"db\"\n\n\
+         [[listener]]\nname = \"mux\"\nlisten = \"127.0.0.1:{pooled}\"\n\
+         protocol = \"mysql\"\nupstream = \"db\"\npooling = \"transaction\"\n\n\
+         [[upstream]]\nname = \"db\"\nservers = [\"{NAME}:{port}\"]\nresolve_interval = \"5s\"\n\
+         pool_size = 4\n\n\
+         [[mysql_user]]\nuser = \"{USER}\"\npassword = \"{PASSWORD}\"\n",
+        dns.addr
+    );
+    let (proxy, log) = Waitless::launch_logged(&config, session, admin, "waitless=info").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Seen::default());
+    let mut clients = Vec::new();
+    // Short sessions: connect, read which server answered, quit; 3 at a time.
+    for _ in 0..3 {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        clients.push(tokio::spawn(async move {
+            let started = Instant::now();
+            for _ in 0..5_000 {
+                if stop.load(Ordering::SeqCst) || started.elapsed() > Duration::from_secs(60) {
+                    break;
+                }
+                let cycle = async {
+                    let mut c =
+                        mysql_async::Conn::new(opts(session, USER, PASSWORD, Some("appdb")))
+                            .await?;
+                    let who: Option<String> = c.query_first("SELECT name FROM whoami").await?;
+                    c.disconnect().await?;
+                    Ok::<_, mysql_async::Error>(who.unwrap_or_default())
+                };
+                match cycle.await {
+                    Ok(who) => seen.answered(format!("session {who}")),
+                    Err(e) => seen.errors.lock().unwrap().push(format!("session: {e}")),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+    // Persistent transaction-pooled clients: one connection each for the whole test.
+    for _ in 0..3 {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        clients.push(tokio::spawn(async move {
+            let mut c =
+                match mysql_async::Conn::new(opts(pooled, USER, PASSWORD, Some("appdb"))).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        seen.errors
+                            .lock()
+                            .unwrap()
+                            .push(format!("mux connect: {e}"));
+                        return;
+                    }
+                };
+            let started = Instant::now();
+            for _ in 0..20_000 {
+                if stop.load(Ordering::SeqCst) || started.elapsed() > Duration::from_secs(60) {
+                    break;
+                }
+                match c.query_first::<String, _>("SELECT name FROM whoami").await {
+                    Ok(who) => seen.answered(format!("mux {}", who.unwrap_or_default())),
+                    Err(e) => seen.errors.lock().unwrap().push(format!("mux: {e}")),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let _ = c.disconnect().await;
+        }));
+    }
+
+    let old = format!("127.0.0.1:{port}");
+    let new = format!("127.0.0.2:{port}");
+    let both = || seen.count("session one") > 20 && seen.count("mux one") > 20;
+    assert!(
+        within(Duration::from_secs(10), || async { both() })
+            .await
+            .is_some(),
+        "traffic did not reach the first server"
+    );
+    assert!(
+        seen.count("session two") + seen.count("mux two") == 0,
+        "the second server was used before its record"
+    );
+    assert!(
+        sockets("established", &format!("dst {old}")) > 0,
+        "no pooled connection to the first server"
+    );
+
+    // The record moves: new sessions and the persistent clients' statements follow.
+    dns.set(&[Ipv4Addr::new(127, 0, 0, 2)]);
+    let moved = within(Duration::from_secs(8), || async {
+        seen.count("session two") > 0 && seen.count("mux two") > 0
+    })
+    .await;
+    assert!(
+        moved.is_some(),
+        "traffic did not move to the new server: {:?}",
+        seen.by.lock().unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    seen.take_last();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let since = seen.take_last();
+    assert!(since.len() > 20, "too little traffic after the move");
+    assert!(
+        since.iter().all(|w| w.ends_with("two")),
+        "the server that left DNS still answered: {:?}",
+        since.iter().filter(|w| w.ends_with("one")).count()
+    );
+
+    // Every connection to the old server was closed by waitless, and none kept TIME_WAIT
+    // there.
+    let closed = within(Duration::from_secs(5), || async {
+        sockets("established", &format!("dst {old}")) == 0
+    })
+    .await;
+    assert!(
+        closed.is_some(),
+        "connections to the old server remain: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(
+        sockets("time-wait", &format!("src {old}")),
+        0,
+        "TIME_WAIT on the old server"
+    );
+    let stats = proxy.stats().await;
+    let gone = server(&stats, &old).expect("the old server is listed while gone");
+    assert_eq!(gone["state"], "gone", "{gone}");
+    let opened = gone["opened"].as_u64().unwrap();
+    assert_eq!(
+        gone["ledger"]["closed"].as_u64().unwrap(),
+        opened,
+        "every connection to the old server is in its ledger: {gone}"
+    );
+    let drained: u64 = gone["ledger"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == "drain" && e["closer"] == "proxy")
+        .map(|e| e["count"].as_u64().unwrap())
+        .sum();
+    assert!(drained > 0, "no close by waitless for draining: {gone}");
+    assert_eq!(server(&stats, &new).unwrap()["state"], "up");
+
+    // An outage: sessions keep going to the last good address.
+    dns.answering.store(false, Ordering::SeqCst);
+    let failed = within(Duration::from_secs(15), || async {
+        proxy.stats().await["upstreams"][0]["dns"][0]["failed"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    })
+    .await;
+    assert!(failed.is_some(), "a failed lookup was not counted");
+    let before = seen.count("session two");
+    let kept = within(Duration::from_secs(5), || async {
+        seen.count("session two") > before + 20
+    })
+    .await;
+    assert!(kept.is_some(), "sessions stopped during the outage");
+
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let errors = seen.errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} client errors: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    // The server that left saw waitless's connections end: none of them is still open there.
+    let threads: u64 = db1
+        .root_sql("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'app'")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        threads, 0,
+        "sessions of waitless still open on the old server"
+    );
+}

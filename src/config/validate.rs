@@ -58,18 +58,6 @@ impl<S: Stage> Config<S> {
             if !self.listeners.iter().any(|l| &l.upstream == name) {
                 warnings.push(format!("upstream `{name}` is not used by any listener"));
             }
-            let mysql = self
-                .listeners
-                .iter()
-                .any(|l| &l.upstream == name && l.protocol == Protocol::Mysql);
-            let named = upstream.names.iter().any(Option::is_some);
-            if mysql && named && upstream.resolve_interval.is_some() {
-                warnings.push(format!(
-                    "upstream `{name}`: serves mysql listeners, whose server names are resolved \
-                     when the config is loaded only (a reload resolves them again); \
-                     resolve_interval applies to http and tcp upstreams"
-                ));
-            }
         }
         warnings
     }

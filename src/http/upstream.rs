@@ -130,6 +130,8 @@ impl Conn {
 // === impl HttpConn ===
 
 impl PoolConn for HttpConn {
+    type ServerState = ();
+
     fn is_usable(&mut self) -> bool {
         // Anything readable on an idle connection (its EOF, or bytes nobody asked for) puts
         // it out of step; the readiness flag tells without a syscall in the common case.

@@ -91,7 +91,7 @@ pub enum BackendError {
 }
 
 /// Per server: what its greeting said, and whether it knows COM_RESET_CONNECTION.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ServerFacts {
     /// The last greeting's profile.
     pub profile: Mutex<Option<Profile>>,
@@ -173,6 +173,12 @@ impl From<io::Error> for BackendError {
 
 // === impl ServerFacts ===
 
+impl Default for ServerFacts {
+    fn default() -> ServerFacts {
+        ServerFacts::new()
+    }
+}
+
 impl ServerFacts {
     pub fn new() -> ServerFacts {
         ServerFacts {
@@ -196,6 +202,8 @@ impl ServerFacts {
 // === impl MysqlConn ===
 
 impl PoolConn for MysqlConn {
+    type ServerState = super::ServerState;
+
     fn is_usable(&mut self) -> bool {
         !self.greeted_only && !self.io.has_buffered() && self.io.get_mut().is_quiet()
     }

@@ -43,24 +43,31 @@ use relay::{Response, Shape, COM_INIT_DB, COM_QUIT, COM_SET_OPTION, COM_STMT_EXE
 use residue::Residue;
 use statement::Effect;
 
-/// An upstream of MySQL servers: the pools, and what each server said about itself.
+/// An upstream of MySQL servers: their pools, each server with what it said about itself.
 #[derive(Debug)]
 pub struct MysqlUpstream {
-    /// Per-server pools of logged-in connections.
+    /// Per-server pools of logged-in connections; a server's `state` is a `ServerState`.
     pub pool: Arc<pool::Upstream<MysqlConn>>,
-    /// The pool's servers, fixed for its life (mysql servers do not follow DNS).
-    servers: Arc<pool::ServerSet<MysqlConn>>,
-    /// Per server, in the pool's server order.
-    facts: Vec<ServerFacts>,
-    /// Per server: connections being reset after a session, soon idle again.
-    resetting: Vec<AtomicUsize>,
-    /// Per server: sessions waiting for one of those.
-    waiting: Vec<AtomicUsize>,
-    /// Per server: the sessions holding a connection, to see which are ending.
-    lent: Vec<lent::Lent>,
     /// Woken when a connection goes back to a pool: one waiting client per connection (all
     /// of them woken would race for the one, a herd under transaction pooling).
     returned: Notify,
+}
+
+/// A server of a mysql upstream, with its pool.
+type MysqlServer = Server<MysqlConn>;
+
+/// What a mysql upstream keeps about each server beside its pool: it comes and goes with
+/// the server's address in DNS.
+#[derive(Debug, Default)]
+pub struct ServerState {
+    /// What its greeting said.
+    facts: ServerFacts,
+    /// Connections being reset after a session, soon idle again.
+    resetting: AtomicUsize,
+    /// Sessions waiting for one of those.
+    waiting: AtomicUsize,
+    /// The sessions holding a connection, to see which are ending.
+    lent: lent::Lent,
 }
 
 /// Everything a client connection of one mysql listener needs.
@@ -121,34 +128,10 @@ const ER_UNKNOWN_ERROR: u16 = 1105;
 // === impl MysqlUpstream ===
 
 impl MysqlUpstream {
-    /// Its servers do not follow DNS: their facts are kept by index, and a MySQL server's
-    /// address rarely moves without its sessions noticing.
+    /// Its servers written as names follow DNS, as an http upstream's do.
     pub fn new(cfg: &config::Upstream, ledger: &Arc<Ledger>, workers: usize) -> Arc<MysqlUpstream> {
-        let pool = pool::Upstream::new(cfg, ledger, workers, false);
-        let servers = pool.servers();
-        let facts = servers.servers.iter().map(|_| ServerFacts::new()).collect();
-        let resetting = servers
-            .servers
-            .iter()
-            .map(|_| AtomicUsize::new(0))
-            .collect();
-        let waiting = servers
-            .servers
-            .iter()
-            .map(|_| AtomicUsize::new(0))
-            .collect();
-        let lent = servers
-            .servers
-            .iter()
-            .map(|_| lent::Lent::default())
-            .collect();
         Arc::new(MysqlUpstream {
-            pool,
-            servers,
-            facts,
-            resetting,
-            waiting,
-            lent,
+            pool: pool::Upstream::new(cfg, ledger, workers, true),
             returned: Notify::new(),
         })
     }
@@ -162,11 +145,7 @@ impl MysqlUpstream {
     /// serves the session, its login completed after the client's.
     async fn pick(&self, listener: &str) -> Result<Picked, String> {
         // Servers that are up, in the balance policy's order; none when all are down.
-        let order: Vec<usize> = self
-            .pool
-            .rotation()
-            .filter_map(|s| self.servers.servers.iter().position(|x| Arc::ptr_eq(x, &s)))
-            .collect();
+        let order: Vec<Arc<MysqlServer>> = self.pool.rotation().collect();
         if order.is_empty() {
             return Err("no server is up".into());
         }
@@ -185,11 +164,15 @@ impl MysqlUpstream {
 
     /// One look for `pick` over the servers in `order`; Err(None) when one was at
     /// max_connections and no greeting is known.
-    async fn pick_in(&self, order: &[usize], listener: &str) -> Result<Picked, Option<String>> {
-        for &index in order {
-            if let Some(profile) = self.facts.get(index).and_then(ServerFacts::profile) {
+    async fn pick_in(
+        &self,
+        order: &[Arc<MysqlServer>],
+        listener: &str,
+    ) -> Result<Picked, Option<String>> {
+        for server in order {
+            if let Some(profile) = server.state.facts.profile() {
                 return Ok(Picked {
-                    index,
+                    server: server.clone(),
                     profile,
                     greeted: None,
                 });
@@ -197,18 +180,14 @@ impl MysqlUpstream {
         }
         let mut last = String::from("no servers");
         let mut busy = false;
-        for &index in order {
-            let (Some(server), Some(facts)) =
-                (self.servers.servers.get(index), self.facts.get(index))
-            else {
-                continue;
-            };
+        for server in order {
+            let facts = &server.state.facts;
             let greeting = backend::Greeting { facts };
             match connector::open(&self.pool, server, &greeting, listener).await {
                 Ok(pooled) => {
                     if let Some(profile) = facts.profile() {
                         return Ok(Picked {
-                            index,
+                            server: server.clone(),
                             profile,
                             greeted: Some(pooled),
                         });
@@ -225,38 +204,31 @@ impl MysqlUpstream {
                 }
             }
         }
-        if busy && self.facts.iter().all(|f| f.profile().is_none()) {
+        if busy && order.iter().all(|s| s.state.facts.profile().is_none()) {
             return Err(None);
         }
         Err(Some(last))
     }
 
-    /// The index of `server` among this upstream's (where its facts are kept).
-    fn index_of(&self, server: &Arc<Server<MysqlConn>>) -> usize {
-        self.servers
-            .servers
-            .iter()
-            .position(|s| Arc::ptr_eq(s, server))
-            .unwrap_or(usize::MAX)
-    }
-
-    /// A connection for `login` on server `index`: an idle one of the same session key with
+    /// A connection for `login` on `server`: an idle one of the same session key with
     /// its database set to `db`, or a new one. When `max_connections` are open, idle connections of
     /// other keys are closed to make room, and then the client waits up to
     /// `connect_timeout` for one to come back. With the lease, whether it served a session before.
     async fn checkout(
         &self,
-        index: usize,
+        server: &Arc<MysqlServer>,
         login: &Login,
         db: Option<&[u8]>,
         greeted: Option<pool::Pooled<MysqlConn>>,
         listener: &str,
     ) -> Result<(Lease, bool), Checkout> {
         let cfg = self.cfg();
-        let (Some(server), Some(facts)) = (self.servers.servers.get(index), self.facts.get(index))
-        else {
-            return Err(Checkout::Failed("no such server".into()));
-        };
+        let ServerState {
+            facts,
+            resetting,
+            waiting,
+            lent,
+        } = &server.state;
         let login_as = backend::Login {
             facts,
             user: &login.user,
@@ -301,13 +273,6 @@ impl MysqlUpstream {
             // that has already quit, is idle again in a round trip, sooner than a new one
             // logs in. Wait for it while there are more of them than clients already
             // waiting; the server sees no more connections than the sessions that overlap.
-            let (Some(resetting), Some(waiting), Some(lent)) = (
-                self.resetting.get(index),
-                self.waiting.get(index),
-                self.lent.get(index),
-            ) else {
-                return Err(Checkout::Failed("no such server".into()));
-            };
             let now = Instant::now();
             let ahead = waiting.fetch_add(1, Ordering::AcqRel);
             let coming = resetting.load(Ordering::Acquire);
@@ -344,16 +309,36 @@ impl MysqlUpstream {
         }
     }
 
+    /// The server a transaction-pooled client of `gone` (drained: its address left DNS) goes
+    /// on with: the first up in rotation that greets as `gone` did, so the capabilities and
+    /// collation the client logged in with hold there too.
+    fn successor(&self, gone: &MysqlServer) -> Option<Arc<MysqlServer>> {
+        let was = gone.state.facts.profile()?;
+        self.pool.rotation().find(|s| {
+            !s.is_drained()
+                && s.state
+                    .facts
+                    .profile()
+                    .is_some_and(|p| p.caps == was.caps && p.collation == was.collation)
+        })
+    }
+
     /// Resets a lent connection and returns it to its pool; a connection that cannot be
     /// reset is closed instead. `session` is the session's place among the lent, given up
     /// once the connection counts as being reset.
     async fn give_back(&self, mut lease: Lease, login: &Login, session: Option<lent::Entry<'_>>) {
         let cfg = self.cfg();
-        let index = self.index_of(&lease.server);
-        let (Some(facts), Some(resetting)) = (self.facts.get(index), self.resetting.get(index))
-        else {
+        if lease.server.is_drained() {
+            // Its pool would close it anyway: no reset for a server that takes no more work.
+            lease.pooled.ctl.retire(Reason::Drain);
+            drop((lease, session));
+            self.returned.notify_one();
             return;
-        };
+        }
+        let server = lease.server.clone();
+        let ServerState {
+            facts, resetting, ..
+        } = &server.state;
         resetting.fetch_add(1, Ordering::AcqRel);
         drop(session);
         let reset = lease
@@ -398,16 +383,11 @@ impl MysqlUpstream {
         lease.give_back();
         self.returned.notify_one();
     }
-
-    /// Lists a session that holds a connection of server `index`, its client on `fd`.
-    fn lend(&self, index: usize, fd: RawFd) -> Option<lent::Entry<'_>> {
-        self.lent.get(index).map(|l| l.enter(fd))
-    }
 }
 
 /// The server a session goes to.
 struct Picked {
-    index: usize,
+    server: Arc<MysqlServer>,
     /// What its client is greeted with.
     profile: Profile,
     /// A new connection that has read the server's greeting, for this session to log in on.
@@ -679,7 +659,7 @@ impl MysqlListener {
         let asked = log.as_ref().map(|_| Instant::now());
         let lease = match up
             .checkout(
-                picked.index,
+                &picked.server,
                 &login,
                 login.db.as_deref(),
                 picked.greeted,
@@ -710,10 +690,8 @@ impl MysqlListener {
                 // The client passed waitless's own check: a server that refuses the account
                 // (its password, REQUIRE SSL, a host rule) is out of step with the config.
                 if backend::err_code(&err) != Some(ER_BAD_DB_ERROR) {
-                    let servers = up.pool.servers();
-                    let server = servers.servers.get(picked.index);
                     tracing::warn!(listener = %self.cfg.name, upstream = %up.cfg().name,
-                        server = server.map_or("", |s| s.label.as_str()),
+                        server = %picked.server.label,
                         user = %login.user.user, tls = up.cfg().tls.is_some(),
                         error = %packet::describe_err(&err, CapabilityFlags::CLIENT_PROTOCOL_41),
                         "the mysql server refused waitless's login");
@@ -736,7 +714,7 @@ impl MysqlListener {
                 .await;
             }
         };
-        let place = up.lend(picked.index, fd);
+        let place = Some(picked.server.state.lent.enter(fd));
         let status = lease.pooled.conn.login_status();
         if let Err(e) = client.send(login.seq, &ok_payload(status)).await {
             up.give_back(lease, &login, place).await;
@@ -751,7 +729,7 @@ impl MysqlListener {
                 // The login's connection is clean: the first statement may take another.
                 drop(place);
                 up.put_back(lease);
-                self.transactions(client, picked.index, fd, &login).await
+                self.transactions(client, picked.server, fd, &login).await
             }
         }
     }

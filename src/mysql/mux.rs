@@ -17,6 +17,7 @@
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use mysql_common::constants::StatusFlags;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -26,8 +27,8 @@ use super::packet::{err_payload, Fault, Flow, PacketIo, MAX_PACKET};
 use super::relay::{self, Response, Shape, COM_INIT_DB, COM_QUERY, COM_QUIT};
 use super::residue::Residue;
 use super::{
-    last_words, splice, statement, Checkout, End, Lease, MysqlListener, Next, Sent, COMMAND_PEEK,
-    ER_CON_COUNT_ERROR, ER_UNKNOWN_COM_ERROR, ER_UNKNOWN_ERROR,
+    last_words, splice, statement, Checkout, End, Lease, MysqlListener, MysqlServer, Next, Sent,
+    COMMAND_PEEK, ER_CON_COUNT_ERROR, ER_UNKNOWN_COM_ERROR, ER_UNKNOWN_ERROR,
 };
 use crate::close::Reason;
 
@@ -185,13 +186,13 @@ impl Drop for Gauge<'_> {
 // === impl MysqlListener ===
 
 impl MysqlListener {
-    /// The command phase of a transaction-pooled client logged in on server `index`, its
+    /// The command phase of a transaction-pooled client logged in on `server`, its
     /// socket `fd`: until COM_QUIT, EOF, idle timeout or an error, or until it is pinned and
     /// its session goes on in `commands`.
     pub(super) async fn transactions<C>(
         &self,
         client: &mut PacketIo<C>,
-        index: usize,
+        mut server: Arc<MysqlServer>,
         fd: RawFd,
         login: &Login,
     ) -> End
@@ -261,7 +262,7 @@ impl MysqlListener {
             };
             let mut h = match held.take() {
                 Some(h) => h,
-                None => match self.borrow(index, login, &carried).await {
+                None => match self.borrow(&mut server, login, &carried).await {
                     Ok(h) => h,
                     Err(refusal) => match self.refuse(client, &refusal).await {
                         Ok(()) => continue,
@@ -342,18 +343,25 @@ impl MysqlListener {
         })
     }
 
-    /// A server connection for the client's next statement, with its database.
+    /// A server connection for the client's next statement, with its database. Between
+    /// transactions the client carries no state on a server: once its `server` left DNS it
+    /// moves to one that greets as that one did.
     async fn borrow<'a>(
         &'a self,
-        index: usize,
+        server: &mut Arc<MysqlServer>,
         login: &Login,
         carried: &Carried,
     ) -> Result<Held<'a>, Checkout> {
         let stats = &self.stats.mysql;
         let up = &self.upstream;
+        if server.is_drained() {
+            if let Some(next) = up.successor(server) {
+                *server = next;
+            }
+        }
         let schema = carried.schema.as_deref();
         let (lease, _) = up
-            .checkout(index, login, schema, None, &self.cfg.name)
+            .checkout(server, login, schema, None, &self.cfg.name)
             .await?;
         stats.lends.fetch_add(1, Ordering::Relaxed);
         Ok(Held {
@@ -483,9 +491,8 @@ impl MysqlListener {
                 return End::ServerGone;
             }
         }
-        let up = &self.upstream;
-        let index = up.index_of(&h.lease.server);
-        let place = up.lend(index, fd);
+        let server = h.lease.server.clone();
+        let place = Some(server.state.lent.enter(fd));
         let Held { lease, _in_use, .. } = h;
         self.commands(client, lease, place, login, Residue::pinned())
             .await

@@ -21,6 +21,8 @@ const ADMIN_PASSWORD: &str = "watcherpw";
 /// A MariaDB server started for one test, killed on drop.
 pub struct MariaDb {
     pub child: Child,
+    /// The loopback address it listens on (127.0.0.1 unless started with `start_on`).
+    pub ip: &'static str,
     pub port: u16,
     pub dir: TempDir,
     /// Server options the test added (`--interactive-timeout=1234`), kept for `restart`.
@@ -49,6 +51,12 @@ impl MariaDb {
 
     /// As `start`, with `extra` server options after the fixture's own (a later option wins).
     pub async fn start_with(extra: &[&str]) -> MariaDb {
+        MariaDb::start_on("127.0.0.1", free_port(), extra).await
+    }
+
+    /// As `start_with`, listening on `ip`:`port` (another loopback address, for servers that
+    /// share a port as the addresses of one DNS name do).
+    pub async fn start_on(ip: &'static str, port: u16, extra: &[&str]) -> MariaDb {
         assert!(
             Path::new(MARIADBD).exists(),
             "mariadbd is not installed: .ci/run installs it (apt-get install mariadb-server)"
@@ -64,10 +72,10 @@ impl MariaDb {
             .output()
             .expect("run mariadb-install-db");
         assert!(out.status.success(), "mariadb-install-db: {out:?}");
-        let port = free_port();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut db = MariaDb {
-            child: spawn_server(&dir.0, port, &extra),
+            child: spawn_server(&dir.0, ip, port, &extra),
+            ip,
             port,
             dir,
             extra,
@@ -88,7 +96,7 @@ impl MariaDb {
     pub async fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn_server(&self.dir.0, self.port, &self.extra);
+        self.child = spawn_server(&self.dir.0, self.ip, self.port, &self.extra);
         self.wait_ready().await;
     }
 
@@ -112,7 +120,7 @@ impl MariaDb {
     /// adding to them.
     pub async fn watcher(&self) -> Watcher {
         let opts = OptsBuilder::default()
-            .ip_or_hostname("127.0.0.1")
+            .ip_or_hostname(self.ip)
             .tcp_port(self.port)
             .user(Some(ADMIN_USER))
             .pass(Some(ADMIN_PASSWORD))
@@ -123,8 +131,7 @@ impl MariaDb {
     async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() && self.socket().exists()
-            {
+            if TcpStream::connect((self.ip, self.port)).await.is_ok() && self.socket().exists() {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -146,10 +153,11 @@ impl Drop for MariaDb {
     }
 }
 
-fn spawn_server(dir: &Path, port: u16, extra: &[String]) -> Child {
+fn spawn_server(dir: &Path, ip: &str, port: u16, extra: &[String]) -> Child {
     let d = dir.display();
     Command::new(MARIADBD)
-        .args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1"])
+        .args(["--no-defaults", "--user=root"])
+        .arg(format!("--bind-address={ip}"))
         .arg(format!("--port={port}"))
         .arg(format!("--datadir={d}/data"))
         .arg(format!("--socket={d}/mysqld.sock"))
