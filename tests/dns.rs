@@ -181,6 +181,30 @@ fn server<'a>(stats: &'a serde_json::Value, label: &str) -> Option<&'a serde_jso
         .find(|s| s["server"] == label)
 }
 
+/// In `stats`: server `old` (found by DNS name `name`) is listed as gone, with every
+/// connection opened to it closed, waitless closing first for the drain; `new` is up.
+fn assert_drained(stats: &serde_json::Value, old: &str, new: &str, name: &str) {
+    let gone = server(stats, old).expect("the old server is listed while gone");
+    assert_eq!(gone["state"], "gone", "{gone}");
+    assert_eq!(gone["name"], name);
+    let opened = gone["opened"].as_u64().unwrap();
+    assert!(opened > 0);
+    assert_eq!(
+        gone["ledger"]["closed"].as_u64().unwrap(),
+        opened,
+        "every connection to the old server is in its ledger: {gone}"
+    );
+    let drained: u64 = gone["ledger"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == "drain" && e["closer"] == "proxy")
+        .map(|e| e["count"].as_u64().unwrap())
+        .sum();
+    assert!(drained > 0, "no close by waitless for draining: {gone}");
+    assert_eq!(server(stats, new).unwrap()["state"], "up");
+}
+
 /// Polls `done` every 50 ms for up to `limit`; how long it took, or None.
 async fn within<F, Fut>(limit: Duration, mut done: F) -> Option<Duration>
 where
@@ -296,25 +320,7 @@ async fn a_changed_record_moves_traffic_and_an_outage_keeps_the_last_addresses()
         "TIME_WAIT on the old server"
     );
     let stats = proxy.stats().await;
-    let gone = server(&stats, &old).expect("the old server is listed while gone");
-    assert_eq!(gone["state"], "gone", "{gone}");
-    assert_eq!(gone["name"], format!("{NAME}:{port}"));
-    let opened = gone["opened"].as_u64().unwrap();
-    assert!(opened > 0);
-    assert_eq!(
-        gone["ledger"]["closed"].as_u64().unwrap(),
-        opened,
-        "every connection to the old server is in its ledger: {gone}"
-    );
-    let drained: u64 = gone["ledger"]["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["reason"] == "drain" && e["closer"] == "proxy")
-        .map(|e| e["count"].as_u64().unwrap())
-        .sum();
-    assert!(drained > 0, "no close by waitless for draining: {gone}");
-    assert_eq!(server(&stats, &new).unwrap()["state"], "up");
+    assert_drained(&stats, &old, &new, &format!("{NAME}:{port}"));
     assert_eq!(stats["upstreams"][0]["dns"][0]["addrs"][0], new);
     let metrics = proxy.admin_get("/metrics").await;
     let ok_line = format!(
@@ -636,23 +642,7 @@ async fn a_mysql_upstream_follows_dns_without_a_client_error() {
         "TIME_WAIT on the old server"
     );
     let stats = proxy.stats().await;
-    let gone = server(&stats, &old).expect("the old server is listed while gone");
-    assert_eq!(gone["state"], "gone", "{gone}");
-    let opened = gone["opened"].as_u64().unwrap();
-    assert_eq!(
-        gone["ledger"]["closed"].as_u64().unwrap(),
-        opened,
-        "every connection to the old server is in its ledger: {gone}"
-    );
-    let drained: u64 = gone["ledger"]["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["reason"] == "drain" && e["closer"] == "proxy")
-        .map(|e| e["count"].as_u64().unwrap())
-        .sum();
-    assert!(drained > 0, "no close by waitless for draining: {gone}");
-    assert_eq!(server(&stats, &new).unwrap()["state"], "up");
+    assert_drained(&stats, &old, &new, &format!("{NAME}:{port}"));
 
     // An outage: sessions keep going to the last good address.
     dns.answering.store(false, Ordering::SeqCst);
