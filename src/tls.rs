@@ -24,7 +24,10 @@ use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, HandshakeKind, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -100,6 +103,8 @@ pub enum HandshakeError {
 pub struct TlsStats {
     /// Handshakes completed.
     pub handshakes: AtomicU64,
+    /// Of those, resumed from an earlier session: no certificate signed, sent or checked.
+    pub resumed: AtomicU64,
     /// Handshakes failed, by `HandshakeError` (in its order).
     pub errors: [AtomicU64; HandshakeError::ALL.len()],
 }
@@ -471,6 +476,14 @@ impl TlsStats {
         }
     }
 
+    /// Counts a completed handshake of `kind`.
+    fn completed(&self, kind: Option<HandshakeKind>) {
+        self.handshakes.fetch_add(1, Ordering::Relaxed);
+        if kind == Some(HandshakeKind::Resumed) {
+            self.resumed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Failed handshakes of each kind, with their labels.
     pub fn errors(&self) -> impl Iterator<Item = (HandshakeError, u64)> + '_ {
         HandshakeError::ALL
@@ -486,8 +499,9 @@ impl serde::Serialize for TlsStats {
         use serde::ser::SerializeStruct;
         let errors: std::collections::BTreeMap<&str, u64> =
             self.errors().map(|(kind, n)| (kind.as_str(), n)).collect();
-        let mut out = s.serialize_struct("TlsStats", 2)?;
+        let mut out = s.serialize_struct("TlsStats", 3)?;
         out.serialize_field("handshakes", &self.handshakes.load(Ordering::Relaxed))?;
+        out.serialize_field("resumed", &self.resumed.load(Ordering::Relaxed))?;
         out.serialize_field("errors", &errors)?;
         out.end()
     }
@@ -533,7 +547,7 @@ pub async fn accept<S: Socket>(
     };
     match acceptor.accept(io).into_fallible().await {
         Ok(mut stream) => {
-            stats.handshakes.fetch_add(1, Ordering::Relaxed);
+            stats.completed(stream.get_ref().1.handshake_kind());
             stream.get_mut().0.timer = None;
             Ok(Tls::new(stream.into()))
         }
@@ -562,7 +576,7 @@ pub async fn connect<S: Socket>(
     };
     match connector.connect(name, io).into_fallible().await {
         Ok(mut stream) => {
-            stats.handshakes.fetch_add(1, Ordering::Relaxed);
+            stats.completed(stream.get_ref().1.handshake_kind());
             stream.get_mut().0.timer = None;
             Ok(Tls::new(stream.into()))
         }

@@ -53,6 +53,7 @@ struct Families {
     sockets: Family<Labels, Gauge>,
     request_duration: Histograms,
     tls_handshakes: Family<Labels, Counter>,
+    tls_resumed: Family<Labels, Counter>,
     tls_errors: Family<Labels, Counter>,
     mysql_sessions: Family<Labels, Gauge>,
     mysql_in_use: Family<Labels, Gauge>,
@@ -134,6 +135,7 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
             f.tls_handshakes
                 .get_or_create(&side())
                 .inc_by(tls.handshakes);
+            f.tls_resumed.get_or_create(&side()).inc_by(tls.resumed);
             for (reason, n) in &tls.errors {
                 let mut labels = side();
                 labels.push(("reason", reason.clone()));
@@ -166,6 +168,7 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
             f.tls_handshakes
                 .get_or_create(&side())
                 .inc_by(tls.handshakes);
+            f.tls_resumed.get_or_create(&side()).inc_by(tls.resumed);
             for (reason, n) in &tls.errors {
                 let mut labels = side();
                 labels.push(("reason", reason.clone()));
@@ -253,6 +256,11 @@ pub fn render(snap: &Snapshot, sys: &System, format: Format) -> String {
         "tls_handshakes",
         "TLS handshakes completed, by side (client: with a listener's clients) and name",
         f.tls_handshakes,
+    );
+    reg.register(
+        "tls_resumed_handshakes",
+        "TLS handshakes completed that resumed an earlier session (no certificate signed or checked), by side and name",
+        f.tls_resumed,
     );
     reg.register(
         "tls_handshake_errors",

@@ -97,6 +97,9 @@ impl MuxSnap {
 pub struct TlsSnap {
     /// Completed.
     pub handshakes: u64,
+    /// Of those, resumed from an earlier session.
+    #[serde(default)]
+    pub resumed: u64,
     /// Failed, by reason (`timeout`, `eof`, `no_application_protocol`, `not_tls`,
     /// `protocol`, `certificate`).
     pub errors: std::collections::BTreeMap<String, u64>,
@@ -106,6 +109,7 @@ impl TlsSnap {
     fn of(stats: &crate::tls::TlsStats) -> TlsSnap {
         TlsSnap {
             handshakes: stats.handshakes.load(Ordering::Relaxed),
+            resumed: stats.resumed.load(Ordering::Relaxed),
             errors: stats
                 .errors()
                 .map(|(kind, n)| (kind.as_str().to_string(), n))
