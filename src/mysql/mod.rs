@@ -772,73 +772,20 @@ impl MysqlListener {
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let Some(shape) = Shape::of(code).filter(|_| code != COM_QUIT) else {
-                // Consumed here: COM_QUIT is answered by the close, the rest refused.
-                let cmd = match client.read(MAX_PACKET).await {
-                    Ok(Some(cmd)) => cmd,
-                    Ok(None) => break End::Done(Reason::Done),
-                    Err(e) => break End::Broken(format!("reading a command: {e}")),
-                };
-                if code == COM_QUIT {
-                    // The server connection stays open for the next session.
-                    break End::Done(Reason::Done);
+                // COM_QUIT is answered by the close; the server connection stays open for
+                // the next session.
+                match unrelayed(client, code).await {
+                    Ok(true) => break End::Done(Reason::Done),
+                    Ok(false) => continue,
+                    Err(end) => break end,
                 }
-                let msg = format!(
-                    "waitless: command 0x{code:02x} is not supported through the pool; \
-                     reconnect instead of COM_CHANGE_USER"
-                );
-                let err = err_payload(ER_UNKNOWN_COM_ERROR, b"08S01", &msg);
-                if let Err(e) = client.send(cmd.seq.wrapping_add(1), &err).await {
-                    break End::Broken(format!("answering a command: {e}"));
-                }
-                continue;
             };
-            let caps = conn.key.caps;
-            let mut sent = Sent::default();
-            let forwarded = client.forward(&mut conn.io, COMMAND_PEEK, |p| {
-                sent = Sent::of(code, p, &mut residue);
-                Ok(Flow::Stop)
-            });
-            match forwarded.await {
-                Ok(()) => {}
-                Err(Fault::From(e)) => {
-                    // Half a command reached the server: the connection cannot be kept.
-                    known = false;
-                    break End::Broken(format!("reading a command: {e}"));
-                }
-                Err(Fault::To(e)) => {
-                    // The server would not take the command (a packet over its
-                    // max_allowed_packet): what it said before closing goes to the client.
-                    known = false;
-                    tracing::debug!(listener = %self.cfg.name, server = %lease.server.label,
-                        error = %e, "mysql server stopped reading a command");
-                    last_words(client, &mut conn.io).await;
-                    break End::ServerGone;
-                }
-            }
-            let resp = Response::new(code, shape, sent.cursor, caps);
-            match relay::response(client, &mut conn.io, resp).await {
-                Ok(reply) => {
-                    residue.reply(&reply);
-                    conn.after(code, &sent, &reply);
-                }
-                Err(Fault::From(e)) if e.kind() == io::ErrorKind::InvalidData => {
-                    known = false;
-                    tracing::warn!(listener = %self.cfg.name, server = %lease.server.label,
-                        error = %e, "mysql response not understood; passing the session \
-                        through unpooled to its end");
-                    break splice(client, &mut conn.io).await;
-                }
-                Err(Fault::From(e)) => {
-                    known = false;
-                    tracing::debug!(listener = %self.cfg.name, server = %lease.server.label,
-                        error = %e, "mysql server failed in a response");
-                    break End::ServerGone;
-                }
-                Err(Fault::To(e)) => {
-                    // Mid-response: the server connection is in an unknown state.
-                    known = false;
-                    break End::Broken(format!("relaying a response: {e}"));
-                }
+            if let Err(end) = self
+                .exchange(client, &mut lease, code, shape, &mut residue)
+                .await
+            {
+                known = false;
+                break end;
             }
         };
         if !known || residue.unresettable() {
@@ -883,6 +830,91 @@ impl MysqlListener {
             Ok(next) => next,
             Err(_) => Next::End(End::Done(Reason::Idle)),
         }
+    }
+
+    /// One command and its response across `lease`'s connection, for either pooling: the
+    /// command's code `code` (of `shape`) read, its packet buffered; `residue` sees both.
+    /// Err: how the session ends, the server connection in an unknown state (not pooled
+    /// again).
+    async fn exchange<C>(
+        &self,
+        client: &mut PacketIo<C>,
+        lease: &mut Lease,
+        code: u8,
+        shape: Shape,
+        residue: &mut Residue,
+    ) -> Result<relay::Reply, End>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let server = &lease.server.label;
+        let conn = &mut lease.pooled.conn;
+        let caps = conn.key.caps;
+        let mut sent = Sent::default();
+        let forwarded = client.forward(&mut conn.io, COMMAND_PEEK, |p| {
+            sent = Sent::of(code, p, residue);
+            Ok(Flow::Stop)
+        });
+        match forwarded.await {
+            Ok(()) => {}
+            // Half a command reached the server: the connection cannot be kept.
+            Err(Fault::From(e)) => return Err(End::Broken(format!("reading a command: {e}"))),
+            Err(Fault::To(e)) => {
+                // The server would not take the command (a packet over its
+                // max_allowed_packet): what it said before closing goes to the client.
+                tracing::debug!(listener = %self.cfg.name, server = %server, error = %e,
+                    "mysql server stopped reading a command");
+                last_words(client, &mut conn.io).await;
+                return Err(End::ServerGone);
+            }
+        }
+        let resp = Response::new(code, shape, sent.cursor, caps);
+        match relay::response(client, &mut conn.io, resp).await {
+            Ok(reply) => {
+                residue.reply(&reply);
+                conn.after(code, &sent, &reply);
+                Ok(reply)
+            }
+            Err(Fault::From(e)) if e.kind() == io::ErrorKind::InvalidData => {
+                tracing::warn!(listener = %self.cfg.name, server = %server, error = %e,
+                    "mysql response not understood; passing the session through unpooled \
+                     to its end");
+                Err(splice(client, &mut conn.io).await)
+            }
+            Err(Fault::From(e)) => {
+                tracing::debug!(listener = %self.cfg.name, server = %server, error = %e,
+                    "mysql server failed in a response");
+                Err(End::ServerGone)
+            }
+            // Mid-response: the server connection is in an unknown state.
+            Err(Fault::To(e)) => Err(End::Broken(format!("relaying a response: {e}"))),
+        }
+    }
+}
+
+/// Reads a command the pool does not relay, its code `code`: COM_QUIT (Ok(true), as for a
+/// client that closed), or one without a response shape (COM_CHANGE_USER, ...), answered
+/// with an ERR (Ok(false)).
+async fn unrelayed<C>(client: &mut PacketIo<C>, code: u8) -> Result<bool, End>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let cmd = match client.read(MAX_PACKET).await {
+        Ok(Some(cmd)) => cmd,
+        Ok(None) => return Ok(true),
+        Err(e) => return Err(End::Broken(format!("reading a command: {e}"))),
+    };
+    if code == COM_QUIT {
+        return Ok(true);
+    }
+    let msg = format!(
+        "waitless: command 0x{code:02x} is not supported through the pool; \
+         reconnect instead of COM_CHANGE_USER"
+    );
+    let err = err_payload(ER_UNKNOWN_COM_ERROR, b"08S01", &msg);
+    match client.send(cmd.seq.wrapping_add(1), &err).await {
+        Ok(_) => Ok(false),
+        Err(e) => Err(End::Broken(format!("answering a command: {e}"))),
     }
 }
 

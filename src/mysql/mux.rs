@@ -23,12 +23,12 @@ use mysql_common::constants::StatusFlags;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::front::Login;
-use super::packet::{err_payload, Fault, Flow, PacketIo, MAX_PACKET};
-use super::relay::{self, Response, Shape, COM_INIT_DB, COM_QUERY, COM_QUIT};
+use super::packet::{err_payload, PacketIo, MAX_PACKET};
+use super::relay::{Shape, COM_INIT_DB, COM_QUERY, COM_QUIT};
 use super::residue::Residue;
 use super::{
-    last_words, splice, statement, Checkout, End, Lease, MysqlListener, MysqlServer, Next, Sent,
-    COMMAND_PEEK, ER_CON_COUNT_ERROR, ER_UNKNOWN_COM_ERROR, ER_UNKNOWN_ERROR,
+    splice, statement, unrelayed, Checkout, End, Lease, MysqlListener, MysqlServer, Next,
+    COMMAND_PEEK, ER_CON_COUNT_ERROR, ER_UNKNOWN_ERROR,
 };
 use crate::close::Reason;
 
@@ -230,29 +230,16 @@ impl MysqlListener {
                 },
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            if code == COM_QUIT || Shape::of(code).is_none() {
-                let cmd = match client.read(MAX_PACKET).await {
-                    Ok(Some(cmd)) => cmd,
-                    Ok(None) => break,
-                    Err(e) => {
+            let Some(shape) = Shape::of(code).filter(|_| code != COM_QUIT) else {
+                match unrelayed(client, code).await {
+                    Ok(true) => break,
+                    Ok(false) => continue,
+                    Err(end) => {
                         self.let_go(held, login).await;
-                        return End::Broken(format!("reading a command: {e}"));
+                        return end;
                     }
-                };
-                if code == COM_QUIT {
-                    break;
                 }
-                let msg = format!(
-                    "waitless: command 0x{code:02x} is not supported through the pool; \
-                     reconnect instead of COM_CHANGE_USER"
-                );
-                let err = err_payload(ER_UNKNOWN_COM_ERROR, b"08S01", &msg);
-                if let Err(e) = client.send(cmd.seq.wrapping_add(1), &err).await {
-                    self.let_go(held, login).await;
-                    return End::Broken(format!("answering a command: {e}"));
-                }
-                continue;
-            }
+            };
             let pin = match self.judge(client, code).await {
                 Ok(pin) => pin,
                 Err(e) => {
@@ -273,7 +260,10 @@ impl MysqlListener {
             if let Some(pin) = pin {
                 return self.pin(client, h, fd, login, &carried, pin).await;
             }
-            let reply = match self.relay_one(client, &mut h, code).await {
+            // What an unpinned statement leaves is nothing, by `judge`.
+            let mut residue = Residue::default();
+            let exchanged = self.exchange(client, &mut h.lease, code, shape, &mut residue);
+            let reply = match exchanged.await {
                 Ok(reply) => reply,
                 Err(end) => return end,
             };
@@ -404,61 +394,6 @@ impl MysqlListener {
         match client.send(cmd.seq.wrapping_add(1), &err).await {
             Ok(_) => Ok(()),
             Err(e) => Err(End::Broken(format!("answering a command: {e}"))),
-        }
-    }
-
-    /// Relays one command and its response over a held connection. On failure the
-    /// connection is dropped (its state unknown) and the session ends so.
-    async fn relay_one<C>(
-        &self,
-        client: &mut PacketIo<C>,
-        h: &mut Held<'_>,
-        code: u8,
-    ) -> Result<relay::Reply, End>
-    where
-        C: AsyncRead + AsyncWrite + Unpin,
-    {
-        let Some(shape) = Shape::of(code) else {
-            return Err(End::Broken("command without a response shape".into()));
-        };
-        let server = &h.lease.server.label;
-        let conn = &mut h.lease.pooled.conn;
-        let caps = conn.key.caps;
-        // Only for `Sent`: what an unpinned statement leaves is nothing, by `pin`.
-        let mut residue = Residue::default();
-        let mut sent = Sent::default();
-        let forwarded = client.forward(&mut conn.io, COMMAND_PEEK, |p| {
-            sent = Sent::of(code, p, &mut residue);
-            Ok(Flow::Stop)
-        });
-        match forwarded.await {
-            Ok(()) => {}
-            Err(Fault::From(e)) => return Err(End::Broken(format!("reading a command: {e}"))),
-            Err(Fault::To(e)) => {
-                tracing::debug!(listener = %self.cfg.name, server = %server, error = %e,
-                    "mysql server stopped reading a command");
-                last_words(client, &mut conn.io).await;
-                return Err(End::ServerGone);
-            }
-        }
-        let resp = Response::new(code, shape, sent.cursor, caps);
-        match relay::response(client, &mut conn.io, resp).await {
-            Ok(reply) => {
-                conn.after(code, &sent, &reply);
-                Ok(reply)
-            }
-            Err(Fault::From(e)) if e.kind() == io::ErrorKind::InvalidData => {
-                tracing::warn!(listener = %self.cfg.name, server = %server, error = %e,
-                    "mysql response not understood; passing the session through unpooled \
-                     to its end");
-                Err(splice(client, &mut conn.io).await)
-            }
-            Err(Fault::From(e)) => {
-                tracing::debug!(listener = %self.cfg.name, server = %server, error = %e,
-                    "mysql server failed in a response");
-                Err(End::ServerGone)
-            }
-            Err(Fault::To(e)) => Err(End::Broken(format!("relaying a response: {e}"))),
         }
     }
 
