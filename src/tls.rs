@@ -148,7 +148,16 @@ pub struct Tls<S> {
 impl ServerTls {
     /// Loads `files` for a listener speaking `alpn` (empty: no ALPN). Errors name the file.
     pub fn load(files: Vec<CertFiles>, alpn: &[&[u8]]) -> Result<ServerTls, String> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        // AES-128-GCM-SHA256 first, in the server's order: a short client's resumed
+        // handshake is mostly its key schedule's HMACs, and SHA-256 runs on the CPU's SHA
+        // extensions where SHA-384 does not (the client's usual first choice, AES-256-GCM-
+        // SHA384, spent a fifth of waitless's CPU on short HTTPS clients). It is TLS 1.3's
+        // mandatory suite, and what most large sites negotiate.
+        provider
+            .cipher_suites
+            .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let provider = Arc::new(provider);
         let keys = files
             .iter()
             .map(|f| f.load(&provider).map(Arc::new))
@@ -162,6 +171,7 @@ impl ServerTls {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(BySni { keys }));
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config.ignore_client_order = true;
         Ok(ServerTls {
             files,
             config: Arc::new(config),

@@ -160,7 +160,12 @@ fn run() -> Result<(), String> {
         None => notes.push("HAProxy skipped: not installed (apt-get install haproxy)".into()),
     }
     match &tools.nginx {
-        Some(_) => order.push(Target::Nginx),
+        Some(_) => {
+            order.push(Target::Nginx);
+            if tls {
+                order.push(Target::NginxTls13);
+            }
+        }
         None => notes.push(
             "nginx skipped as proxy and backend: not installed (apt-get install nginx); \
              the backend is an embedded hyper server"
@@ -226,10 +231,15 @@ fn run() -> Result<(), String> {
     };
     // The contest is taken in rounds, in turn, so that drift on the machine falls on every
     // side alike; the others once. Every short run starts from a drained TIME_WAIT table.
-    let contest: Vec<Target> = [Target::Haproxy, Target::Nginx, Target::Waitless("none")]
-        .into_iter()
-        .filter(|t| has(*t))
-        .collect();
+    let contest: Vec<Target> = [
+        Target::Haproxy,
+        Target::Nginx,
+        Target::NginxTls13,
+        Target::Waitless("none"),
+    ]
+    .into_iter()
+    .filter(|t| has(*t))
+    .collect();
     let others: Vec<Target> = order
         .iter()
         .copied()

@@ -212,20 +212,28 @@ pub fn ratios(
     let none = Target::Waitless("none");
     let rate = |r: &Run| Some(r.req_per_s);
     let cpu = |r: &Run| r.proxy_cpu_us_per_req;
-    let rows = [
+    let anchors = [Target::Haproxy.label(), Target::Nginx.label()];
+    // Over TLS, also against the anchors that speak TLS 1.3 to clients, as waitless does.
+    let tls13 = [Target::Haproxy.label(), Target::NginxTls13.label()];
+    let mut rows = vec![
         (
             "short",
             "req/s",
             rate as fn(&Run) -> Option<f64>,
             true,
             bounds.0,
+            &anchors,
         ),
-        ("keep-alive", "req/s", rate, true, bounds.1),
-        ("short", "CPU µs/req", cpu, false, 1.0),
-        ("keep-alive", "CPU µs/req", cpu, false, 1.0),
+        ("keep-alive", "req/s", rate, true, bounds.1, &anchors),
+        ("short", "CPU µs/req", cpu, false, 1.0, &anchors),
+        ("keep-alive", "CPU µs/req", cpu, false, 1.0, &anchors),
     ];
-    for (clients, measure, value, higher, bound) in rows {
-        let rounds = paired(runs, clients, value, higher);
+    if runs.iter().any(|r| r.target == tls13[1]) {
+        rows.push(("short", "req/s, TLS 1.3", rate, true, bounds.0, &tls13));
+        rows.push(("short", "CPU µs/req, TLS 1.3", cpu, false, 1.0, &tls13));
+    }
+    for (clients, measure, value, higher, bound, rivals) in rows {
+        let rounds = paired(runs, clients, value, higher, rivals);
         if rounds.is_empty() {
             continue;
         }
@@ -322,8 +330,8 @@ fn paired(
     clients: &str,
     value: fn(&Run) -> Option<f64>,
     higher: bool,
+    rivals: &[String],
 ) -> Vec<(f64, f64, String)> {
-    let rivals = [Target::Haproxy.label(), Target::Nginx.label()];
     let none = Target::Waitless("none").label();
     runs.iter()
         .filter(|r| r.target == none && r.clients == clients)
