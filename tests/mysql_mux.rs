@@ -331,3 +331,43 @@ os.kill(os.getpid(), signal.SIGKILL)
     );
     assert!(app_connections(&mut watch).await <= 1);
 }
+
+/// A session-pooled listener that shares an upstream with a transaction-pooled one never
+/// shows a session another client's LAST_INSERT_ID: on the one server connection both
+/// listeners use, a transaction-pooled INSERT leaves its id, and the next session to start
+/// there reads 0, as on a fresh connection (it read the other's id before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_never_starts_with_another_listeners_insert_id() {
+    let db = MariaDb::start().await;
+    let (mux, session, admin) = (free_port(), free_port(), free_port());
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+         [[listener]]\nname = \"mux\"\nlisten = \"127.0.0.1:{mux}\"\nprotocol = \"mysql\"\n\
+         upstream = \"db\"\npooling = \"transaction\"\n\n\
+         [[listener]]\nname = \"sessions\"\nlisten = \"127.0.0.1:{session}\"\n\
+         protocol = \"mysql\"\nupstream = \"db\"\n\n\
+         [[upstream]]\nname = \"db\"\nservers = [\"127.0.0.1:{}\"]\n\
+         pool_size = 1\nmax_connections = 1\nconnect_timeout = \"10s\"\n\n\
+         [[mysql_user]]\nuser = \"{USER}\"\npassword = \"{PASSWORD}\"\n",
+        db.port
+    );
+    let _proxy = Waitless::launch(&config, mux, admin).await;
+    let mut watch = db.watcher().await;
+    for round in 0..3 {
+        let mut m = connect(mux, Some("appdb")).await;
+        m.query_drop("INSERT INTO items (v) VALUES ('x')")
+            .await
+            .unwrap();
+        let mut s = connect(session, Some("appdb")).await;
+        let id: Option<u64> = s.query_first("SELECT LAST_INSERT_ID()").await.unwrap();
+        assert_eq!(
+            id,
+            Some(0),
+            "round {round}: a new session saw another client's LAST_INSERT_ID"
+        );
+        s.disconnect().await.unwrap();
+        m.disconnect().await.unwrap();
+    }
+    // Both listeners were served by the one server connection.
+    assert_eq!(app_connections(&mut watch).await, 1);
+}

@@ -68,6 +68,9 @@ pub struct MysqlConn {
     pub status: StatusFlags,
     /// Opened by `Greeting`: greeted, not logged in yet; lent to no one until `log_in`.
     greeted_only: bool,
+    /// A transaction-pooled statement left its LAST_INSERT_ID here, unreset: a session that
+    /// starts on it must not see another client's id (`forget_insert_id`).
+    pub insert_id_left: bool,
 }
 
 /// The handshake of a new server connection: the login of one session's account, with its
@@ -238,6 +241,7 @@ impl MysqlConn {
             nonce,
             status,
             greeted_only: false,
+            insert_id_left: false,
         })
     }
 
@@ -341,6 +345,27 @@ impl MysqlConn {
         if init_db.is_some() {
             self.schema = Some(home.map(<[u8]>::to_vec));
         }
+        self.insert_id_left = false;
+        Ok(())
+    }
+
+    /// Sets LAST_INSERT_ID back to 0, as a fresh connection has it, when a
+    /// transaction-pooled statement left one (`insert_id_left`); nothing otherwise.
+    pub async fn forget_insert_id(&mut self, timeout: Duration) -> Result<(), BackendError> {
+        if !self.insert_id_left {
+            return Ok(());
+        }
+        let cmd = [&[COM_QUERY][..], b"DO LAST_INSERT_ID(0)"].concat();
+        let replies = self.commands(&[cmd], timeout).await?;
+        let reply = replies
+            .into_iter()
+            .next()
+            .ok_or_else(|| invalid("no reply to DO LAST_INSERT_ID(0)".into()))?;
+        if reply.head() != Some(0x00) {
+            return Err(server_error(reply));
+        }
+        self.note_ok(&reply);
+        self.insert_id_left = false;
         Ok(())
     }
 
@@ -467,6 +492,7 @@ impl Handshake<MysqlConn> for Login<'_> {
             nonce,
             status,
             greeted_only: false,
+            insert_id_left: false,
         })
     }
 }
@@ -506,6 +532,7 @@ impl Handshake<MysqlConn> for Greeting<'_> {
             nonce,
             status,
             greeted_only: true,
+            insert_id_left: false,
         })
     }
 }

@@ -657,7 +657,7 @@ impl MysqlListener {
         };
 
         let asked = log.as_ref().map(|_| Instant::now());
-        let lease = match up
+        let mut lease = match up
             .checkout(
                 &picked.server,
                 &login,
@@ -714,6 +714,22 @@ impl MysqlListener {
                 .await;
             }
         };
+        if self.cfg.pooling == Pooling::Session {
+            // A transaction-pooled client of another listener may have left its id here.
+            let forgot = lease
+                .pooled
+                .conn
+                .forget_insert_id(up.cfg().response_timeout)
+                .await;
+            if let Err(e) = forgot {
+                self.stats.errors_connect.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(listener = %self.cfg.name, server = %lease.server.label,
+                    error = %e, "mysql server connection failed clearing LAST_INSERT_ID");
+                let msg = format!("waitless: upstream {}: {e}", up.cfg().name);
+                let err = err_payload(ER_UNKNOWN_ERROR, b"HY000", &msg);
+                return answer(client, login.seq, &err).await;
+            }
+        }
         let place = Some(picked.server.state.lent.enter(fd));
         let status = lease.pooled.conn.login_status();
         if let Err(e) = client.send(login.seq, &ok_payload(status)).await {

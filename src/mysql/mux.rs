@@ -273,6 +273,7 @@ impl MysqlListener {
             if reply.insert_id != 0 {
                 carried.insert_id = reply.insert_id;
                 h.own_insert_id = true;
+                h.lease.pooled.conn.insert_id_left = true;
             }
             let status = reply.status.unwrap_or_else(StatusFlags::empty);
             let after = if reply.failed || reply.warnings > 0 {
