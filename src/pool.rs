@@ -261,6 +261,23 @@ impl<C> Pooled<C> {
         Ok(Pooled { conn, ..self })
     }
 
+    /// Its socket is on another worker's reactor: each of its events wakes that worker's
+    /// thread, which then wakes the caller's.
+    pub fn is_away(&self) -> bool {
+        self.home != workers::current()
+    }
+
+    /// Moved onto the caller's worker by `rehome` (which registers its socket with this
+    /// thread's runtime); it goes back to this worker's idle list.
+    pub fn brought_home<E>(self, rehome: impl FnOnce(C) -> Result<C, E>) -> Result<Pooled<C>, E> {
+        let conn = rehome(self.conn)?;
+        Ok(Pooled {
+            conn,
+            home: workers::current(),
+            ..self
+        })
+    }
+
     /// True when the connection carried a request before.
     pub fn is_reused(&self) -> bool {
         self.uses > 0
@@ -393,9 +410,20 @@ impl<C: PoolConn> Server<C> {
         }
         pooled.since = now;
         if self.idle_total.fetch_add(1, Ordering::AcqRel) >= cfg.pool_size {
-            self.idle_total.fetch_sub(1, Ordering::AcqRel);
-            pooled.ctl.retire(Reason::PoolFull);
-            return;
+            // Full: the least recently used idle connection makes room, not the one just
+            // used. Where connections are not interchangeable (MySQL's per-user keys), a
+            // pool full of one key's would otherwise make every session of another key
+            // open and close a server connection of its own.
+            match self.take_where(self.idle.len(), |idle| {
+                (!idle.is_empty()).then(|| idle.remove(0))
+            }) {
+                Some(oldest) => oldest.ctl.retire(Reason::PoolFull),
+                None => {
+                    self.idle_total.fetch_sub(1, Ordering::AcqRel);
+                    pooled.ctl.retire(Reason::PoolFull);
+                    return;
+                }
+            }
         }
         match self.lock_idle(pooled.home) {
             Some(mut idle) => idle.push(pooled),

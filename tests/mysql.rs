@@ -80,6 +80,55 @@ async fn short_sessions_leave_the_server_few_connections_and_no_time_wait() {
     assert_eq!(direct_opened, 300);
 }
 
+/// A pool full of one account's idle connections still pools another account's sessions:
+/// the least recently used idle connection makes room for the one just given back. (It was
+/// the other way round: every session of the second account opened, and then closed, a
+/// server connection of its own, as PHP sessions did after mariadb-slap's in the bench.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_full_of_one_accounts_connections_still_pools_another_accounts_sessions() {
+    const SESSIONS: usize = 200;
+    let db = MariaDb::start().await;
+    db.root_sql(
+        "CREATE USER 'other'@'%' IDENTIFIED BY 'otherpw'; GRANT ALL ON *.* TO 'other'@'%';",
+    );
+    let mut watch = db.watcher().await;
+    let extra =
+        format!("pool_size = {POOL}\n\n[[mysql_user]]\nuser = \"other\"\npassword = \"otherpw\"");
+    let proxy = MysqlProxy::start(db.port, "", &extra).await;
+
+    // POOL sessions of `app` at once, then ended: the pool holds POOL idle connections of app.
+    let mut held = Vec::new();
+    for _ in 0..POOL {
+        held.push(connect(proxy.port, Some("appdb")).await);
+    }
+    for c in held {
+        c.disconnect().await.unwrap();
+    }
+    settle().await;
+    let stats = proxy.stats().await;
+    let idle = stats["upstreams"][0]["servers"][0]["idle"].as_u64();
+    assert_eq!(idle, Some(POOL), "the pool is full of app's: {stats}");
+
+    let before = watch.status("Connections").await;
+    for i in 0..SESSIONS {
+        let mut c = Conn::new(opts(proxy.port, "other", "otherpw", Some("appdb")))
+            .await
+            .unwrap_or_else(|e| panic!("session {i} of other: {e}"));
+        let user: Option<String> = c.query_first("SELECT CURRENT_USER()").await.unwrap();
+        assert_eq!(user.as_deref(), Some("other@%"));
+        c.disconnect().await.unwrap();
+    }
+    settle().await;
+    let opened = watch.status("Connections").await - before;
+    let threads = watch.status("Threads_connected").await;
+    println!(
+        "{SESSIONS} sequential sessions of another account: server Connections +{opened}, \
+         Threads_connected {threads} (1 is the watcher)"
+    );
+    assert!(opened <= 2, "server saw {opened} new connections");
+    assert!(threads <= POOL + 1, "{threads} threads connected");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_state_does_not_leak_to_the_next_client() {
     let db = MariaDb::start().await;

@@ -24,6 +24,21 @@ pub enum ServerSocket {
 // === impl ServerSocket ===
 
 impl ServerSocket {
+    /// Whether `rehomed` can move it: a TLS session's socket cannot be taken out of
+    /// tokio-rustls's stream and put back, so it stays on the worker that opened it.
+    pub fn can_rehome(&self) -> bool {
+        !matches!(self, ServerSocket::Tls(_))
+    }
+
+    /// The same connection on this thread's reactor (see `Rehome`); a TLS one as it is.
+    pub fn rehomed(self) -> io::Result<ServerSocket> {
+        Ok(match self {
+            ServerSocket::Tcp(t) => ServerSocket::Tcp(t.rehomed()?),
+            ServerSocket::Unix(t) => ServerSocket::Unix(t.rehomed()?),
+            tls @ ServerSocket::Tls(_) => tls,
+        })
+    }
+
     /// Still open on the server's side: established, with no EOF waiting to be read.
     /// Bytes waiting are fine (some servers greet first); under TLS what waits is taken in
     /// first (a session ticket), and a close_notify is the server's close.

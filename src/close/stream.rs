@@ -77,6 +77,28 @@ macro_rules! impl_socket {
 impl_socket!(tokio::net::TcpStream, true);
 impl_socket!(tokio::net::UnixStream, false);
 
+/// A tokio stream that can leave the reactor it was registered with for the calling
+/// thread's: a pooled connection lent to a client on another worker would otherwise wake its
+/// old worker's thread on every event, which then wakes the client's.
+pub trait Rehome: Sized {
+    /// The same socket, registered with this thread's runtime instead (two epoll_ctl calls).
+    /// On an error the socket is closed.
+    fn rehomed(self) -> io::Result<Self>;
+}
+
+macro_rules! impl_rehome {
+    ($stream:ty) => {
+        impl Rehome for $stream {
+            fn rehomed(self) -> io::Result<Self> {
+                <$stream>::from_std(self.into_std()?)
+            }
+        }
+    };
+}
+
+impl_rehome!(tokio::net::TcpStream);
+impl_rehome!(tokio::net::UnixStream);
+
 /// Peeks one byte without blocking: Ok(0) at EOF, WouldBlock when nothing is there.
 pub fn peek_one<S: AsFd>(sock: &S) -> io::Result<usize> {
     let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
@@ -261,6 +283,25 @@ impl<S: Socket> Tracked<S> {
         match layer(inner).await {
             Ok(layered) => Ok(carried.onto(layered)),
             Err((e, inner)) => Err((e, carried.onto(inner))),
+        }
+    }
+
+    /// The connection moved onto this thread's reactor (`Rehome`). A socket lost on the way
+    /// (the kernel refused to register it) is recorded as closed by waitless in error.
+    pub fn rehomed(self) -> io::Result<Tracked<S>>
+    where
+        S: Rehome,
+    {
+        let (inner, carried) = self.into_parts();
+        match inner.rehomed() {
+            Ok(inner) => Ok(carried.onto(inner)),
+            Err(e) => {
+                if !carried.done {
+                    let closer = carried.first.unwrap_or(Closer::Proxy);
+                    carried.ledger.record(closer, How::Fin, Reason::Error);
+                }
+                Err(e)
+            }
         }
     }
 

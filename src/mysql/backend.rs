@@ -213,6 +213,12 @@ impl PoolConn for MysqlConn {
 }
 
 impl MysqlConn {
+    /// The connection on this thread's reactor (`ServerSocket::rehomed`).
+    pub fn rehomed(self) -> io::Result<MysqlConn> {
+        let io = self.io.try_map(ServerSocket::rehomed)?;
+        Ok(MysqlConn { io, ..self })
+    }
+
     /// Completes the login of a connection opened by `Greeting`: as `login.user`, for
     /// `login.key`, into `login.db`, over TLS when the upstream has `tls`, by `at.deadline`.
     /// A server ERR (access denied, unknown database) is for the client.

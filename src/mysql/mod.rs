@@ -254,6 +254,18 @@ impl MysqlUpstream {
             tokio::pin!(returned);
             returned.as_mut().enable();
             while let Some(mut pooled) = server.take_idle_matching(cfg, |c| c.key == login.key) {
+                if pooled.is_away() && pooled.conn.io.get_ref().can_rehome() {
+                    // Sessions land on workers at random (SO_REUSEPORT); left where it was
+                    // opened, every packet of this session would wake two threads.
+                    pooled = match pooled.brought_home(MysqlConn::rehomed) {
+                        Ok(pooled) => pooled,
+                        Err(e) => {
+                            tracing::debug!(upstream = %cfg.name, server = %server.label,
+                                error = %e, "pooled connection lost moving it to this worker");
+                            continue;
+                        }
+                    };
+                }
                 match pooled
                     .conn
                     .use_schema(&login.user, db, cfg.response_timeout)

@@ -122,6 +122,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketIo<S> {
         &mut self.io
     }
 
+    /// The same framing over what `f` makes of the stream (the stream moved elsewhere).
+    pub fn try_map<E>(self, f: impl FnOnce(S) -> Result<S, E>) -> Result<PacketIo<S>, E> {
+        let io = f(self.io)?;
+        Ok(PacketIo { io, ..self })
+    }
+
     /// The stream back; buffered bytes are dropped.
     pub fn into_inner(self) -> S {
         self.io
